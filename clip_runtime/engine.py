@@ -1,0 +1,149 @@
+"""The engine: served models by name, request validation, and the two halves of the data flow.
+
+``Preprocessing`` (decode bytes -> crop, per request, in a thread pool) needs no weights, so the
+HTTP front end can run it; ``ClipEngine`` (crops + texts -> scores, per model batch) holds the
+weights. In-process users (CLI, benchmarks) use both through ``ClipEngine.score_pairs``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clip_runtime.device import resolve_device, resolve_dtype
+from clip_runtime.errors import (
+    ClipError,
+    EmptyTextError,
+    InvalidTextError,
+    TextTooLongError,
+    UnknownModelError,
+)
+from clip_runtime.images import ImageLimits, ImagePreprocessor
+from clip_runtime.model import BatchReport, ClipModel, PairScore
+from clip_runtime.model_entry import ModelEntry, read_entry
+from clip_runtime.settings import ClipSettings
+
+logger = logging.getLogger(__name__)
+
+
+def image_limits(settings: ClipSettings) -> ImageLimits:
+    return ImageLimits(
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        min_image_side=settings.min_image_side,
+    )
+
+
+def resolve_model_name(settings: ClipSettings, requested: str | None) -> str:
+    """The served model a request asked for (or the default); unknown names list the served."""
+    name = requested or settings.default_model
+    if name not in settings.models:
+        raise UnknownModelError(f"model {name!r} is not served; served models: {settings.models}")
+    return name
+
+
+def check_text(settings: ClipSettings, text: str) -> str:
+    if not text or not text.strip():
+        raise EmptyTextError("text is empty")
+    if len(text) > settings.max_text_chars:
+        raise TextTooLongError(
+            f"text has {len(text)} characters; at most {settings.max_text_chars} are accepted"
+        )
+    if "\x00" in text:
+        raise InvalidTextError("text contains a NUL character")
+    return text
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """One pair ready for a model batch: a preprocessed crop (HWC uint8) and its caption."""
+
+    model: str
+    crop: np.ndarray
+    text: str
+
+
+class Preprocessing:
+    """Per-model image preprocessing and a decode pool sized to the machine (no weights)."""
+
+    def __init__(self, settings: ClipSettings, folders: Mapping[str, Path]) -> None:
+        self.settings = settings
+        limits = image_limits(settings)
+        self.entries: dict[str, ModelEntry] = {name: read_entry(folders[name]) for name in settings.models}
+        self.preprocessors = {
+            name: ImagePreprocessor(entry.preprocess_cfg, limits) for name, entry in self.entries.items()
+        }
+        self.pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="clip-decode")
+
+    def crop(self, model: str, data: bytes) -> np.ndarray:
+        return self.preprocessors[model].from_bytes(data)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ClipEngine:
+    """Loaded models by served name; scores batches of jobs that may mix models."""
+
+    def __init__(self, settings: ClipSettings, folders: Mapping[str, Path]) -> None:
+        self.settings = settings
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.precision, device)
+        limits = image_limits(settings)
+        self.models: dict[str, ClipModel] = {}
+        for name in settings.models:
+            logger.info("loading %s from %s on %s", name, folders[name], device)
+            self.models[name] = ClipModel(
+                name, folders[name], device, dtype, limits, settings.text_cache_size
+            )
+        self.ready = False
+
+    def warm_up(self) -> None:
+        for model in self.models.values():
+            model.warm_up()
+        self.ready = True
+
+    def model(self, name: str | None) -> ClipModel:
+        return self.models[resolve_model_name(self.settings, name)]
+
+    def score_jobs(self, jobs: Sequence[ScoreJob]) -> tuple[list[PairScore], dict[str, BatchReport]]:
+        """Scores in job order; jobs are grouped by model and run in chunks of max_batch_size."""
+        results: list[PairScore | None] = [None] * len(jobs)
+        reports: dict[str, BatchReport] = {}
+        by_model: dict[str, list[int]] = {}
+        for index, job in enumerate(jobs):
+            by_model.setdefault(job.model, []).append(index)
+        step = self.settings.max_batch_size
+        for name, indices in by_model.items():
+            model = self.model(name)
+            report = reports.setdefault(name, BatchReport())
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
+                scores = model.score([jobs[i].crop for i in chunk], [jobs[i].text for i in chunk], report)
+                for i, score in zip(chunk, scores, strict=True):
+                    results[i] = score
+        return [result for result in results if result is not None], reports
+
+    def score_pairs(
+        self, model: str | None, pairs: Sequence[tuple[bytes, str]], pool: ThreadPoolExecutor
+    ) -> list[PairScore | ClipError]:
+        """In-process end to end: decode in ``pool``, score the good pairs, keep per-item errors."""
+        name = resolve_model_name(self.settings, model)
+        preprocessor = self.models[name].preprocessor
+
+        def prepare(pair: tuple[bytes, str]) -> ScoreJob | ClipError:
+            data, text = pair
+            try:
+                return ScoreJob(name, preprocessor.from_bytes(data), check_text(self.settings, text))
+            except ClipError as error:
+                return error
+
+        prepared = list(pool.map(prepare, pairs))
+        jobs = [job for job in prepared if isinstance(job, ScoreJob)]
+        scores = iter(self.score_jobs(jobs)[0])
+        return [next(scores) if isinstance(item, ScoreJob) else item for item in prepared]

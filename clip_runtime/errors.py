@@ -1,0 +1,82 @@
+"""Domain errors. Each carries a stable machine-readable ``code``; the service maps codes to HTTP
+statuses in one table, so nothing here knows about HTTP."""
+
+from __future__ import annotations
+
+
+class ClipError(Exception):
+    """Base of every error the engine reports to a caller."""
+
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(ClipError):
+    code = "invalid_request"
+
+
+class InvalidImageError(ClipError):
+    code = "invalid_image"
+
+
+class UnsupportedImageFormatError(ClipError):
+    code = "unsupported_image_format"
+
+
+class ImageTooLargeError(ClipError):
+    """The encoded image has more bytes than allowed."""
+
+    code = "image_too_large"
+
+
+class ImageDimensionsTooLargeError(ClipError):
+    """More pixels than allowed: refused from the header, before decoding (bomb guard)."""
+
+    code = "image_dimensions_too_large"
+
+
+class ImageTooSmallError(ClipError):
+    code = "image_too_small"
+
+
+class EmptyTextError(ClipError):
+    code = "empty_text"
+
+
+class InvalidTextError(ClipError):
+    code = "invalid_text"
+
+
+class TextTooLongError(ClipError):
+    code = "text_too_long"
+
+
+class TooManyItemsError(ClipError):
+    code = "too_many_items"
+
+
+class RequestTooLargeError(ClipError):
+    code = "request_too_large"
+
+
+class UnknownModelError(ClipError):
+    code = "unknown_model"
+
+
+class ModelNotReadyError(ClipError):
+    code = "model_not_ready"
+
+
+class ModelStoreError(ClipError):
+    """A model store entry is missing, malformed, or fails its integrity check."""
+
+    code = "model_store_error"
+
+
+class WeightsUnavailableError(ClipError):
+    """Pretrained weights cannot be fetched (offline, unknown tag, download failure)."""
+
+    code = "weights_unavailable"

@@ -1,0 +1,174 @@
+"""Image inputs: the JSON ``image`` field to bytes, bytes to a PIL image (with every limit checked
+before the pixels are decoded), and a PIL image to the model's input crop via open_clip's own
+transform for the saved tag."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision import transforms
+
+from clip_runtime.errors import (
+    ImageDimensionsTooLargeError,
+    ImageTooLargeError,
+    ImageTooSmallError,
+    InvalidImageError,
+    UnsupportedImageFormatError,
+)
+
+# MPO is the multi-picture JPEG that many cameras write; its first frame is a plain JPEG.
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+# Our own pixel limit runs first, from the header; Pillow's bomb check is then redundant and
+# would raise for sizes our setting allows.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_image_bytes: int
+    max_image_pixels: int
+    min_image_side: int
+
+
+def decode_image_field(value: str, max_image_bytes: int) -> bytes:
+    """Base64 (standard or URL-safe, padding and line breaks optional) or a ``data:`` URI."""
+    payload = value.strip()
+    match = _DATA_URI.match(payload)
+    if match:
+        mime = (match.group("mime") or "").lower()
+        if mime and not mime.startswith("image/"):
+            raise InvalidImageError(f"data URI has media type {mime!r}, not an image")
+        if ";base64" not in match.group("params").lower():
+            raise InvalidImageError("data URI must be base64-encoded (data:image/...;base64,...)")
+        payload = payload[match.end() :]
+    elif payload[:8].lower().startswith(("http://", "https://")):
+        raise InvalidImageError("image URLs are not accepted; send the image as base64")
+    payload = _WHITESPACE.sub("", payload)
+    if not payload:
+        raise InvalidImageError("image is empty")
+    if len(payload) * 3 // 4 > max_image_bytes:
+        raise ImageTooLargeError(f"image is larger than {max_image_bytes} bytes")
+    payload += "=" * (-len(payload) % 4)
+    altchars = b"-_" if ("-" in payload or "_" in payload) else None
+    try:
+        data = base64.b64decode(payload, altchars=altchars, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImageError(f"image is not valid base64: {exc}") from exc
+    if not data:
+        raise InvalidImageError("image is empty")
+    return data
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with alpha composited on white (not dropped to black) and 16-bit depth scaled down."""
+    if image.mode in {"I;16", "I;16L", "I;16B", "I;16N", "I"}:
+        wide = np.asarray(image, dtype=np.int64)
+        shift = 8 if image.mode.startswith("I;16") or wide.max(initial=0) > 255 else 0
+        image = Image.fromarray((np.clip(wide, 0, 65535) >> shift).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+    has_alpha = image.mode in {"RGBA", "LA", "PA", "RGBa", "La"} or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode bytes to an upright RGB image, refusing oversized input before full decoding."""
+    if len(data) > limits.max_image_bytes:
+        raise ImageTooLargeError(f"image is larger than {limits.max_image_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns on odd EXIF/ICC; we judge by decoding
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise InvalidImageError("image bytes are not a recognised image format") from exc
+    except Exception as exc:  # a malformed header can raise almost anything inside a plugin
+        raise InvalidImageError(f"image header is unreadable: {exc}") from exc
+    if image.format not in SUPPORTED_FORMATS:
+        raise UnsupportedImageFormatError(
+            f"{image.format} images are not supported; send one of {sorted(SUPPORTED_FORMATS)}"
+        )
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise ImageDimensionsTooLargeError(
+            f"image is {width}x{height} pixels; at most {limits.max_image_pixels} are accepted"
+        )
+    if min(width, height) < limits.min_image_side:
+        raise ImageTooSmallError(
+            f"image is {width}x{height}; both sides must be at least {limits.min_image_side} px"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image.seek(0)  # animated GIF/APNG/WebP: the first frame
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            return _to_rgb(upright)
+    except Exception as exc:  # truncated or corrupt pixel data
+        raise InvalidImageError(f"image data cannot be decoded: {exc}") from exc
+
+
+class ImagePreprocessor:
+    """open_clip's evaluation transform for a saved model, split at ``ToTensor``.
+
+    The PIL half (resize keeping aspect ratio, centre crop) runs per image where the request is
+    decoded; it yields the crop as uint8, which is exactly what ``ToTensor`` would see. The tensor
+    half (scale to [0, 1], normalise with the tag's mean/std) runs on whole batches on the model's
+    device, with open_clip's own ``Normalize``.
+    """
+
+    def __init__(self, preprocess_cfg: dict[str, Any], limits: ImageLimits) -> None:
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        cfg = PreprocessCfg(**{**preprocess_cfg, "size": _size(preprocess_cfg["size"])})
+        steps = list(image_transform_v2(cfg, is_train=False).transforms)
+        split = next(i for i, step in enumerate(steps) if isinstance(step, transforms.ToTensor))
+        normalizers = [step for step in steps[split + 1 :] if isinstance(step, transforms.Normalize)]
+        if len(steps) != split + 2 or len(normalizers) != 1:
+            raise ValueError(f"unexpected open_clip eval transform: {steps}")
+        self._pil_steps = transforms.Compose(steps[:split])
+        self.normalize: transforms.Normalize = normalizers[0]
+        self.limits = limits
+        self.size: tuple[int, int] = cfg.size if isinstance(cfg.size, tuple) else (cfg.size, cfg.size)
+
+    def crop(self, image: Image.Image) -> np.ndarray:
+        """The model-sized crop of an RGB image, HWC uint8."""
+        cropped = self._pil_steps(image)
+        array = np.asarray(cropped, dtype=np.uint8)
+        if array.shape != (*self.size, 3):
+            raise InvalidImageError(f"preprocessing produced shape {array.shape}")
+        return array
+
+    def from_bytes(self, data: bytes) -> np.ndarray:
+        return self.crop(open_image(data, self.limits))
+
+    def to_model_input(self, crops: list[np.ndarray], device: torch.device) -> torch.Tensor:
+        """Stack crops, move them as uint8 (4x less to copy), then scale and normalise there."""
+        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
+        if device.type == "cuda":
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        else:
+            batch = batch.to(device)
+        # ToTensor's arithmetic, in float32, then the tag's Normalize (not in place).
+        return self.normalize(batch.to(torch.float32).div(255))
+
+
+def _size(value: int | list[int] | tuple[int, int]) -> int | tuple[int, int]:
+    return value if isinstance(value, int) else (int(value[0]), int(value[1]))

@@ -1,0 +1,201 @@
+"""A loaded CLIP model: integrity-checked weights on a device, batched encoding, cosine scoring,
+and an LRU cache of text embeddings."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from cachetools import LRUCache
+
+from clip_runtime.device import dtype_name
+from clip_runtime.images import ImageLimits, ImagePreprocessor
+from clip_runtime.model_entry import ModelEntry, read_entry, verify_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What callers are told about a served model."""
+
+    name: str
+    architecture: str
+    pretrained: str | None
+    weights_source: str
+    weights_sha256: str
+    device: str
+    dtype: str
+    embed_dim: int
+    context_length: int
+    image_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PairScore:
+    cosine: float
+    text_truncated: bool
+
+    @property
+    def score(self) -> float:
+        """torchmetrics' CLIPScore scale: 100 * max(cos, 0)."""
+        return 100.0 * max(self.cosine, 0.0)
+
+
+@dataclass
+class BatchReport:
+    """What one scoring call did, for metrics and traces (the engine records none itself)."""
+
+    items: int = 0
+    unique_texts: int = 0
+    text_cache_hits: int = 0
+    text_cache_misses: int = 0
+    encode_image_s: float = 0.0
+    encode_text_s: float = 0.0
+    score_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class TextEmbedding:
+    vector: torch.Tensor  # L2-normalised, float32, on the model's device
+    truncated: bool
+
+
+class ClipModel:
+    """One model on one device. ``score`` and ``encode_*`` are not re-entrant per instance by
+    design (one batch at a time is what keeps an accelerator busy); the cache is still locked so
+    concurrent in-process callers stay correct."""
+
+    def __init__(
+        self,
+        name: str,
+        folder: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        limits: ImageLimits,
+        text_cache_size: int,
+    ) -> None:
+        import open_clip
+
+        self.entry: ModelEntry = read_entry(folder)
+        verify_weights(folder, self.entry)
+        model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}", device="cpu")
+        # Cast once, then move: weights never change after this point.
+        self._model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self._tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+        self.preprocessor = ImagePreprocessor(self.entry.preprocess_cfg, limits)
+        self.device = device
+        self.dtype = dtype
+        self._text_cache: LRUCache[str, TextEmbedding] | None = (
+            LRUCache(maxsize=text_cache_size) if text_cache_size > 0 else None
+        )
+        self._cache_lock = threading.Lock()
+        context_length = int(self._tokenizer.context_length)
+        self.info = ModelInfo(
+            name=name,
+            architecture=self.entry.architecture,
+            pretrained=self.entry.pretrained,
+            weights_source=self.entry.weights_source,
+            weights_sha256=self.entry.weights_sha256,
+            device=str(device),
+            dtype=dtype_name(dtype),
+            embed_dim=int(self._model.text_projection.shape[1])
+            if isinstance(self._model.text_projection, torch.Tensor)
+            else int(self._model.text_projection.out_features),
+            context_length=context_length,
+            image_size=self.preprocessor.size,
+        )
+        if self.entry.is_untrained:
+            logger.warning(
+                "Model %s serves RANDOM-INIT weights (seed %s): scores are meaningless; "
+                "for tests and demos only.",
+                name,
+                self.entry.seed,
+            )
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def is_truncated(self, text: str) -> bool:
+        """True when the caption has more tokens than the context (open_clip keeps the EOT)."""
+        encode = getattr(self._tokenizer, "encode", None)
+        if encode is None:
+            return False
+        return len(encode(text)) + 2 > self.info.context_length
+
+    @torch.inference_mode()
+    def encode_images(self, crops: list[np.ndarray]) -> torch.Tensor:
+        """L2-normalised float32 image embeddings, one row per crop, on the model's device."""
+        pixels = self.preprocessor.to_model_input(crops, self.device).to(self.dtype)
+        return F.normalize(self._model.encode_image(pixels).float(), dim=-1)
+
+    @torch.inference_mode()
+    def _encode_new_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self._tokenizer(texts).to(self.device, non_blocking=True)
+        return F.normalize(self._model.encode_text(tokens).float(), dim=-1)
+
+    def encode_texts(self, texts: list[str], report: BatchReport | None = None) -> list[TextEmbedding]:
+        """Embeddings of ``texts`` (duplicates encoded once; cached ones not at all)."""
+        report = report if report is not None else BatchReport()
+        unique = list(dict.fromkeys(texts))
+        found: dict[str, TextEmbedding] = {}
+        if self._text_cache is not None:
+            with self._cache_lock:
+                for text in unique:
+                    hit = self._text_cache.get(text)
+                    if hit is not None:
+                        found[text] = hit
+        missing = [text for text in unique if text not in found]
+        report.unique_texts += len(unique)
+        report.text_cache_hits += len(found)
+        report.text_cache_misses += len(missing)
+        if missing:
+            started = time.perf_counter()
+            vectors = self._encode_new_texts(missing)
+            for text, vector in zip(missing, vectors, strict=True):
+                found[text] = TextEmbedding(vector=vector, truncated=self.is_truncated(text))
+            report.encode_text_s += time.perf_counter() - started
+            if self._text_cache is not None:
+                with self._cache_lock:
+                    for text in missing:
+                        self._text_cache[text] = found[text]
+        return [found[text] for text in texts]
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def score(
+        self, crops: list[np.ndarray], texts: list[str], report: BatchReport | None = None
+    ) -> list[PairScore]:
+        """Cosine of each (image crop, text) pair, in order. One forward pass per tower."""
+        if len(crops) != len(texts):
+            raise ValueError("score needs as many texts as images")
+        report = report if report is not None else BatchReport()
+        report.items += len(crops)
+        if not crops:
+            return []
+        started = time.perf_counter()
+        image_vectors = self.encode_images(crops)
+        report.encode_image_s += time.perf_counter() - started
+        text_embeddings = self.encode_texts(texts, report)
+        started = time.perf_counter()
+        text_vectors = torch.stack([embedding.vector for embedding in text_embeddings])
+        cosines = (image_vectors * text_vectors).sum(dim=-1).cpu().tolist()  # one sync per batch
+        report.score_s += time.perf_counter() - started
+        return [
+            PairScore(cosine=cosine, text_truncated=embedding.truncated)
+            for cosine, embedding in zip(cosines, text_embeddings, strict=True)
+        ]
+
+    def warm_up(self) -> None:
+        """One forward pass of each tower, so the first request does not pay for lazy init."""
+        height, width = self.preprocessor.size
+        blank = np.full((height, width, 3), 127, dtype=np.uint8)
+        self.encode_images([blank])
+        self._encode_new_texts(["warm-up"])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,133 @@
+"""The on-disk layout of one saved model (a BentoML model store entry's folder).
+
+The folder is an open_clip ``local-dir`` (``open_clip_config.json`` + ``open_clip_model.safetensors``)
+so open_clip's own loader builds the model and its preprocessing, plus ``clip_model.json``: where the
+weights came from and their sha256, checked before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+
+from clip_runtime.errors import ModelStoreError
+
+WeightsSource = Literal["pretrained", "checkpoint", "random-init"]
+
+METADATA_FILE = "clip_model.json"
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def store_name(architecture: str) -> str:
+    """The fixed model store name of an architecture: ``ViT-B-32`` -> ``clip-vit-b-32``."""
+    return "clip-" + architecture.lower().replace("/", "-")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What ``clip_model.json`` records about one saved model."""
+
+    architecture: str
+    pretrained: str | None  # the open_clip tag; None for checkpoint and random-init weights
+    weights_source: WeightsSource
+    weights_sha256: str
+    preprocess_cfg: dict[str, Any]
+    preprocess_from: str | None  # the tag whose preprocessing was adopted, if any
+    seed: int | None = None
+    checkpoint_name: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def is_untrained(self) -> bool:
+        return self.weights_source == "random-init"
+
+    def labels(self) -> dict[str, str]:
+        """The same facts as BentoML model labels (strings only)."""
+        return {
+            "architecture": self.architecture,
+            "pretrained": self.pretrained or "none",
+            "weights_source": self.weights_source,
+            "weights_sha256": self.weights_sha256,
+        }
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_entry(
+    folder: Path,
+    model: torch.nn.Module,
+    *,
+    architecture: str,
+    model_cfg: dict[str, Any],
+    preprocess_cfg: dict[str, Any],
+    pretrained: str | None,
+    weights_source: WeightsSource,
+    preprocess_from: str | None = None,
+    seed: int | None = None,
+    checkpoint_name: str | None = None,
+) -> ModelEntry:
+    """Write weights (safetensors, never pickle) and both JSON files into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_path = folder / WEIGHTS_FILE
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(weights_path))
+    (folder / OPEN_CLIP_CONFIG_FILE).write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
+    )
+    entry = ModelEntry(
+        architecture=architecture,
+        pretrained=pretrained,
+        weights_source=weights_source,
+        weights_sha256=sha256_of(weights_path),
+        preprocess_cfg=preprocess_cfg,
+        preprocess_from=preprocess_from,
+        seed=seed,
+        checkpoint_name=checkpoint_name,
+    )
+    (folder / METADATA_FILE).write_text(json.dumps(asdict(entry), indent=2))
+    return entry
+
+
+def read_entry(folder: Path) -> ModelEntry:
+    """Read ``clip_model.json``; cheap (no weights touched)."""
+    metadata_path = folder / METADATA_FILE
+    if not metadata_path.is_file():
+        raise ModelStoreError(f"{folder} is not a CLIP model entry: {METADATA_FILE} is missing")
+    try:
+        raw = json.loads(metadata_path.read_text())
+        entry = ModelEntry(**raw)
+    except (ValueError, TypeError) as exc:
+        raise ModelStoreError(f"{metadata_path} is malformed: {exc}") from exc
+    if entry.format_version != FORMAT_VERSION:
+        raise ModelStoreError(
+            f"{metadata_path} has format version {entry.format_version}; "
+            f"this build reads version {FORMAT_VERSION}. Save the model again."
+        )
+    return entry
+
+
+def verify_weights(folder: Path, entry: ModelEntry) -> None:
+    """Refuse weights whose sha256 differs from the one recorded when they were saved."""
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ModelStoreError(f"{folder}: weights file {WEIGHTS_FILE} is missing")
+    actual = sha256_of(weights_path)
+    if actual != entry.weights_sha256:
+        raise ModelStoreError(
+            f"{weights_path}: sha256 {actual} does not match the recorded "
+            f"{entry.weights_sha256}; the entry is corrupt or was modified. Save the model again."
+        )

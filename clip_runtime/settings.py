@@ -1,0 +1,118 @@
+"""Every knob of the engine and the service, read once from the environment (prefix ``CLIP_``).
+
+Each field's description is the documentation: the README's settings table is generated from it
+(``python -m clip_runtime.settings``) so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+KNOWN_MODELS: tuple[str, ...] = ("ViT-B-32", "ViT-L-14")
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+class ClipSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLIP_", extra="ignore")
+
+    models: Annotated[list[str], NoDecode] = Field(
+        default=list(KNOWN_MODELS),
+        description="Comma-separated models to serve; each must be saved in the model store.",
+    )
+    default_model: str = Field(
+        default="ViT-B-32",
+        description="Model used when a request names none (the first served one if unset and "
+        "ViT-B-32 is not served).",
+    )
+    device: str = Field(
+        default="auto",
+        description="`auto` (cuda > mps > cpu), `cpu`, `cuda`, `cuda:N` or `mps`.",
+    )
+    precision: Precision = Field(
+        default="auto",
+        description="`auto` (fp16 on CUDA, fp32 on CPU/MPS), `fp32`, `fp16` or `bf16`.",
+    )
+    max_batch_size: int = Field(
+        default=64, ge=1, description="Most image-text pairs in one model forward pass."
+    )
+    max_latency_ms: int = Field(
+        default=60_000,
+        ge=1,
+        description="Adaptive batching latency budget; requests that cannot meet it get 503.",
+    )
+    text_cache_size: int = Field(
+        default=8192,
+        ge=0,
+        description="Text embeddings kept per model (LRU); 0 turns the cache off.",
+    )
+    decode_workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="Threads decoding and preprocessing images (default: CPU count).",
+    )
+    max_request_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest request body accepted."
+    )
+    max_image_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1, description="Largest encoded image accepted."
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        ge=1,
+        description="Most pixels (width x height) in an image; checked before decoding.",
+    )
+    min_image_side: int = Field(
+        default=4, ge=1, description="Smallest width or height accepted, in pixels."
+    )
+    max_batch_items: int = Field(
+        default=256, ge=1, description="Most items in one batch request."
+    )
+    max_text_chars: int = Field(
+        default=10_000, ge=1, description="Longest caption accepted, in characters."
+    )
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _default_is_served(self) -> ClipSettings:
+        if not self.models:
+            raise ValueError("CLIP_MODELS names no model")
+        if self.default_model not in self.models and "default_model" not in self.model_fields_set:
+            self.default_model = self.models[0]
+        if self.default_model not in self.models:
+            raise ValueError(
+                f"CLIP_DEFAULT_MODEL={self.default_model!r} is not among CLIP_MODELS={self.models}"
+            )
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> ClipSettings:
+    """The process-wide settings, read from the environment once."""
+    return ClipSettings()
+
+
+def settings_table() -> str:
+    """The README's markdown table of settings, generated from the field descriptions."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for name, field in ClipSettings.model_fields.items():
+        default = "CPU count" if field.default_factory else field.default
+        if isinstance(default, list):
+            default = ",".join(default)
+        rows.append(f"| `CLIP_{name.upper()}` | `{default}` | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

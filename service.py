@@ -1,0 +1,437 @@
+"""BentoML services: HTTP in, engine out.
+
+``Evaluator`` is the public HTTP surface (routes under ``/evaluator``): it validates, decodes and
+crops images in a thread pool, then hands pairs to ``Scorer``. ``Scorer`` holds the weights and
+exposes one batchable API per model, so BentoML's adaptive batching merges concurrent single
+requests and the items of batch requests into shared forward passes (a batchable API called from
+inside its own service would skip the batcher, hence two services).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import bentoml
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from clip_runtime import ClipEngine, ClipError, Preprocessing, ScoreJob, check_text, get_settings
+from clip_runtime import errors as E
+from clip_runtime.engine import resolve_model_name
+from clip_runtime.images import decode_image_field
+from clip_runtime.model_entry import ModelEntry, store_name
+from clip_runtime.settings import KNOWN_MODELS
+from http_layer import RequestGuardMiddleware, error_body
+
+logger = logging.getLogger("clip_service")
+settings = get_settings()
+
+# The one table from domain error to HTTP status (codes are the errors' own ``code``).
+ERROR_STATUS: dict[type[ClipError], HTTPStatus] = {
+    E.InvalidRequestError: HTTPStatus.BAD_REQUEST,
+    E.InvalidImageError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    E.UnsupportedImageFormatError: HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+    E.ImageTooLargeError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    E.ImageDimensionsTooLargeError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    E.ImageTooSmallError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    E.EmptyTextError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    E.InvalidTextError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    E.TextTooLongError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    E.TooManyItemsError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    E.RequestTooLargeError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    E.UnknownModelError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    E.ModelNotReadyError: HTTPStatus.SERVICE_UNAVAILABLE,
+}
+
+# Model name -> the model store reference (class attributes, so `bentoml build` bundles them).
+MODEL_ATTRS: dict[str, str] = {name: store_name(name).replace("-", "_") for name in KNOWN_MODELS}
+# Model name -> the Scorer API that batches its pairs.
+SCORE_APIS: dict[str, str] = {name: "score_" + attr for name, attr in MODEL_ATTRS.items()}
+
+
+def error_response(error: ClipError, request_id: str | None = None) -> JSONResponse:
+    status = ERROR_STATUS.get(type(error), HTTPStatus.INTERNAL_SERVER_ERROR)
+    return JSONResponse(error_body(error.code, error.message, request_id), status_code=status)
+
+
+# -- wire schemas ------------------------------------------------------------------------------
+
+
+class ItemError(BaseModel):
+    code: str
+    message: str
+
+
+class SingleResult(BaseModel):
+    score: float = Field(description="100 * max(cosine, 0), torchmetrics' CLIPScore scale")
+    cosine: float = Field(description="cosine of the L2-normalised image and text embeddings")
+    model: str
+    pretrained: str | None = Field(description="open_clip tag; null for non-pretrained weights")
+    weights: str = Field(description="pretrained | checkpoint | random-init (untrained!)")
+    text_truncated: bool = Field(description="the caption had more than 77 tokens")
+
+
+class BatchItem(BaseModel):
+    image: str | None = Field(default=None, description="base64 or data: URI")
+    text: str | None = None
+
+
+class BatchItemResult(BaseModel):
+    index: int
+    score: float | None
+    cosine: float | None
+    text_truncated: bool
+    error: ItemError | None
+
+
+class BatchResult(BaseModel):
+    model: str
+    pretrained: str | None
+    weights: str
+    results: list[BatchItemResult]
+    succeeded: int
+    failed: int
+
+
+class PairJob(BaseModel):
+    """A preprocessed pair on its way to a model batch (HWC uint8 crop as raw bytes)."""
+
+    crop: bytes
+    height: int
+    width: int
+    text: str
+
+
+class PairOutcome(BaseModel):
+    cosine: float
+    text_truncated: bool
+
+
+class ModelStatus(BaseModel):
+    name: str
+    architecture: str
+    pretrained: str | None
+    weights: str
+    untrained: bool
+    device: str
+    dtype: str
+    ready: bool
+
+
+def _model_folders(owner: Any) -> dict[str, Path]:
+    """Store folders of the served models, with a clear error when one was never saved."""
+    folders: dict[str, Path] = {}
+    for name in settings.models:
+        reference = type(owner).__dict__[MODEL_ATTRS[name]]
+        if reference.stored is None:  # checked first: resolving would try BentoCloud
+            raise E.ModelStoreError(
+                f"model {reference.tag} is not in the BentoML model store (BENTOML_HOME). "
+                "Save it with `python scripts/save_models.py` (or add --random-init for an "
+                "offline demo), or serve fewer models with CLIP_MODELS."
+            )
+        folders[name] = Path(getattr(owner, MODEL_ATTRS[name]).path)
+    return folders
+
+
+# -- the model worker --------------------------------------------------------------------------
+
+
+def _batch_api(model_name: str) -> Any:
+    def score(self: ScorerImpl, jobs: list[PairJob]) -> list[PairOutcome]:
+        """Score preprocessed pairs with one model (internal, batched)."""
+        return self.score_jobs(model_name, jobs)
+
+    score.__name__ = score.__qualname__ = SCORE_APIS[model_name]  # BentoML names APIs by this
+    return bentoml.api(
+        batchable=True,
+        max_batch_size=settings.max_batch_size,
+        max_latency_ms=settings.max_latency_ms,
+    )(score)
+
+
+def _with_served_models(cls: type, batch_apis: bool = False) -> type:
+    """Add a store reference (and a batch API) per served model, as class attributes: BentoML
+    resolves every referenced model at `serve` and bundles it at `build`, so only served ones."""
+    for name in settings.models:
+        if name not in MODEL_ATTRS:
+            raise E.ModelStoreError(f"CLIP_MODELS names {name!r}; known: {list(KNOWN_MODELS)}")
+        setattr(cls, MODEL_ATTRS[name], bentoml.models.BentoModel(store_name(name)))
+        if batch_apis:
+            setattr(cls, SCORE_APIS[name], _batch_api(name))
+    return cls
+
+
+class ScorerImpl:
+    def __init__(self) -> None:
+        import prometheus_client  # after BentoML set the multiprocess directory
+
+        self.engine = ClipEngine(settings, _model_folders(self))
+        self.engine.warm_up()
+        self._batches = prometheus_client.Counter(
+            "clip_model_batches", "Model forward batches run", ["model"]
+        )
+        self._batch_items = prometheus_client.Histogram(
+            "clip_model_batch_items",
+            "Image-text pairs per model batch",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
+        self._cache = prometheus_client.Counter(
+            "clip_text_cache", "Text embedding cache lookups", ["model", "result"]
+        )
+        logger.info("Scorer ready: %s", ", ".join(self.engine.models))
+
+    def __is_ready__(self) -> bool:
+        return self.engine.ready
+
+    def score_jobs(self, model_name: str, jobs: list[PairJob]) -> list[PairOutcome]:
+        score_jobs = [
+            ScoreJob(model_name, _crop_array(job), job.text) for job in jobs
+        ]
+        scores, reports = self.engine.score_jobs(score_jobs)
+        report = reports[model_name]
+        self._batches.labels(model_name).inc()
+        self._batch_items.labels(model_name).observe(report.items)
+        self._cache.labels(model_name, "hit").inc(report.text_cache_hits)
+        self._cache.labels(model_name, "miss").inc(report.text_cache_misses)
+        return [PairOutcome(cosine=s.cosine, text_truncated=s.text_truncated) for s in scores]
+
+    @bentoml.api
+    def describe(self) -> list[ModelStatus]:
+        """Served models and whether each has run its warm-up pass (internal)."""
+        return [
+            ModelStatus(
+                name=model.info.name,
+                architecture=model.info.architecture,
+                pretrained=model.info.pretrained,
+                weights=model.info.weights_source,
+                untrained=model.entry.is_untrained,
+                device=model.info.device,
+                dtype=model.info.dtype,
+                ready=self.engine.ready,
+            )
+            for model in self.engine.models.values()
+        ]
+
+
+Scorer = bentoml.service(
+    name="clip-scorer",
+    workers=1,  # one process owns the accelerator; batches are what use it well
+    traffic={"timeout": 600},
+)(_with_served_models(ScorerImpl, batch_apis=True))
+
+
+def _crop_array(job: PairJob) -> Any:
+    import numpy as np
+
+    return np.frombuffer(job.crop, dtype=np.uint8).reshape(job.height, job.width, 3)
+
+
+# -- the HTTP front end ------------------------------------------------------------------------
+
+
+async def health(request: Request) -> Response:
+    evaluator: EvaluatorImpl = bentoml.get_current_service()
+    return await evaluator.health()
+
+
+async def metrics(request: Request) -> Response:
+    # The same multiprocess-aggregated text as BentoML's /metrics (this container is what that
+    # endpoint uses; bentoml is pinned for it).
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    client = BentoMLContainer.metrics_client.get()
+    body = await asyncio.to_thread(client.generate_latest)
+    return Response(body, media_type=client.CONTENT_TYPE_LATEST)
+
+
+async def docs(request: Request) -> Response:
+    return RedirectResponse("/", status_code=HTTPStatus.TEMPORARY_REDIRECT)
+
+
+evaluator_routes = Starlette(
+    routes=[
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+    ]
+)
+
+
+class EvaluatorImpl:
+    scorer = bentoml.depends(Scorer)
+
+    def __init__(self) -> None:
+        import prometheus_client
+
+        self.preprocessing = Preprocessing(settings, _model_folders(self))
+        self._pairs = prometheus_client.Counter(
+            "clip_pairs", "Image-text pairs answered", ["model", "outcome"]
+        )
+        self._errors = prometheus_client.Counter(
+            "clip_errors", "Errors answered, by code", ["code"]
+        )
+        for name, entry in self.preprocessing.entries.items():
+            if entry.is_untrained:
+                logger.warning("%s serves RANDOM-INIT weights: scores are meaningless", name)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _entry(self, name: str) -> ModelEntry:
+        return self.preprocessing.entries[name]
+
+    def _prepare(self, name: str, image: str | None, text: str | None) -> PairJob:
+        """Runs in the decode pool: base64 -> bytes -> checked image -> model-sized crop."""
+        if image is None:
+            raise E.InvalidRequestError("image is missing")
+        if text is None:
+            raise E.InvalidRequestError("text is missing")
+        check_text(settings, text)
+        data = decode_image_field(image, settings.max_image_bytes)
+        crop = self.preprocessing.crop(name, data)
+        return PairJob(crop=crop.tobytes(), height=crop.shape[0], width=crop.shape[1], text=text)
+
+    async def _prepare_async(self, name: str, image: str | None, text: str | None) -> PairJob:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.preprocessing.pool, self._prepare, name, image, text)
+
+    async def _score(self, name: str, jobs: list[PairJob]) -> list[PairOutcome]:
+        outcomes = await getattr(self.scorer.to_async, SCORE_APIS[name])(jobs)
+        return [PairOutcome.model_validate(outcome) for outcome in outcomes]
+
+    def _count_error(self, name: str, error: ClipError) -> None:
+        self._errors.labels(error.code).inc()
+        self._pairs.labels(name, "error").inc()
+
+    # -- endpoints ----------------------------------------------------------------------------
+
+    @bentoml.api(route="/evaluator/v1/evaluation/single")
+    async def evaluate_single(
+        self, image: str, text: str, model: str | None = None
+    ) -> SingleResult:
+        """CLIP score of one image-caption pair."""
+        started = time.perf_counter()
+        try:
+            name = resolve_model_name(settings, model)
+            job = await self._prepare_async(name, image, text)
+            (outcome,) = await self._score(name, [job])
+        except ClipError as error:
+            self._count_error(model or settings.default_model, error)
+            return error_response(error)  # type: ignore[return-value]
+        entry = self._entry(name)
+        self._pairs.labels(name, "ok").inc()
+        logger.debug("single %s in %.1f ms", name, 1e3 * (time.perf_counter() - started))
+        return SingleResult(
+            score=100.0 * max(outcome.cosine, 0.0),
+            cosine=outcome.cosine,
+            model=name,
+            pretrained=entry.pretrained,
+            weights=entry.weights_source,
+            text_truncated=outcome.text_truncated,
+        )
+
+    @bentoml.api(route="/evaluator/v1/evaluation/batch")
+    async def evaluate_batch(self, items: list[BatchItem], model: str | None = None) -> BatchResult:
+        """CLIP scores of many pairs, in request order; a bad item fails alone."""
+        try:
+            name = resolve_model_name(settings, model)
+            if len(items) > settings.max_batch_items:
+                raise E.TooManyItemsError(
+                    f"{len(items)} items; at most {settings.max_batch_items} per request"
+                )
+            if not items:
+                raise E.InvalidRequestError("items is empty")
+        except ClipError as error:
+            self._count_error(model or settings.default_model, error)
+            return error_response(error)  # type: ignore[return-value]
+
+        prepared = await asyncio.gather(
+            *(self._prepare_async(name, item.image, item.text) for item in items),
+            return_exceptions=True,
+        )
+        for outcome in prepared:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, ClipError):
+                raise outcome
+        jobs = [job for job in prepared if isinstance(job, PairJob)]
+        outcomes = iter(await self._score(name, jobs) if jobs else [])
+        results: list[BatchItemResult] = []
+        for index, job in enumerate(prepared):
+            if isinstance(job, ClipError):
+                self._count_error(name, job)
+                results.append(
+                    BatchItemResult(
+                        index=index,
+                        score=None,
+                        cosine=None,
+                        text_truncated=False,
+                        error=ItemError(code=job.code, message=job.message),
+                    )
+                )
+                continue
+            outcome = next(outcomes)
+            self._pairs.labels(name, "ok").inc()
+            results.append(
+                BatchItemResult(
+                    index=index,
+                    score=100.0 * max(outcome.cosine, 0.0),
+                    cosine=outcome.cosine,
+                    text_truncated=outcome.text_truncated,
+                    error=None,
+                )
+            )
+        entry = self._entry(name)
+        failed = sum(result.error is not None for result in results)
+        return BatchResult(
+            model=name,
+            pretrained=entry.pretrained,
+            weights=entry.weights_source,
+            results=results,
+            succeeded=len(results) - failed,
+            failed=failed,
+        )
+
+    async def health(self) -> Response:
+        try:
+            statuses = [ModelStatus.model_validate(s) for s in await self.scorer.to_async.describe()]
+        except Exception:  # the scorer is still loading, or gone: say so, do not raise
+            logger.warning("health: scorer unreachable", exc_info=True)
+            statuses = []
+        served = {status.name: status for status in statuses}
+        models = []
+        for name in settings.models:
+            entry = self._entry(name)
+            status = served.get(name)
+            models.append(
+                {
+                    "name": name,
+                    "architecture": entry.architecture,
+                    "pretrained": entry.pretrained,
+                    "weights": entry.weights_source,
+                    "untrained": entry.is_untrained,
+                    "device": status.device if status else None,
+                    "dtype": status.dtype if status else None,
+                    "ready": bool(status and status.ready),
+                }
+            )
+        ready = all(model["ready"] for model in models)
+        body = {
+            "status": "ok" if ready else "unavailable",
+            "default_model": settings.default_model,
+            "models": models,
+        }
+        return JSONResponse(body, status_code=HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE)
+
+
+Evaluator = bentoml.service(
+    name="clip-evaluator",
+    traffic={"timeout": 600},
+)(bentoml.asgi_app(evaluator_routes, path="/evaluator")(_with_served_models(EvaluatorImpl)))
+Evaluator.add_asgi_middleware(RequestGuardMiddleware, max_request_bytes=settings.max_request_bytes)
