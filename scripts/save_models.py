@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tag whose preprocessing a checkpoint uses (default: the model's default tag)",
     )
     parser.add_argument("--offline", action="store_true", help="never touch the network")
+    parser.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="skip a model whose latest store entry already has the requested source",
+    )
     return parser.parse_args(argv)
 
 
@@ -61,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for architecture in args.models:
         name = store_name(architecture)
+        if args.if_missing and _already_saved(name, architecture, args):
+            print(f"kept {name}:latest (already saved from the requested source)")
+            continue
         try:
             with bentoml.models.create(name, module="clip_runtime") as stored:
                 folder = Path(stored.path)
@@ -80,6 +88,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {stored.tag}: {architecture} weights={entry.weights_source} "
               f"pretrained={entry.pretrained} sha256={entry.weights_sha256[:12]}{flag}")
     return 0
+
+
+def _already_saved(name: str, architecture: str, args: argparse.Namespace) -> bool:
+    import bentoml
+
+    from clip_runtime.errors import ClipError
+    from clip_runtime.model_entry import read_entry
+    from clip_runtime.sources import DEFAULT_TAGS
+
+    try:
+        entry = read_entry(Path(bentoml.models.get(f"{name}:latest").path))
+    except (bentoml.exceptions.NotFound, ClipError):
+        return False
+    if args.random_init:
+        return entry.is_untrained and entry.seed == args.seed
+    if args.checkpoint:
+        return False  # a file path says nothing about whether its content changed
+    return entry.pretrained == (args.pretrained or DEFAULT_TAGS[architecture])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,91 @@
+"""Start `bentoml serve` as a subprocess on a free port and wait until /readyz says 200."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def save_random_init_models(bentoml_home: Path, models: list[str], seed: int = 0) -> None:
+    """The project's own script, exactly as a user runs it, into ``bentoml_home``."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "save_models.py"), "--models", *models,
+         "--random-init", "--seed", str(seed)],
+        env={**os.environ, "BENTOML_HOME": str(bentoml_home)},
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+
+
+def model_folder(bentoml_home: Path, store_name: str) -> Path:
+    """The newest saved version of a model (what `name:latest` resolves to)."""
+    latest = (bentoml_home / "models" / store_name / "latest").read_text().strip()
+    return bentoml_home / "models" / store_name / latest
+
+
+class ServerProcess:
+    def __init__(self, bentoml_home: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._env = {
+            **os.environ,
+            "BENTOML_HOME": str(bentoml_home),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 300) -> ServerProcess:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service:Evaluator",
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT,
+            env=self._env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so stop() can signal the whole process group
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self, timeout_s: float = 30) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait(10)

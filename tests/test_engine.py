@@ -1,0 +1,128 @@
+"""The engine scores exactly what open_clip computes on the same weights."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from clip_runtime import ClipEngine, ClipSettings, ScoreJob
+from clip_runtime.errors import EmptyTextError, InvalidImageError, UnknownModelError
+from clip_runtime.images import ImageLimits
+from clip_runtime.model import ClipModel
+from tests.images import jpeg_bytes
+
+LIMITS = ImageLimits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, min_image_side=4)
+CAPTIONS = ["a photo of a cat", "a diagram of a bridge", "two dogs on a beach at sunset"]
+
+
+def reference_cosines(folder: Path, images: list[bytes], texts: list[str]) -> list[float]:
+    """open_clip end to end, its own way: its transform, tokenizer and normalize=True, fp32."""
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    model.eval()
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(Image.open(io.BytesIO(data))) for data in images])
+        image_features = model.encode_image(pixels, normalize=True)
+        text_features = model.encode_text(tokenizer(texts), normalize=True)
+    return (image_features * text_features).sum(-1).tolist()
+
+
+def load(folder: Path, cache: int = 16) -> ClipModel:
+    return ClipModel("test", folder, torch.device("cpu"), torch.float32, LIMITS, cache)
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "b32_model_dir"])
+def test_scores_match_open_clip(model_dir: str, request: pytest.FixtureRequest) -> None:
+    folder = request.getfixturevalue(model_dir)
+    images = [jpeg_bytes(seed) for seed in range(3)]
+    model = load(folder)
+    crops = [model.preprocessor.from_bytes(data) for data in images]
+    ours = [pair.cosine for pair in model.score(crops, CAPTIONS)]
+    expected = reference_cosines(folder, images, CAPTIONS)
+    np.testing.assert_allclose(ours, expected, atol=2e-6)
+    assert len(set(np.round(ours, 6))) == 3  # distinct pairs give distinct scores
+
+
+def test_batch_equals_single_and_is_deterministic(tiny_model_dir: Path) -> None:
+    model = load(tiny_model_dir)
+    crops = [model.preprocessor.from_bytes(jpeg_bytes(seed)) for seed in range(3)]
+    together = [pair.cosine for pair in model.score(crops, CAPTIONS)]
+    alone = [model.score([crop], [text])[0].cosine for crop, text in zip(crops, CAPTIONS, strict=True)]
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    again = [pair.cosine for pair in load(tiny_model_dir).score(crops, CAPTIONS)]
+    assert again == together
+
+
+def test_score_scale_is_torchmetrics(tiny_model_dir: Path) -> None:
+    model = load(tiny_model_dir)
+    crops = [model.preprocessor.from_bytes(jpeg_bytes(seed)) for seed in range(8)]
+    pairs = model.score(crops, [f"caption number {i}" for i in range(8)])
+    for pair in pairs:
+        assert pair.score == pytest.approx(100 * max(pair.cosine, 0.0))
+        assert -1.0 <= pair.cosine <= 1.0
+
+
+def test_text_cache_returns_identical_embeddings_and_counts(tiny_model_dir: Path) -> None:
+    from clip_runtime.model import BatchReport
+
+    model = load(tiny_model_dir, cache=8)
+    first_report, second_report = BatchReport(), BatchReport()
+    first = model.encode_texts(["red", "green", "red"], first_report)
+    second = model.encode_texts(["green", "red"], second_report)
+    assert (first_report.text_cache_hits, first_report.text_cache_misses) == (0, 2)
+    assert (second_report.text_cache_hits, second_report.text_cache_misses) == (2, 0)
+    assert torch.equal(first[0].vector, second[1].vector)
+    # Without the cache the same text is encoded again: equal up to batch-size rounding.
+    uncached = load(tiny_model_dir, cache=0).encode_texts(["red", "green"])
+    assert torch.equal(uncached[0].vector, first[0].vector)
+
+
+def test_long_captions_truncate_keeping_end_of_text(tiny_model_dir: Path) -> None:
+    model = load(tiny_model_dir)
+    short, long = "a cat " * 30, "a cat " * 80
+    assert not model.is_truncated(short)
+    assert model.is_truncated(long)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")
+    tokens = tokenizer([long])[0]
+    assert tokens[-1].item() == tokenizer.eot_token_id  # open_clip keeps EOT; slicing would not
+    crop = model.preprocessor.from_bytes(jpeg_bytes(1))
+    (pair,) = model.score([crop], [long])
+    assert pair.text_truncated
+
+
+def test_engine_groups_models_and_keeps_order(tiny_model_dir: Path) -> None:
+    settings = ClipSettings(models=["ViT-B-32", "other"], max_batch_size=2)
+    engine = ClipEngine(settings, {"ViT-B-32": tiny_model_dir, "other": tiny_model_dir})
+    crop = engine.models["ViT-B-32"].preprocessor.from_bytes(jpeg_bytes(2))
+    jobs = [ScoreJob("ViT-B-32" if i % 2 else "other", crop, f"text {i}") for i in range(5)]
+    scores, reports = engine.score_jobs(jobs)
+    alone = [engine.models[job.model].score([crop], [job.text])[0].cosine for job in jobs]
+    np.testing.assert_allclose([s.cosine for s in scores], alone, atol=1e-6)
+    assert reports["other"].items == 3 and reports["ViT-B-32"].items == 2
+
+
+def test_score_pairs_keeps_per_item_errors(tiny_model_dir: Path) -> None:
+    engine = ClipEngine(ClipSettings(models=["ViT-B-32"]), {"ViT-B-32": tiny_model_dir})
+    with ThreadPoolExecutor(2) as pool:
+        results = engine.score_pairs(
+            None, [(jpeg_bytes(0), "ok"), (b"not an image", "x"), (jpeg_bytes(0), "  ")], pool
+        )
+    assert isinstance(results[1], InvalidImageError)
+    assert isinstance(results[2], EmptyTextError)
+    assert -1 <= results[0].cosine <= 1
+    with pytest.raises(UnknownModelError, match="served models"):
+        engine.model("ViT-H-14")
+
+
+def test_warm_up_marks_ready(tiny_model_dir: Path) -> None:
+    engine = ClipEngine(ClipSettings(models=["ViT-B-32"]), {"ViT-B-32": tiny_model_dir})
+    assert not engine.ready
+    engine.warm_up()
+    assert engine.ready

@@ -1,0 +1,213 @@
+"""Image inputs: encodings, formats, orientation, alpha, limits, and open_clip parity."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+
+from clip_runtime.errors import (
+    ImageDimensionsTooLargeError,
+    ImageTooLargeError,
+    ImageTooSmallError,
+    InvalidImageError,
+    UnsupportedImageFormatError,
+)
+from clip_runtime.images import ImageLimits, ImagePreprocessor, decode_image_field, open_image
+from tests.images import encode, jpeg_bytes, photo_like
+
+LIMITS = ImageLimits(max_image_bytes=5_000_000, max_image_pixels=4_000_000, min_image_side=4)
+L14_CFG = open_clip.get_pretrained_cfg("ViT-L-14", "laion2b_s32b_b82k")
+
+
+def preprocessor(tag_model: str = "ViT-B-32", tag: str = "laion2b_s34b_b79k") -> ImagePreprocessor:
+    cfg = {**open_clip.get_pretrained_cfg(tag_model, tag), "size": 224}
+    keys = PreprocessCfg.__dataclass_fields__
+    return ImagePreprocessor({k: v for k, v in cfg.items() if k in keys}, LIMITS)
+
+
+# -- the JSON field -------------------------------------------------------------------------------
+
+
+def test_base64_variants_all_decode_to_the_same_bytes() -> None:
+    data = jpeg_bytes(0, 64, 48)
+    plain = base64.b64encode(data).decode()
+    variants = [
+        plain,
+        plain.rstrip("="),
+        "\n".join(plain[i : i + 76] for i in range(0, len(plain), 76)),
+        base64.urlsafe_b64encode(data).decode(),
+        "data:image/jpeg;base64," + plain,
+        "  data:image/png;base64," + plain + "\n",
+        "data:;base64," + plain,
+    ]
+    for variant in variants:
+        assert decode_image_field(variant, 10_000_000) == data
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "empty"),
+        ("!!!!", "not valid base64"),
+        ("data:text/plain;base64,aGVsbG8=", "not an image"),
+        ("data:image/png,rawbytes", "base64-encoded"),
+        ("https://example.com/cat.jpg", "URLs"),
+    ],
+)
+def test_bad_image_fields_are_refused(value: str, message: str) -> None:
+    with pytest.raises(InvalidImageError, match=message):
+        decode_image_field(value, 10_000_000)
+
+
+def test_oversized_base64_is_refused_before_decoding() -> None:
+    with pytest.raises(ImageTooLargeError):
+        decode_image_field("A" * 4000, 1000)
+
+
+# -- formats --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "options"),
+    [
+        ("JPEG", "RGB", {"progressive": True}),
+        ("JPEG", "CMYK", {}),
+        ("JPEG", "L", {}),
+        ("PNG", "P", {}),
+        ("PNG", "LA", {}),
+        ("PNG", "I;16", {}),
+        ("WEBP", "RGB", {}),
+        ("GIF", "P", {}),
+        ("BMP", "RGB", {}),
+        ("TIFF", "RGB", {}),
+    ],
+)
+def test_formats_decode_to_rgb(fmt: str, mode: str, options: dict[str, object]) -> None:
+    base = photo_like(3, 40, 30)
+    if mode == "I;16":
+        image = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257))
+    else:
+        image = base.convert(mode)
+    decoded = open_image(encode(image, fmt, **options), LIMITS)
+    assert decoded.mode == "RGB" and decoded.size == (40, 30)
+
+
+def test_sixteen_bit_grey_keeps_its_tones() -> None:
+    grey = np.full((16, 16), 40000, dtype=np.uint16)
+    decoded = open_image(encode(Image.fromarray(grey), "PNG"), LIMITS)
+    assert np.asarray(decoded)[0, 0].tolist() == [40000 >> 8] * 3  # not clipped to white
+
+
+def test_alpha_is_composited_on_white() -> None:
+    transparent = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    decoded = open_image(encode(transparent, "PNG"), LIMITS)
+    assert np.asarray(decoded)[0, 0].tolist() == [255, 255, 255]
+    half = Image.new("RGBA", (8, 8), (0, 0, 0, 128))
+    value = np.asarray(open_image(encode(half, "PNG"), LIMITS))[0, 0, 0]
+    assert 120 <= value <= 135
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = photo_like(1, 60, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    decoded = open_image(encode(image, "JPEG", exif=exif), LIMITS)
+    assert decoded.size == (20, 60)
+
+
+def test_animated_gif_uses_the_first_frame() -> None:
+    frames = [Image.new("RGB", (10, 10), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    decoded = open_image(buffer.getvalue(), LIMITS)
+    assert np.asarray(decoded)[5, 5].tolist()[0] > 200
+
+
+def test_unsupported_formats_and_garbage() -> None:
+    ico = encode(Image.new("RGB", (16, 16)), "ICO")
+    with pytest.raises(UnsupportedImageFormatError):
+        open_image(ico, LIMITS)
+    with pytest.raises(InvalidImageError):
+        open_image(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, LIMITS)
+    truncated = jpeg_bytes(0, 200, 200)[:-2000]
+    with pytest.raises(InvalidImageError):
+        open_image(truncated, LIMITS)
+
+
+def test_limits() -> None:
+    with pytest.raises(ImageTooSmallError):
+        open_image(encode(Image.new("RGB", (2, 50)), "PNG"), LIMITS)
+    with pytest.raises(ImageTooLargeError):
+        open_image(jpeg_bytes(0), ImageLimits(1000, 4_000_000, 4))
+    # A 3000x3000 PNG of one colour is a few KB: refused from the header, before decoding.
+    bomb = encode(Image.new("L", (3000, 3000)), "PNG")
+    assert len(bomb) < 50_000
+    with pytest.raises(ImageDimensionsTooLargeError):
+        open_image(bomb, LIMITS)
+
+
+# -- preprocessing parity -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "tag"), [("ViT-B-32", "laion2b_s34b_b79k"), ("ViT-L-14", "laion2b_s32b_b82k")]
+)
+def test_split_transform_equals_open_clip_transform(model: str, tag: str) -> None:
+    pre = preprocessor(model, tag)
+    cfg = {**open_clip.get_pretrained_cfg(model, tag), "size": 224}
+    reference = image_transform_v2(
+        PreprocessCfg(**{k: v for k, v in cfg.items() if k in PreprocessCfg.__dataclass_fields__}),
+        is_train=False,
+    )
+    image = photo_like(5, 300, 180)  # wide: must be cropped, never squashed
+    ours = pre.to_model_input([pre.crop(image)], torch.device("cpu"))[0]
+    assert torch.equal(ours, reference(image))
+
+
+def test_each_tag_keeps_its_own_normalisation() -> None:
+    assert tuple(L14_CFG["mean"]) == (0.5, 0.5, 0.5)
+    b32, l14 = preprocessor(), preprocessor("ViT-L-14", "laion2b_s32b_b82k")
+    assert tuple(l14.normalize.mean) == (0.5, 0.5, 0.5)
+    assert tuple(b32.normalize.mean) != tuple(l14.normalize.mean)
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=2048))
+def test_arbitrary_bytes_never_escape_as_unexpected_errors(data: bytes) -> None:
+    pre = preprocessor()
+    try:
+        crop = pre.from_bytes(data)
+    except (InvalidImageError, UnsupportedImageFormatError, ImageTooSmallError,
+            ImageDimensionsTooLargeError, ImageTooLargeError):
+        return
+    assert crop.shape == (224, 224, 3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(4, 400), st.integers(4, 400), st.sampled_from(["JPEG", "PNG", "WEBP", "BMP"])
+)
+def test_any_valid_image_size_gives_a_model_sized_crop(width: int, height: int, fmt: str) -> None:
+    crop = preprocessor().from_bytes(encode(photo_like(0, width, height), fmt))
+    assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(alphabet=st.characters(codec="ascii"), max_size=200))
+def test_arbitrary_text_fields_decode_or_raise_invalid_image(value: str) -> None:
+    try:
+        decode_image_field(value, 1_000_000)
+    except (InvalidImageError, ImageTooLargeError):
+        pass

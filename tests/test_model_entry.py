@@ -1,0 +1,100 @@
+"""The store entry format: safetensors weights, recorded sha256, refusal of tampered weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip_runtime.errors import ModelStoreError
+from clip_runtime.images import ImageLimits
+from clip_runtime.model import ClipModel
+from clip_runtime.model_entry import (
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    read_entry,
+    sha256_of,
+    store_name,
+    verify_weights,
+)
+from clip_runtime.sources import save_random_init
+
+LIMITS = ImageLimits(10_000_000, 50_000_000, 4)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_store_names() -> None:
+    assert store_name("ViT-B-32") == "clip-vit-b-32"
+    assert store_name("ViT-L-14") == "clip-vit-l-14"
+
+
+def test_entry_records_source_and_hash(tiny_model_dir: Path) -> None:
+    entry = read_entry(tiny_model_dir)
+    assert entry.weights_source == "random-init" and entry.is_untrained
+    assert entry.pretrained is None and entry.seed == 0
+    assert entry.weights_sha256 == sha256_of(tiny_model_dir / WEIGHTS_FILE)
+    assert entry.labels()["weights_source"] == "random-init"
+    with (tiny_model_dir / WEIGHTS_FILE).open("rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    assert "visual.conv1.weight" in header  # safetensors with open_clip's state-dict keys
+
+
+def test_random_init_is_deterministic(tmp_path: Path) -> None:
+    import open_clip
+
+    from tests.conftest import FIXTURES, TINY
+
+    open_clip.add_model_config(FIXTURES / f"{TINY}.json")
+    first = save_random_init(tmp_path / "a", TINY, seed=7)
+    second = save_random_init(tmp_path / "b", TINY, seed=7)
+    other = save_random_init(tmp_path / "c", TINY, seed=8)
+    assert first.weights_sha256 == second.weights_sha256 != other.weights_sha256
+
+
+def test_tampered_weights_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "entry"
+    shutil.copytree(tiny_model_dir, copy)
+    weights = copy / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelStoreError, match="does not match"):
+        verify_weights(copy, read_entry(copy))
+    with pytest.raises(ModelStoreError, match="does not match"):
+        ClipModel("x", copy, torch.device("cpu"), torch.float32, LIMITS, 0)
+
+
+def test_missing_or_malformed_entries(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelStoreError, match="missing"):
+        read_entry(tmp_path)
+    copy = tmp_path / "entry"
+    shutil.copytree(tiny_model_dir, copy)
+    (copy / WEIGHTS_FILE).unlink()
+    with pytest.raises(ModelStoreError, match="missing"):
+        verify_weights(copy, read_entry(copy))
+    (copy / METADATA_FILE).write_text("{not json")
+    with pytest.raises(ModelStoreError, match="malformed"):
+        read_entry(copy)
+
+
+def test_pretrained_offline_fails_fast_and_names_the_options(tmp_path: Path) -> None:
+    env = {"BENTOML_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "save_models.py"), "--models", "ViT-B-32", "--offline"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    assert "--random-init" in result.stderr and "--checkpoint" in result.stderr
+    assert elapsed < 40  # no ~46 s of hub retries on top of imports

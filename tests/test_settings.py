@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from clip_runtime.settings import ClipSettings, settings_table
+
+
+def test_defaults_serve_both_models() -> None:
+    settings = ClipSettings()
+    assert settings.models == ["ViT-B-32", "ViT-L-14"]
+    assert settings.default_model == "ViT-B-32"
+    assert (settings.device, settings.precision) == ("auto", "auto")
+
+
+def test_env_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIP_MODELS", "ViT-L-14")
+    monkeypatch.setenv("CLIP_PRECISION", "bf16")
+    monkeypatch.setenv("CLIP_MAX_BATCH_ITEMS", "12")
+    settings = ClipSettings()
+    assert settings.models == ["ViT-L-14"]
+    assert settings.default_model == "ViT-L-14"  # the served one when ViT-B-32 is not
+    assert settings.precision == "bf16" and settings.max_batch_items == 12
+
+
+def test_invalid_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIP_PRECISION", "fp8")
+    with pytest.raises(ValidationError):
+        ClipSettings()
+    monkeypatch.delenv("CLIP_PRECISION")
+    with pytest.raises(ValidationError, match="not among"):
+        ClipSettings(models=["ViT-L-14"], default_model="ViT-B-32")
+
+
+def test_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for line in settings_table().splitlines()[2:]:
+        assert line in readme, f"README settings table is stale; regenerate: {line}"
+
+
+def test_device_and_precision_resolution() -> None:
+    import torch
+
+    from clip_runtime.device import resolve_device, resolve_dtype
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
