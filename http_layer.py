@@ -90,7 +90,9 @@ def _rewrite_error(status: int, body: bytes, request_id: str) -> bytes:
 class RequestGuardMiddleware:
     """Pure ASGI middleware (no body buffering on success paths)."""
 
-    def __init__(self, app: ASGIApp, max_request_bytes: int, error_prefix: str = "/evaluator/") -> None:
+    def __init__(
+        self, app: ASGIApp, max_request_bytes: int, error_prefix: str = "/evaluator/"
+    ) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
         self.error_prefix = error_prefix

@@ -193,9 +193,7 @@ class ScorerImpl:
         return self.engine.ready
 
     def score_jobs(self, model_name: str, jobs: list[PairJob]) -> list[PairOutcome]:
-        score_jobs = [
-            ScoreJob(model_name, _crop_array(job), job.text) for job in jobs
-        ]
+        score_jobs = [ScoreJob(model_name, _crop_array(job), job.text) for job in jobs]
         scores, reports = self.engine.score_jobs(score_jobs)
         report = reports[model_name]
         self._batches.labels(model_name).inc()
@@ -400,7 +398,9 @@ class EvaluatorImpl:
 
     async def health(self) -> Response:
         try:
-            statuses = [ModelStatus.model_validate(s) for s in await self.scorer.to_async.describe()]
+            statuses = [
+                ModelStatus.model_validate(s) for s in await self.scorer.to_async.describe()
+            ]
         except Exception:  # the scorer is still loading, or gone: say so, do not raise
             logger.warning("health: scorer unreachable", exc_info=True)
             statuses = []
@@ -427,7 +427,9 @@ class EvaluatorImpl:
             "default_model": settings.default_model,
             "models": models,
         }
-        return JSONResponse(body, status_code=HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE)
+        return JSONResponse(
+            body, status_code=HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
+        )
 
 
 Evaluator = bentoml.service(

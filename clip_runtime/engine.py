@@ -74,9 +74,12 @@ class Preprocessing:
     def __init__(self, settings: ClipSettings, folders: Mapping[str, Path]) -> None:
         self.settings = settings
         limits = image_limits(settings)
-        self.entries: dict[str, ModelEntry] = {name: read_entry(folders[name]) for name in settings.models}
+        self.entries: dict[str, ModelEntry] = {
+            name: read_entry(folders[name]) for name in settings.models
+        }
         self.preprocessors = {
-            name: ImagePreprocessor(entry.preprocess_cfg, limits) for name, entry in self.entries.items()
+            name: ImagePreprocessor(entry.preprocess_cfg, limits)
+            for name, entry in self.entries.items()
         }
         self.pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="clip-decode")
 
@@ -111,7 +114,9 @@ class ClipEngine:
     def model(self, name: str | None) -> ClipModel:
         return self.models[resolve_model_name(self.settings, name)]
 
-    def score_jobs(self, jobs: Sequence[ScoreJob]) -> tuple[list[PairScore], dict[str, BatchReport]]:
+    def score_jobs(
+        self, jobs: Sequence[ScoreJob]
+    ) -> tuple[list[PairScore], dict[str, BatchReport]]:
         """Scores in job order; jobs are grouped by model and run in chunks of max_batch_size."""
         results: list[PairScore | None] = [None] * len(jobs)
         reports: dict[str, BatchReport] = {}
@@ -124,7 +129,9 @@ class ClipEngine:
             report = reports.setdefault(name, BatchReport())
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
-                scores = model.score([jobs[i].crop for i in chunk], [jobs[i].text for i in chunk], report)
+                scores = model.score(
+                    [jobs[i].crop for i in chunk], [jobs[i].text for i in chunk], report
+                )
                 for i, score in zip(chunk, scores, strict=True):
                     results[i] = score
         return [result for result in results if result is not None], reports
@@ -139,7 +146,9 @@ class ClipEngine:
         def prepare(pair: tuple[bytes, str]) -> ScoreJob | ClipError:
             data, text = pair
             try:
-                return ScoreJob(name, preprocessor.from_bytes(data), check_text(self.settings, text))
+                return ScoreJob(
+                    name, preprocessor.from_bytes(data), check_text(self.settings, text)
+                )
             except ClipError as error:
                 return error
 

@@ -140,13 +140,17 @@ class ImagePreprocessor:
         cfg = PreprocessCfg(**{**preprocess_cfg, "size": _size(preprocess_cfg["size"])})
         steps = list(image_transform_v2(cfg, is_train=False).transforms)
         split = next(i for i, step in enumerate(steps) if isinstance(step, transforms.ToTensor))
-        normalizers = [step for step in steps[split + 1 :] if isinstance(step, transforms.Normalize)]
+        normalizers = [
+            step for step in steps[split + 1 :] if isinstance(step, transforms.Normalize)
+        ]
         if len(steps) != split + 2 or len(normalizers) != 1:
             raise ValueError(f"unexpected open_clip eval transform: {steps}")
         self._pil_steps = transforms.Compose(steps[:split])
         self.normalize: transforms.Normalize = normalizers[0]
         self.limits = limits
-        self.size: tuple[int, int] = cfg.size if isinstance(cfg.size, tuple) else (cfg.size, cfg.size)
+        self.size: tuple[int, int] = (
+            cfg.size if isinstance(cfg.size, tuple) else (cfg.size, cfg.size)
+        )
 
     def crop(self, image: Image.Image) -> np.ndarray:
         """The model-sized crop of an RGB image, HWC uint8."""

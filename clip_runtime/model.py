@@ -139,7 +139,9 @@ class ClipModel:
         tokens = self._tokenizer(texts).to(self.device, non_blocking=True)
         return F.normalize(self._model.encode_text(tokens).float(), dim=-1)
 
-    def encode_texts(self, texts: list[str], report: BatchReport | None = None) -> list[TextEmbedding]:
+    def encode_texts(
+        self, texts: list[str], report: BatchReport | None = None
+    ) -> list[TextEmbedding]:
         """Embeddings of ``texts`` (duplicates encoded once; cached ones not at all)."""
         report = report if report is not None else BatchReport()
         unique = list(dict.fromkeys(texts))

@@ -1,8 +1,9 @@
 """The on-disk layout of one saved model (a BentoML model store entry's folder).
 
-The folder is an open_clip ``local-dir`` (``open_clip_config.json`` + ``open_clip_model.safetensors``)
-so open_clip's own loader builds the model and its preprocessing, plus ``clip_model.json``: where the
-weights came from and their sha256, checked before any weight is loaded.
+The folder is an open_clip ``local-dir`` (``open_clip_config.json`` and
+``open_clip_model.safetensors``), so open_clip's own loader builds the model and its preprocessing,
+plus ``clip_model.json``: where the weights came from and their sha256, checked before any weight
+is loaded.
 """
 
 from __future__ import annotations

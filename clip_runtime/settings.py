@@ -70,9 +70,7 @@ class ClipSettings(BaseSettings):
     min_image_side: int = Field(
         default=4, ge=1, description="Smallest width or height accepted, in pixels."
     )
-    max_batch_items: int = Field(
-        default=256, ge=1, description="Most items in one batch request."
-    )
+    max_batch_items: int = Field(default=256, ge=1, description="Most items in one batch request.")
     max_text_chars: int = Field(
         default=10_000, ge=1, description="Longest caption accepted, in characters."
     )

@@ -107,7 +107,9 @@ def save_pretrained(folder: Path, architecture: str, tag: str) -> ModelEntry:
 
     if not open_clip.get_pretrained_cfg(architecture, tag):
         known = open_clip.list_pretrained_tags_by_model(architecture)
-        raise WeightsUnavailableError(f"{architecture} has no pretrained tag {tag!r}; known: {known}")
+        raise WeightsUnavailableError(
+            f"{architecture} has no pretrained tag {tag!r}; known: {known}"
+        )
     try:
         model = open_clip.create_model(architecture, pretrained=tag)
     except Exception as exc:  # open_clip wraps every download failure in RuntimeError

@@ -1,4 +1,4 @@
-"""Save ViT-B-32 and ViT-L-14 into the BentoML model store (names ``clip-vit-b-32``, ``clip-vit-l-14``).
+"""Save ViT-B-32 and ViT-L-14 to the BentoML model store as ``clip-vit-b-32`` and ``clip-vit-l-14``.
 
     python scripts/save_models.py                          # pretrained, default tags
     python scripts/save_models.py --models ViT-B-32 --pretrained openai
@@ -19,15 +19,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clip_runtime.settings import KNOWN_MODELS  # noqa: E402  (light: no open_clip, no hub)
+from clip_runtime.settings import KNOWN_MODELS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=list(KNOWN_MODELS), choices=KNOWN_MODELS)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--pretrained", metavar="TAG", help="open_clip tag (default: each model's default)")
-    source.add_argument("--checkpoint", type=Path, metavar="PATH", help="local open_clip checkpoint")
+    source.add_argument(
+        "--pretrained", metavar="TAG", help="open_clip tag (default: each model's default)"
+    )
+    source.add_argument(
+        "--checkpoint", type=Path, metavar="PATH", help="local open_clip checkpoint"
+    )
     source.add_argument("--random-init", action="store_true", help="untrained weights, offline")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     parser.add_argument(
@@ -62,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from clip_runtime.errors import ClipError
     from clip_runtime.model_entry import store_name
-    from clip_runtime.sources import DEFAULT_TAGS, save_checkpoint, save_pretrained, save_random_init
+    from clip_runtime.sources import (
+        DEFAULT_TAGS,
+        save_checkpoint,
+        save_pretrained,
+        save_random_init,
+    )
 
     for architecture in args.models:
         name = store_name(architecture)
@@ -78,15 +89,19 @@ def main(argv: list[str] | None = None) -> int:
                     tag = args.preprocess_tag or DEFAULT_TAGS[architecture]
                     entry = save_checkpoint(folder, architecture, args.checkpoint, tag)
                 else:
-                    entry = save_pretrained(folder, architecture, args.pretrained or DEFAULT_TAGS[architecture])
+                    entry = save_pretrained(
+                        folder, architecture, args.pretrained or DEFAULT_TAGS[architecture]
+                    )
                 stored.info.labels.update(entry.labels())
                 stored.info.metadata.update(entry.labels())
         except ClipError as error:
             logging.error("%s", error.message)
             return 2
         flag = "  (RANDOM-INIT: untrained, for tests and demos)" if entry.is_untrained else ""
-        print(f"saved {stored.tag}: {architecture} weights={entry.weights_source} "
-              f"pretrained={entry.pretrained} sha256={entry.weights_sha256[:12]}{flag}")
+        print(
+            f"saved {stored.tag}: {architecture} weights={entry.weights_source} "
+            f"pretrained={entry.pretrained} sha256={entry.weights_sha256[:12]}{flag}"
+        )
     return 0
 
 

@@ -54,7 +54,9 @@ def test_batch_equals_single_and_is_deterministic(tiny_model_dir: Path) -> None:
     model = load(tiny_model_dir)
     crops = [model.preprocessor.from_bytes(jpeg_bytes(seed)) for seed in range(3)]
     together = [pair.cosine for pair in model.score(crops, CAPTIONS)]
-    alone = [model.score([crop], [text])[0].cosine for crop, text in zip(crops, CAPTIONS, strict=True)]
+    alone = [
+        model.score([crop], [text])[0].cosine for crop, text in zip(crops, CAPTIONS, strict=True)
+    ]
     np.testing.assert_allclose(together, alone, atol=1e-6)
     again = [pair.cosine for pair in load(tiny_model_dir).score(crops, CAPTIONS)]
     assert again == together

@@ -85,10 +85,20 @@ def test_missing_or_malformed_entries(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_pretrained_offline_fails_fast_and_names_the_options(tmp_path: Path) -> None:
-    env = {"BENTOML_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")}
+    env = {
+        "BENTOML_HOME": str(tmp_path / "home"),
+        "PATH": "/usr/bin:/bin",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "save_models.py"), "--models", "ViT-B-32", "--offline"],
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "save_models.py"),
+            "--models",
+            "ViT-B-32",
+            "--offline",
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -24,8 +24,15 @@ def free_port() -> int:
 def save_random_init_models(bentoml_home: Path, models: list[str], seed: int = 0) -> None:
     """The project's own script, exactly as a user runs it, into ``bentoml_home``."""
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "save_models.py"), "--models", *models,
-         "--random-init", "--seed", str(seed)],
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "save_models.py"),
+            "--models",
+            *models,
+            "--random-init",
+            "--seed",
+            str(seed),
+        ],
         env={**os.environ, "BENTOML_HOME": str(bentoml_home)},
         check=True,
         capture_output=True,
@@ -40,7 +47,9 @@ def model_folder(bentoml_home: Path, store_name: str) -> Path:
 
 
 class ServerProcess:
-    def __init__(self, bentoml_home: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, bentoml_home: Path, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -56,8 +65,17 @@ class ServerProcess:
     def start(self, timeout_s: float = 300) -> ServerProcess:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:Evaluator",
-             "--host", "127.0.0.1", "--port", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                "service:Evaluator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
             cwd=ROOT,
             env=self._env,
             stdout=log,

@@ -61,7 +61,9 @@ def images() -> list[bytes]:
     return [jpeg_bytes(seed) for seed in range(3)]
 
 
-def test_single_matches_open_clip(client: httpx.Client, bentoml_home: Path, images: list[bytes]) -> None:
+def test_single_matches_open_clip(
+    client: httpx.Client, bentoml_home: Path, images: list[bytes]
+) -> None:
     expected = reference(model_folder(bentoml_home, "clip-vit-b-32"), images, CAPTIONS)
     for data, text, cosine in zip(images, CAPTIONS, expected, strict=True):
         response = client.post(SINGLE, json={"image": b64(data), "text": text})
@@ -73,12 +75,15 @@ def test_single_matches_open_clip(client: httpx.Client, bentoml_home: Path, imag
         assert body["weights"] == "random-init" and body["pretrained"] is None
         assert body["text_truncated"] is False
     again = client.post(SINGLE, json={"image": b64(images[0]), "text": CAPTIONS[0]}).json()
-    first = client.post(SINGLE, json={"image": "data:image/jpeg;base64," + b64(images[0]),
-                                      "text": CAPTIONS[0]}).json()
+    first = client.post(
+        SINGLE, json={"image": "data:image/jpeg;base64," + b64(images[0]), "text": CAPTIONS[0]}
+    ).json()
     assert again["cosine"] == first["cosine"]  # deterministic, data URI or not
 
 
-def test_batch_equals_single_in_order_with_item_errors(client: httpx.Client, images: list[bytes]) -> None:
+def test_batch_equals_single_in_order_with_item_errors(
+    client: httpx.Client, images: list[bytes]
+) -> None:
     items = [
         {"image": b64(images[0]), "text": CAPTIONS[0]},
         {"image": "bm90IGFuIGltYWdl", "text": "broken image"},
@@ -106,13 +111,19 @@ def test_batch_equals_single_in_order_with_item_errors(client: httpx.Client, ima
     [
         ({"image": "AAAA", "text": "x"}, 422, "invalid_image"),
         ({"image": b64(jpeg_bytes(0, 64, 64)), "text": ""}, 422, "empty_text"),
-        ({"image": b64(jpeg_bytes(0, 64, 64)), "text": "x", "model": "ViT-H-14"}, 422, "unknown_model"),
+        (
+            {"image": b64(jpeg_bytes(0, 64, 64)), "text": "x", "model": "ViT-H-14"},
+            422,
+            "unknown_model",
+        ),
         ({"image": b64(jpeg_bytes(0, 64, 64)), "text": "x" * 10_001}, 422, "text_too_long"),
         ({"text": "no image"}, 400, "invalid_request"),
         ({"image": 5, "text": "x"}, 400, "invalid_request"),
     ],
 )
-def test_single_errors_have_stable_codes(client: httpx.Client, payload: dict, status: int, code: str) -> None:
+def test_single_errors_have_stable_codes(
+    client: httpx.Client, payload: dict, status: int, code: str
+) -> None:
     response = client.post(SINGLE, json=payload)
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -164,12 +175,16 @@ def test_probes_docs_and_metrics(client: httpx.Client) -> None:
         assert "clip_model_batches_total" in text
 
 
-def test_concurrent_singles_share_model_batches(client: httpx.Client, server: ServerProcess) -> None:
+def test_concurrent_singles_share_model_batches(
+    client: httpx.Client, server: ServerProcess
+) -> None:
     """Adaptive batching, proven from the server's own counters."""
     before = client.get("/evaluator/metrics").text
     requests = 24
-    payloads = [{"image": b64(jpeg_bytes(i % 4, 320, 240)), "text": f"caption {i % 6}"}
-                for i in range(requests)]
+    payloads = [
+        {"image": b64(jpeg_bytes(i % 4, 320, 240)), "text": f"caption {i % 6}"}
+        for i in range(requests)
+    ]
 
     async def fire() -> list[int]:
         async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
@@ -179,8 +194,12 @@ def test_concurrent_singles_share_model_batches(client: httpx.Client, server: Se
     assert asyncio.run(fire()) == [200] * requests
     after = client.get("/evaluator/metrics").text
     labels = {"model": "ViT-B-32"}
-    batches = metric(after, "clip_model_batches_total", **labels) - metric(before, "clip_model_batches_total", **labels)
-    items = metric(after, "clip_model_batch_items_sum", **labels) - metric(before, "clip_model_batch_items_sum", **labels)
+    batches = metric(after, "clip_model_batches_total", **labels) - metric(
+        before, "clip_model_batches_total", **labels
+    )
+    items = metric(after, "clip_model_batch_items_sum", **labels) - metric(
+        before, "clip_model_batch_items_sum", **labels
+    )
     assert items == requests
     assert 1 <= batches < requests, f"{requests} requests ran in {batches} model batches"
 
@@ -200,10 +219,19 @@ def test_vit_l_14(client: httpx.Client, bentoml_home: Path, images: list[bytes])
     """The large model, with its own preprocessing (mean/std 0.5), single and batch."""
     folder = model_folder(bentoml_home, "clip-vit-l-14")
     expected = reference(folder, images[:2], CAPTIONS[:2])
-    single = client.post(SINGLE, json={"image": b64(images[0]), "text": CAPTIONS[0], "model": "ViT-L-14"})
+    single = client.post(
+        SINGLE, json={"image": b64(images[0]), "text": CAPTIONS[0], "model": "ViT-L-14"}
+    )
     assert single.status_code == 200, single.text
     assert single.json()["model"] == "ViT-L-14"
     assert single.json()["cosine"] == pytest.approx(expected[0], abs=2e-6)
-    batch = client.post(BATCH, json={"model": "ViT-L-14", "items": [
-        {"image": b64(d), "text": t} for d, t in zip(images[:2], CAPTIONS[:2], strict=True)]})
+    batch = client.post(
+        BATCH,
+        json={
+            "model": "ViT-L-14",
+            "items": [
+                {"image": b64(d), "text": t} for d, t in zip(images[:2], CAPTIONS[:2], strict=True)
+            ],
+        },
+    )
     np.testing.assert_allclose([r["cosine"] for r in batch.json()["results"]], expected, atol=2e-6)
