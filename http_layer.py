@@ -6,6 +6,7 @@ Error envelope: ``{"error": {"code": str, "message": str, "request_id": str, "de
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -87,15 +88,47 @@ def _rewrite_error(status: int, body: bytes, request_id: str) -> bytes:
     return json.dumps(envelope).encode()
 
 
+def _bearer_token(scope: Scope) -> bytes | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def key_matches(token: bytes | None, keys: tuple[bytes, ...]) -> bool:
+    """Constant-time per key, and every key is compared, so timing says nothing of which."""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(token or b"", key)
+    return matched and token is not None
+
+
 class RequestGuardMiddleware:
-    """Pure ASGI middleware (no body buffering on success paths)."""
+    """Pure ASGI middleware (no body buffering on success paths): request id, optional bearer
+    auth, body size limit, and the error envelope under ``error_prefix``."""
 
     def __init__(
-        self, app: ASGIApp, max_request_bytes: int, error_prefix: str = "/evaluator/"
+        self,
+        app: ASGIApp,
+        max_request_bytes: int,
+        api_keys: tuple[str, ...] = (),
+        open_paths: tuple[str, ...] = (),
+        error_prefix: str = "/evaluator/",
     ) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
+        self.api_keys = tuple(key.encode() for key in api_keys)
+        self.open_paths = frozenset(path.rstrip("/") or "/" for path in open_paths)
         self.error_prefix = error_prefix
+
+    def _needs_key(self, path: str) -> bool:
+        if not self.api_keys:
+            return False
+        normalized = path.rstrip("/") or "/"
+        protected = normalized.startswith(self.error_prefix.rstrip("/"))
+        return protected and normalized not in self.open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,16 +138,29 @@ class RequestGuardMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         header = (REQUEST_ID_HEADER.encode(), request_id.encode())
 
-        async def reply(status: int, code: str, message: str) -> None:
+        async def reply(
+            status: int, code: str, message: str, extra_headers: list[tuple[bytes, bytes]] = ()
+        ) -> None:
             body = json.dumps(error_body(code, message, request_id)).encode()
             await send(
                 {
                     "type": "http.response.start",
                     "status": status,
-                    "headers": [(b"content-type", b"application/json"), header],
+                    "headers": [(b"content-type", b"application/json"), header, *extra_headers],
                 }
             )
             await send({"type": "http.response.body", "body": body})
+
+        if self._needs_key(scope["path"]) and not key_matches(_bearer_token(scope), self.api_keys):
+            # Keys are never logged; only the fact of a refusal is.
+            logger.info("401 for %s (request %s)", scope["path"], request_id)
+            await reply(
+                HTTPStatus.UNAUTHORIZED,
+                "unauthorized",
+                "a valid API key is required",
+                extra_headers=[(b"www-authenticate", b'Bearer realm="clip"')],
+            )
+            return
 
         declared = _content_length(scope)
         if declared is not None and declared > self.max_request_bytes:

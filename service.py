@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ from starlette.routing import Route
 
 from clip_runtime import ClipEngine, ClipError, Preprocessing, ScoreJob, check_text, get_settings
 from clip_runtime import errors as E
-from clip_runtime.engine import resolve_model_name
-from clip_runtime.images import decode_image_field
+from clip_runtime.engine import fetch_policy, resolve_model_name
+from clip_runtime.fetch import fetch_image_bytes
+from clip_runtime.images import decode_image_field, is_url
 from clip_runtime.model_entry import ModelEntry, store_name
 from clip_runtime.settings import KNOWN_MODELS
 from http_layer import RequestGuardMiddleware, error_body
@@ -48,8 +48,12 @@ ERROR_STATUS: dict[type[ClipError], HTTPStatus] = {
     E.TooManyItemsError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     E.RequestTooLargeError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     E.UnknownModelError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    E.UrlNotAllowedError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    E.UrlFetchFailedError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    E.UnauthorizedError: HTTPStatus.UNAUTHORIZED,
     E.ModelNotReadyError: HTTPStatus.SERVICE_UNAVAILABLE,
 }
+CLIENT_CLOSED_REQUEST = 499  # nobody reads it; it shows in access logs and metrics
 
 # Model name -> the model store reference (class attributes, so `bentoml build` bundles them).
 MODEL_ATTRS: dict[str, str] = {name: store_name(name).replace("-", "_") for name in KNOWN_MODELS}
@@ -57,9 +61,25 @@ MODEL_ATTRS: dict[str, str] = {name: store_name(name).replace("-", "_") for name
 SCORE_APIS: dict[str, str] = {name: "score_" + attr for name, attr in MODEL_ATTRS.items()}
 
 
-def error_response(error: ClipError, request_id: str | None = None) -> JSONResponse:
-    status = ERROR_STATUS.get(type(error), HTTPStatus.INTERNAL_SERVER_ERROR)
-    return JSONResponse(error_body(error.code, error.message, request_id), status_code=status)
+class ClientGoneError(ClipError):
+    """The client disconnected before its pairs reached a model batch (status 499, nginx's)."""
+
+    code = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("client closed the request")
+
+
+def error_response(error: ClipError, ctx: bentoml.Context) -> JSONResponse:
+    """The error envelope (the request id is added by the middleware). BentoML overwrites a
+    returned response's status with the context's when the API takes a context, so set both."""
+    status = (
+        CLIENT_CLOSED_REQUEST
+        if isinstance(error, ClientGoneError)
+        else ERROR_STATUS.get(type(error), HTTPStatus.INTERNAL_SERVER_ERROR)
+    )
+    ctx.response.status_code = status
+    return JSONResponse(error_body(error.code, error.message), status_code=status)
 
 
 # -- wire schemas ------------------------------------------------------------------------------
@@ -271,6 +291,7 @@ class EvaluatorImpl:
         import prometheus_client
 
         self.preprocessing = Preprocessing(settings, _model_folders(self))
+        self.fetch_policy = fetch_policy(settings)
         self._pairs = prometheus_client.Counter(
             "clip_pairs", "Image-text pairs answered", ["model", "outcome"]
         )
@@ -286,20 +307,31 @@ class EvaluatorImpl:
     def _entry(self, name: str) -> ModelEntry:
         return self.preprocessing.entries[name]
 
-    def _prepare(self, name: str, image: str | None, text: str | None) -> PairJob:
-        """Runs in the decode pool: base64 -> bytes -> checked image -> model-sized crop."""
+    def _crop(self, name: str, data: bytes, text: str) -> PairJob:
+        """Runs in the decode pool: checked image bytes -> model-sized crop."""
+        crop = self.preprocessing.crop(name, data)
+        return PairJob(crop=crop.tobytes(), height=crop.shape[0], width=crop.shape[1], text=text)
+
+    def _crop_field(self, name: str, image: str, text: str) -> PairJob:
+        return self._crop(name, decode_image_field(image, settings.max_image_bytes), text)
+
+    async def _in_pool(self, function: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.preprocessing.pool, function, *args)
+
+    async def _prepare(self, name: str, image: str | bytes | None, text: str | None) -> PairJob:
+        """Validate one pair and turn it into a crop: URL fetch (async), then decode in the pool."""
         if image is None:
             raise E.InvalidRequestError("image is missing")
         if text is None:
             raise E.InvalidRequestError("text is missing")
         check_text(settings, text)
-        data = decode_image_field(image, settings.max_image_bytes)
-        crop = self.preprocessing.crop(name, data)
-        return PairJob(crop=crop.tobytes(), height=crop.shape[0], width=crop.shape[1], text=text)
-
-    async def _prepare_async(self, name: str, image: str | None, text: str | None) -> PairJob:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.preprocessing.pool, self._prepare, name, image, text)
+        if isinstance(image, bytes):
+            return await self._in_pool(self._crop, name, image, text)
+        if is_url(image):
+            data = await fetch_image_bytes(image.strip(), self.fetch_policy)
+            return await self._in_pool(self._crop, name, data, text)
+        return await self._in_pool(self._crop_field, name, image, text)
 
     async def _score(self, name: str, jobs: list[PairJob]) -> list[PairOutcome]:
         outcomes = await getattr(self.scorer.to_async, SCORE_APIS[name])(jobs)
@@ -309,24 +341,20 @@ class EvaluatorImpl:
         self._errors.labels(error.code).inc()
         self._pairs.labels(name, "error").inc()
 
-    # -- endpoints ----------------------------------------------------------------------------
-
-    @bentoml.api(route="/evaluator/v1/evaluation/single")
-    async def evaluate_single(
-        self, image: str, text: str, model: str | None = None
-    ) -> SingleResult:
-        """CLIP score of one image-caption pair."""
-        started = time.perf_counter()
+    async def _single(
+        self, image: str | bytes, text: str, model: str | None, ctx: bentoml.Context
+    ) -> SingleResult | JSONResponse:
         try:
             name = resolve_model_name(settings, model)
-            job = await self._prepare_async(name, image, text)
+            job = await self._prepare(name, image, text)
+            if await ctx.request.is_disconnected():
+                raise ClientGoneError  # do not queue model work nobody will read
             (outcome,) = await self._score(name, [job])
         except ClipError as error:
             self._count_error(model or settings.default_model, error)
-            return error_response(error)  # type: ignore[return-value]
+            return error_response(error, ctx)
         entry = self._entry(name)
         self._pairs.labels(name, "ok").inc()
-        logger.debug("single %s in %.1f ms", name, 1e3 * (time.perf_counter() - started))
         return SingleResult(
             score=100.0 * max(outcome.cosine, 0.0),
             cosine=outcome.cosine,
@@ -336,8 +364,27 @@ class EvaluatorImpl:
             text_truncated=outcome.text_truncated,
         )
 
+    # -- endpoints ----------------------------------------------------------------------------
+
+    @bentoml.api(route="/evaluator/v1/evaluation/single")
+    async def evaluate_single(
+        self, image: str, text: str, ctx: bentoml.Context, model: str | None = None
+    ) -> SingleResult:
+        """CLIP score of one image-caption pair. `image`: base64, data: URI or http(s) URL."""
+        return await self._single(image, text, model, ctx)  # type: ignore[return-value]
+
+    @bentoml.api(route="/evaluator/v1/evaluation/single/upload")
+    async def evaluate_single_upload(
+        self, image: Path, text: str, ctx: bentoml.Context, model: str | None = None
+    ) -> SingleResult:
+        """CLIP score of one uploaded image file (multipart/form-data) and a caption."""
+        data = await asyncio.to_thread(image.read_bytes)
+        return await self._single(data, text, model, ctx)  # type: ignore[return-value]
+
     @bentoml.api(route="/evaluator/v1/evaluation/batch")
-    async def evaluate_batch(self, items: list[BatchItem], model: str | None = None) -> BatchResult:
+    async def evaluate_batch(
+        self, items: list[BatchItem], ctx: bentoml.Context, model: str | None = None
+    ) -> BatchResult:
         """CLIP scores of many pairs, in request order; a bad item fails alone."""
         try:
             name = resolve_model_name(settings, model)
@@ -349,15 +396,17 @@ class EvaluatorImpl:
                 raise E.InvalidRequestError("items is empty")
         except ClipError as error:
             self._count_error(model or settings.default_model, error)
-            return error_response(error)  # type: ignore[return-value]
+            return error_response(error, ctx)  # type: ignore[return-value]
 
         prepared = await asyncio.gather(
-            *(self._prepare_async(name, item.image, item.text) for item in items),
+            *(self._prepare(name, item.image, item.text) for item in items),
             return_exceptions=True,
         )
         for outcome in prepared:
             if isinstance(outcome, BaseException) and not isinstance(outcome, ClipError):
                 raise outcome
+        if await ctx.request.is_disconnected():
+            return error_response(ClientGoneError(), ctx)  # type: ignore[return-value]
         jobs = [job for job in prepared if isinstance(job, PairJob)]
         outcomes = iter(await self._score(name, jobs) if jobs else [])
         results: list[BatchItemResult] = []
@@ -436,4 +485,9 @@ Evaluator = bentoml.service(
     name="clip-evaluator",
     traffic={"timeout": 600},
 )(bentoml.asgi_app(evaluator_routes, path="/evaluator")(_with_served_models(EvaluatorImpl)))
-Evaluator.add_asgi_middleware(RequestGuardMiddleware, max_request_bytes=settings.max_request_bytes)
+Evaluator.add_asgi_middleware(
+    RequestGuardMiddleware,
+    max_request_bytes=settings.max_request_bytes,
+    api_keys=tuple(settings.api_keys),
+    open_paths=tuple(settings.auth_open_paths),
+)

@@ -23,6 +23,7 @@ from clip_runtime.errors import (
     TextTooLongError,
     UnknownModelError,
 )
+from clip_runtime.fetch import FetchPolicy
 from clip_runtime.images import ImageLimits, ImagePreprocessor
 from clip_runtime.model import BatchReport, ClipModel, PairScore
 from clip_runtime.model_entry import ModelEntry, read_entry
@@ -36,6 +37,18 @@ def image_limits(settings: ClipSettings) -> ImageLimits:
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
         min_image_side=settings.min_image_side,
+    )
+
+
+def fetch_policy(settings: ClipSettings) -> FetchPolicy:
+    return FetchPolicy(
+        enabled=settings.allow_urls,
+        allowed_hosts=tuple(settings.url_allowed_hosts),
+        max_bytes=settings.max_image_bytes,
+        connect_timeout_s=settings.url_connect_timeout_s,
+        read_timeout_s=settings.url_read_timeout_s,
+        total_timeout_s=settings.url_total_timeout_s,
+        max_redirects=settings.url_max_redirects,
     )
 
 

@@ -62,6 +62,22 @@ class RequestTooLargeError(ClipError):
     code = "request_too_large"
 
 
+class UrlNotAllowedError(ClipError):
+    """A URL refused by policy: scheme, credentials, allow-list, or a non-public address."""
+
+    code = "url_not_allowed"
+
+
+class UrlFetchFailedError(ClipError):
+    """An allowed URL could not be fetched: DNS, connection, timeout, HTTP status, redirects."""
+
+    code = "url_fetch_failed"
+
+
+class UnauthorizedError(ClipError):
+    code = "unauthorized"
+
+
 class UnknownModelError(ClipError):
     code = "unknown_model"
 

@@ -42,6 +42,10 @@ class ImageLimits:
     min_image_side: int
 
 
+def is_url(value: str) -> bool:
+    return value.lstrip()[:8].lower().startswith(("http://", "https://"))
+
+
 def decode_image_field(value: str, max_image_bytes: int) -> bytes:
     """Base64 (standard or URL-safe, padding and line breaks optional) or a ``data:`` URI."""
     payload = value.strip()
@@ -53,8 +57,8 @@ def decode_image_field(value: str, max_image_bytes: int) -> bytes:
         if ";base64" not in match.group("params").lower():
             raise InvalidImageError("data URI must be base64-encoded (data:image/...;base64,...)")
         payload = payload[match.end() :]
-    elif payload[:8].lower().startswith(("http://", "https://")):
-        raise InvalidImageError("image URLs are not accepted; send the image as base64")
+    elif is_url(payload):
+        raise InvalidImageError("image URLs are fetched by the caller of decode_image_field")
     payload = _WHITESPACE.sub("", payload)
     if not payload:
         raise InvalidImageError("image is empty")
@@ -89,6 +93,22 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _known_unsupported_format(data: bytes) -> str | None:
+    """Name formats Pillow cannot open but users do send, so the error says what to change."""
+    head = data[:512].lstrip().lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
+        return "SVG"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand in (b"heic", b"heix", b"hevc", b"mif1", b"msf1"):
+            return "HEIC"
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+    if data.startswith(b"%PDF"):
+        return "PDF"
+    return None
+
+
 def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Decode bytes to an upright RGB image, refusing oversized input before full decoding."""
     if len(data) > limits.max_image_bytes:
@@ -98,6 +118,11 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
             warnings.simplefilter("ignore")  # Pillow warns on odd EXIF/ICC; we judge by decoding
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
+        known = _known_unsupported_format(data)
+        if known:
+            raise UnsupportedImageFormatError(
+                f"{known} images are not supported; send one of {sorted(SUPPORTED_FORMATS)}"
+            ) from exc
         raise InvalidImageError("image bytes are not a recognised image format") from exc
     except Exception as exc:  # a malformed header can raise almost anything inside a plugin
         raise InvalidImageError(f"image header is unreadable: {exc}") from exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -75,11 +76,46 @@ class ClipSettings(BaseSettings):
         default=10_000, ge=1, description="Longest caption accepted, in characters."
     )
 
-    @field_validator("models", mode="before")
+    allow_urls: bool = Field(
+        default=True, description="Accept `http(s)://` image URLs, fetched server-side (SSRF-safe)."
+    )
+    url_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="Comma-separated hosts URLs may name (`.example.com` includes subdomains); "
+        "empty: any public host. Listed hosts may resolve to private addresses.",
+    )
+    url_connect_timeout_s: float = Field(default=3.0, gt=0, description="URL connect timeout.")
+    url_read_timeout_s: float = Field(default=10.0, gt=0, description="URL read timeout.")
+    url_total_timeout_s: float = Field(
+        default=20.0, gt=0, description="Whole URL fetch deadline, redirects included."
+    )
+    url_max_redirects: int = Field(default=3, ge=0, description="Redirect hops followed.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        repr=False,  # never in logs or tracebacks
+        description="Comma-separated API keys, or the path of a file with one per line; when set, "
+        "`Authorization: Bearer KEY` is required outside the open paths.",
+    )
+    auth_open_paths: Annotated[list[str], NoDecode] = Field(
+        default=["/livez", "/readyz", "/metrics", "/evaluator/health", "/evaluator/metrics"],
+        description="Comma-separated paths that stay open when API keys are set.",
+    )
+
+    @field_validator("models", "url_allowed_hosts", "auth_open_paths", mode="before")
     @classmethod
-    def _split_models(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _read_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            path = Path(value.strip())
+            if value.strip() and "," not in value and path.is_file():
+                return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
     @model_validator(mode="after")
@@ -108,6 +144,10 @@ def settings_table() -> str:
         default = "CPU count" if field.default_factory else field.default
         if isinstance(default, list):
             default = ",".join(default)
+        if name == "api_keys":
+            default = "(none: auth off)"
+        elif default == "":
+            default = "(empty)"
         rows.append(f"| `CLIP_{name.upper()}` | `{default}` | {field.description} |")
     return "\n".join(rows)
 

@@ -1,0 +1,179 @@
+"""Fetch an image by URL without becoming a door into the network the service runs in.
+
+Every hop (the URL and each redirect, at most ``max_redirects``) is resolved here, every address
+is checked, and the connection goes to the checked address itself (the ``Host`` header and TLS
+SNI/certificate check keep the real name), so DNS cannot change the answer between check and
+connect. Bodies are read as a stream and cut at the byte cap; what arrives is judged by decoding,
+never by its Content-Type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from clip_runtime.errors import (
+    ImageTooLargeError,
+    UrlFetchFailedError,
+    UrlNotAllowedError,
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    enabled: bool
+    allowed_hosts: tuple[str, ...]  # empty: any public host; else only these (and subdomains of .x)
+    max_bytes: int
+    connect_timeout_s: float
+    read_timeout_s: float
+    total_timeout_s: float
+    max_redirects: int = 3
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo, NAT64), if any."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def is_public_address(address: IPAddress) -> bool:
+    """False for loopback, private, link-local (cloud metadata 169.254.169.254 included), shared,
+    multicast, reserved, unspecified, and IPv6 forms that embed any of those."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            return is_public_address(embedded)
+    return address.is_global and not address.is_multicast and not address.is_reserved
+
+
+def host_is_allow_listed(host: str, allowed_hosts: tuple[str, ...]) -> bool:
+    """``example.com`` allows that host; ``.example.com`` allows its subdomains too."""
+    host = host.lower().rstrip(".")
+    for allowed in allowed_hosts:
+        allowed = allowed.lower().rstrip(".")
+        if allowed.startswith("."):
+            if host == allowed[1:] or host.endswith(allowed):
+                return True
+        elif host == allowed:
+            return True
+    return False
+
+
+async def _resolve(host: str, port: int) -> list[IPAddress]:
+    try:
+        literal = ipaddress.ip_address(host.strip("[]"))
+        return [literal]
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UrlFetchFailedError(f"cannot resolve host {host!r}") from exc
+    addresses: list[IPAddress] = []
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+async def _checked_address(url: str, policy: FetchPolicy) -> tuple[str, str, int, IPAddress]:
+    """(scheme, host, port, address to connect to) after every check on this hop."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise UrlNotAllowedError(f"URL scheme {scheme or '(none)'!r} is not allowed; use http(s)")
+    if parts.username or parts.password:
+        raise UrlNotAllowedError("URLs with credentials are not allowed")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise UrlNotAllowedError("URL has no host")
+    port = parts.port or (443 if scheme == "https" else 80)
+    listed = bool(policy.allowed_hosts) and host_is_allow_listed(host, policy.allowed_hosts)
+    if policy.allowed_hosts and not listed:
+        raise UrlNotAllowedError(f"host {host!r} is not in the allow-list")
+    addresses = await _resolve(host, port)
+    if not listed:  # an operator's explicit allow-list may name internal hosts; nothing else may
+        blocked = [str(a) for a in addresses if not is_public_address(a)]
+        if blocked:
+            raise UrlNotAllowedError(
+                f"host {host!r} resolves to a non-public address ({', '.join(blocked)})"
+            )
+    if not addresses:
+        raise UrlFetchFailedError(f"host {host!r} has no address")
+    return scheme, host, port, addresses[0]
+
+
+async def _fetch_hops(url: str, policy: FetchPolicy, client: httpx.AsyncClient) -> bytes:
+    for _ in range(policy.max_redirects + 1):
+        scheme, host, port, address = await _checked_address(url, policy)
+        parts = urlsplit(url)
+        literal = f"[{address}]" if address.version == 6 else str(address)
+        target = parts._replace(netloc=f"{literal}:{port}").geturl()
+        host_header = host if parts.port is None else f"{host}:{parts.port}"
+        request = client.build_request(
+            "GET",
+            target,
+            headers={"Host": host_header, "Accept": "image/*"},
+            extensions={"sni_hostname": host} if scheme == "https" else {},
+        )
+        response = await client.send(request, stream=True)
+        try:
+            if response.status_code in _REDIRECTS:
+                location = response.headers.get("location")
+                if not location:
+                    raise UrlFetchFailedError("redirect without a Location header")
+                url = urljoin(url, location)
+                continue
+            if response.status_code != 200:
+                raise UrlFetchFailedError(f"URL answered HTTP {response.status_code}")
+            declared = response.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+                raise ImageTooLargeError(f"URL body is larger than {policy.max_bytes} bytes")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body.extend(chunk)
+                if len(body) > policy.max_bytes:
+                    raise ImageTooLargeError(f"URL body is larger than {policy.max_bytes} bytes")
+            return bytes(body)
+        finally:
+            await response.aclose()
+    raise UrlFetchFailedError(f"more than {policy.max_redirects} redirects")
+
+
+async def fetch_image_bytes(url: str, policy: FetchPolicy) -> bytes:
+    """The body at ``url`` under ``policy``; domain errors only (never httpx's)."""
+    if not policy.enabled:
+        raise UrlNotAllowedError("image URLs are switched off here (CLIP_ALLOW_URLS=false)")
+    timeout = httpx.Timeout(
+        connect=policy.connect_timeout_s,
+        read=policy.read_timeout_s,
+        write=policy.read_timeout_s,
+        pool=policy.connect_timeout_s,
+    )
+    # trust_env=False: no proxy from the environment may re-route a checked connection.
+    client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+    async with client:
+        try:
+            return await asyncio.wait_for(_fetch_hops(url, policy, client), policy.total_timeout_s)
+        except TimeoutError as exc:
+            raise UrlFetchFailedError(f"URL took longer than {policy.total_timeout_s} s") from exc
+        except httpx.HTTPError as exc:
+            raise UrlFetchFailedError(f"URL fetch failed: {type(exc).__name__}") from exc

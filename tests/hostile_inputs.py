@@ -1,0 +1,293 @@
+"""A corpus of malformed and hostile inputs, each with the exact answer the service must give.
+
+Run it against any running service (it only talks to the URL given, default 127.0.0.1):
+
+    python tests/hostile_inputs.py http://127.0.0.1:3000
+
+The server must use the limits the test suite sets (CLIP_MAX_REQUEST_BYTES=8 MiB,
+CLIP_MAX_BATCH_ITEMS=32); after the corpus it must still answer /readyz with 200.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import sys
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+SINGLE = "/evaluator/v1/evaluation/single"
+BATCH = "/evaluator/v1/evaluation/batch"
+UPLOAD = "/evaluator/v1/evaluation/single/upload"
+
+
+def _encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with one tiny compressed row: a bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@dataclass
+class Case:
+    name: str
+    status: int
+    code: str | None  # None: a 200 is expected
+    json: Any = None
+    content: bytes | None = None
+    path: str = SINGLE
+    files: dict[str, Any] | None = None
+    data: dict[str, str] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    item_codes: list[str | None] | None = None  # for batch answers with per-item errors
+
+
+def build_cases() -> list[Case]:
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    jpeg = _encode(photo, "JPEG", quality=85)
+    good = _b64(jpeg)
+    bomb = _encode(Image.new("1", (20_000, 20_000)), "PNG")  # 400 M pixels in a few KB
+    polyglot = _encode(photo, "GIF") + b"<script>alert(1)</script>PK\x03\x04"
+    wrong_magic = b"\x89PNX" + _encode(photo, "PNG")[4:]
+    nested = ("[" * 5000 + "]" * 5000).encode()
+    deep_object = ('{"image": ' * 3000 + '"x"' + "}" * 3000).encode()
+    ten_k = {"items": [{"image": "AAAA", "text": "x"}] * 10_000}
+    return [
+        Case(
+            "truncated JPEG",
+            422,
+            "invalid_image",
+            {"image": _b64(jpeg[: len(jpeg) // 2]), "text": "a"},
+        ),
+        Case("zero bytes", 422, "invalid_image", {"image": "", "text": "a"}),
+        Case(
+            "decompression bomb PNG",
+            413,
+            "image_dimensions_too_large",
+            {"image": _b64(bomb), "text": "a"},
+        ),
+        Case(
+            "huge dimensions, tiny file",
+            413,
+            "image_dimensions_too_large",
+            {"image": _b64(_png_header_only(100_000, 100_000)), "text": "a"},
+        ),
+        Case(
+            "GIF/HTML/ZIP polyglot decodes as its image",
+            200,
+            None,
+            {"image": _b64(polyglot), "text": "a"},
+        ),
+        Case("wrong magic", 422, "invalid_image", {"image": _b64(wrong_magic), "text": "a"}),
+        Case("bad base64", 422, "invalid_image", {"image": "!!!not base64!!!", "text": "a"}),
+        Case("base64 padding inside", 422, "invalid_image", {"image": "AB=CD", "text": "a"}),
+        Case(
+            "data URI with a non-image type",
+            422,
+            "invalid_image",
+            {"image": "data:text/html;base64," + good, "text": "a"},
+        ),
+        Case(
+            "data URI without base64",
+            422,
+            "invalid_image",
+            {"image": "data:image/png,abc", "text": "a"},
+        ),
+        Case(
+            "text of 100k characters", 422, "text_too_long", {"image": good, "text": "a" * 100_000}
+        ),
+        Case("control characters", 200, None, {"image": good, "text": "a\x01b\x1b[31m cat\x7f"}),
+        Case("emoji", 200, None, {"image": good, "text": "🐱🐶 a cat and a dog 🌅"}),
+        Case(
+            "right-to-left text", 200, None, {"image": good, "text": "قطة على الأريكة \u202e שלום"}
+        ),
+        Case("NUL bytes in text", 422, "invalid_text", {"image": good, "text": "a cat\x00"}),
+        Case("empty text", 422, "empty_text", {"image": good, "text": ""}),
+        Case("blank text", 422, "empty_text", {"image": good, "text": " \n\t "}),
+        Case("deeply nested JSON array", 400, "invalid_request", content=nested),
+        Case("deeply nested JSON object", 400, "invalid_request", content=deep_object),
+        Case("not JSON", 400, "invalid_request", content=b"hello there"),
+        Case(
+            "JSON array at top level", 400, "invalid_request", json=[{"image": good, "text": "a"}]
+        ),
+        Case("text is a number", 400, "invalid_request", {"image": good, "text": 5}),
+        Case("image is a list", 400, "invalid_request", {"image": [good], "text": "a"}),
+        Case(
+            "model is an object", 400, "invalid_request", {"image": good, "text": "a", "model": {}}
+        ),
+        Case("missing everything", 400, "invalid_request", {}),
+        Case("missing text", 400, "invalid_request", {"image": good}),
+        Case(
+            "unknown model", 422, "unknown_model", {"image": good, "text": "a", "model": "x" * 5000}
+        ),
+        Case(
+            "ICO image",
+            415,
+            "unsupported_image_format",
+            {"image": _b64(_encode(photo, "ICO")), "text": "a"},
+        ),
+        Case(
+            "SVG image",
+            415,
+            "unsupported_image_format",
+            {"image": _b64(b'<svg xmlns="http://www.w3.org/2000/svg"></svg>'), "text": "a"},
+        ),
+        Case(
+            "one-pixel image",
+            422,
+            "image_too_small",
+            {"image": _b64(_encode(Image.new("RGB", (1, 1)), "PNG")), "text": "a"},
+        ),
+        Case(
+            "body over the request limit",
+            413,
+            "request_too_large",
+            {"image": "A" * (9 * 1024 * 1024), "text": "a"},
+        ),
+        Case(
+            "URL to loopback",
+            422,
+            "url_not_allowed",
+            {"image": "http://127.0.0.1:1/x.jpg", "text": "a"},
+        ),
+        Case(
+            "URL to cloud metadata",
+            422,
+            "url_not_allowed",
+            {"image": "http://169.254.169.254/latest/meta-data/", "text": "a"},
+        ),
+        Case(
+            "URL to IPv4-mapped IPv6 loopback",
+            422,
+            "url_not_allowed",
+            {"image": "http://[::ffff:127.0.0.1]/x.jpg", "text": "a"},
+        ),
+        Case(
+            "URL with credentials",
+            422,
+            "url_not_allowed",
+            {"image": "http://user:pw@example.com/x.jpg", "text": "a"},
+        ),
+        Case(
+            "file URL is not base64",
+            422,
+            "invalid_image",
+            {"image": "file:///etc/passwd", "text": "a"},
+        ),
+        Case("10k-item batch", 413, "too_many_items", ten_k, path=BATCH),
+        Case("batch items is a string", 400, "invalid_request", {"items": "abc"}, path=BATCH),
+        Case(
+            "batch with hostile items among good ones",
+            200,
+            None,
+            path=BATCH,
+            json={
+                "items": [
+                    {"image": good, "text": "a"},
+                    {"image": _b64(bomb), "text": "a"},
+                    {"image": good, "text": "a\x00"},
+                    {"image": "data:text/plain;base64,AA==", "text": "a"},
+                ]
+            },
+            item_codes=[None, "image_dimensions_too_large", "invalid_text", "invalid_image"],
+        ),
+        Case(
+            "upload of a non-image file",
+            422,
+            "invalid_image",
+            path=UPLOAD,
+            files={"image": ("x.jpg", b"MZ\x90\x00 not an image", "image/jpeg")},
+            data={"text": "a"},
+        ),
+        Case(
+            "upload without a caption",
+            400,
+            "invalid_request",
+            path=UPLOAD,
+            files={"image": ("x.jpg", jpeg, "image/jpeg")},
+        ),
+        Case(
+            "upload of a real image",
+            200,
+            None,
+            path=UPLOAD,
+            files={"image": ("x.jpg", jpeg, "image/jpeg")},
+            data={"text": "a cat"},
+        ),
+    ]
+
+
+def check(client: httpx.Client, case: Case) -> str | None:
+    """None when the service answered as expected, else what went wrong."""
+    headers = dict(case.headers)
+    if case.content is not None:
+        headers.setdefault("content-type", "application/json")
+    response = client.post(
+        case.path,
+        json=case.json if case.content is None and case.files is None else None,
+        content=case.content,
+        files=case.files,
+        data=case.data,
+        headers=headers,
+    )
+    if response.status_code != case.status:
+        return f"status {response.status_code}, expected {case.status}: {response.text[:300]}"
+    if "Traceback" in response.text:
+        return "a stack trace reached the client"
+    body = response.json()
+    if case.code is not None:
+        error = body.get("error") or {}
+        if error.get("code") != case.code:
+            return f"code {error.get('code')!r}, expected {case.code!r}"
+        if not error.get("message") or not error.get("request_id"):
+            return "error without message or request_id"
+    if case.item_codes is not None:
+        codes = [(r["error"] or {}).get("code") for r in body["results"]]
+        if codes != case.item_codes:
+            return f"item codes {codes}, expected {case.item_codes}"
+    return None
+
+
+def run(url: str) -> list[str]:
+    failures: list[str] = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for case in build_cases():
+            problem = check(client, case)
+            if problem:
+                failures.append(f"{case.name}: {problem}")
+        ready = client.get("/readyz")
+        if ready.status_code != 200:
+            failures.append(f"/readyz answered {ready.status_code} after the corpus")
+    return failures
+
+
+if __name__ == "__main__":
+    target = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:3000"
+    problems = run(target)
+    cases = len(build_cases())
+    print("\n".join(problems) or f"all {cases} hostile inputs answered as expected")
+    print(f"{cases - len(problems)} passed, {len(problems)} failed")
+    sys.exit(1 if problems else 0)

@@ -1,0 +1,151 @@
+"""Inputs and lock-down against the running service: the hostile corpus, URLs, uploads, auth,
+and a schemathesis run over the service's own OpenAPI document."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from tests.hostile_inputs import build_cases, run
+from tests.images import b64, jpeg_bytes
+from tests.integration.server import ServerProcess
+from tests.local_http import LocalServer, local_server
+
+pytestmark = pytest.mark.integration
+
+SINGLE = "/evaluator/v1/evaluation/single"
+KEYS = ("first-key-0123456789", "second-key-abcdefghij")
+JPEG = jpeg_bytes(4, 200, 150)
+
+
+def test_hostile_corpus_gets_exact_answers_and_the_server_lives(server: ServerProcess) -> None:
+    assert len(build_cases()) >= 30
+    assert run(server.url) == []
+
+
+def test_upload_scores_like_json(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        as_json = client.post(SINGLE, json={"image": b64(JPEG), "text": "a bridge"}).json()
+        uploaded = client.post(
+            SINGLE + "/upload",
+            files={"image": ("bridge.png", JPEG, "application/octet-stream")},
+            data={"text": "a bridge", "model": "ViT-B-32"},
+        )
+    assert uploaded.status_code == 200, uploaded.text
+    assert uploaded.json()["cosine"] == pytest.approx(as_json["cosine"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def images_host() -> Iterator[LocalServer]:
+    with local_server() as running:
+        running.routes["/cat.jpg"] = (200, {"Content-Type": "application/octet-stream"}, JPEG)
+        running.routes["/to-localhost"] = (302, {"Location": "/cat.jpg"}, b"")
+        yield running
+
+
+@pytest.fixture(scope="module")
+def locked_server(
+    bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory, images_host: LocalServer
+) -> Iterator[ServerProcess]:
+    """API keys on, and URLs allowed only from 127.0.0.1 (the local image host)."""
+    process = ServerProcess(
+        bentoml_home,
+        tmp_path_factory.mktemp("locked") / "serve.log",
+        {
+            "CLIP_MODELS": "ViT-B-32",
+            "CLIP_API_KEYS": ",".join(KEYS),
+            "CLIP_URL_ALLOWED_HOSTS": "127.0.0.1",
+        },
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_api_keys(locked_server: ServerProcess) -> None:
+    body = {"image": b64(JPEG), "text": "a cat"}
+    with httpx.Client(base_url=locked_server.url, timeout=120) as client:
+        missing = client.post(SINGLE, json=body)
+        wrong = client.post(SINGLE, json=body, headers={"Authorization": "Bearer nope"})
+        basic = client.post(SINGLE, json=body, headers={"Authorization": f"Basic {KEYS[0]}"})
+        for refused in (missing, wrong, basic):
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] == "unauthorized"
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+        for key in KEYS:
+            ok = client.post(SINGLE, json=body, headers={"Authorization": f"Bearer {key}"})
+            assert ok.status_code == 200, ok.text
+        for open_path in (
+            "/evaluator/health",
+            "/readyz",
+            "/livez",
+            "/metrics",
+            "/evaluator/metrics",
+        ):
+            assert client.get(open_path).status_code == 200, open_path
+    log = locked_server.log_path.read_text()
+    assert all(key not in log for key in KEYS)
+
+
+def test_urls_are_fetched_from_allowed_hosts_only(
+    locked_server: ServerProcess, images_host: LocalServer
+) -> None:
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    with httpx.Client(base_url=locked_server.url, timeout=120, headers=auth) as client:
+        by_value = client.post(SINGLE, json={"image": b64(JPEG), "text": "a cat"}).json()
+        by_url = client.post(SINGLE, json={"image": images_host.url("/cat.jpg"), "text": "a cat"})
+        assert by_url.status_code == 200, by_url.text
+        assert by_url.json()["cosine"] == pytest.approx(by_value["cosine"], abs=1e-6)
+        images_host.routes["/to-localhost"] = (
+            302,
+            {"Location": images_host.url("/cat.jpg", "localhost")},
+            b"",
+        )
+        for refused in (
+            images_host.url("/cat.jpg", "localhost"),  # this machine, but not allow-listed
+            images_host.url("/to-localhost"),  # allowed first hop, redirect to a refused one
+        ):
+            answer = client.post(SINGLE, json={"image": refused, "text": "a cat"})
+            assert answer.status_code == 422, answer.text
+            assert answer.json()["error"]["code"] == "url_not_allowed"
+        missing = client.post(SINGLE, json={"image": images_host.url("/nope.jpg"), "text": "a"})
+        assert missing.json()["error"]["code"] == "url_fetch_failed"
+
+
+# -- schemathesis -----------------------------------------------------------------------------
+
+
+def test_no_server_errors_for_generated_requests(server: ServerProcess) -> None:
+    """Whatever schemathesis generates from the service's own /docs.json: never a 5xx.
+
+    Driven through its Python API (its pytest plugin does not load under this pytest)."""
+    schema = schemathesis.openapi.from_url(f"{server.url}/docs.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    tested = [op for op in operations if op.method.upper() == "POST"]
+    assert {op.path for op in tested} >= {
+        SINGLE,
+        SINGLE + "/upload",
+        "/evaluator/v1/evaluation/batch",
+    }
+    server_errors: list[str] = []
+    statuses: list[int] = []
+    for operation in tested:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+        def check(case: schemathesis.Case) -> None:
+            response = case.call(base_url=server.url, timeout=120)
+            statuses.append(response.status_code)
+            if response.status_code >= 500:
+                server_errors.append(
+                    f"{case.method} {case.path}: {response.status_code} {response.text[:200]}"
+                )
+
+        check()
+    assert server_errors == []
+    assert len(statuses) >= 3 * 10  # the run really exercised every operation

@@ -1,0 +1,155 @@
+"""SSRF guard: addresses, allow-list, redirects re-checked per hop, byte cap, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterator
+
+import pytest
+
+from clip_runtime import fetch
+from clip_runtime.errors import ImageTooLargeError, UrlFetchFailedError, UrlNotAllowedError
+from clip_runtime.fetch import FetchPolicy, fetch_image_bytes, host_is_allow_listed
+from tests.images import jpeg_bytes
+from tests.local_http import LocalServer, endless_body, local_server, slow_body
+
+JPEG = jpeg_bytes(0, 32, 32)
+
+
+def policy(*allowed: str, max_bytes: int = 1_000_000, enabled: bool = True) -> FetchPolicy:
+    return FetchPolicy(
+        enabled=enabled,
+        allowed_hosts=allowed,
+        max_bytes=max_bytes,
+        connect_timeout_s=1,
+        read_timeout_s=1,
+        total_timeout_s=3,
+    )
+
+
+def get(url: str, fetch_policy: FetchPolicy) -> bytes:
+    return asyncio.run(fetch_image_bytes(url, fetch_policy))
+
+
+@pytest.fixture
+def server() -> Iterator[LocalServer]:
+    with local_server() as running:
+        running.routes["/cat.jpg"] = (200, {"Content-Type": "text/plain"}, JPEG)
+        yield running
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "240.0.0.1",
+        "255.255.255.255",
+        "::1",
+        "::",
+        "fe80::1",
+        "fc00::1",
+        "ff02::1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "64:ff9b::a00:1",
+        "2002:c0a8:101::1",
+    ],
+)
+def test_non_public_addresses(address: str) -> None:
+    assert not fetch.is_public_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"])
+def test_public_addresses(address: str) -> None:
+    assert fetch.is_public_address(ipaddress.ip_address(address))
+
+
+def test_allow_list_matching() -> None:
+    assert host_is_allow_listed("img.example.com", (".example.com",))
+    assert host_is_allow_listed("example.com", (".example.com",))
+    assert not host_is_allow_listed("badexample.com", (".example.com",))
+    assert host_is_allow_listed("cdn.test", ("CDN.test",))
+    assert not host_is_allow_listed("a.cdn.test", ("cdn.test",))
+
+
+def test_loopback_is_refused_without_allow_list(server: LocalServer) -> None:
+    for host in ("127.0.0.1", "localhost", "[::ffff:127.0.0.1]"):
+        with pytest.raises(UrlNotAllowedError, match="non-public"):
+            get(server.url("/cat.jpg", host), policy())
+    assert server.hosts_seen == []  # refused before any connection
+
+
+def test_allow_listed_host_is_fetched_at_the_checked_address(server: LocalServer) -> None:
+    assert get(server.url("/cat.jpg", "localhost"), policy("localhost")) == JPEG
+    assert server.hosts_seen == [f"localhost:{server.port}"]  # Host kept, IP connected
+
+
+def test_hosts_outside_the_allow_list_are_refused(server: LocalServer) -> None:
+    with pytest.raises(UrlNotAllowedError, match="allow-list"):
+        get(server.url("/cat.jpg"), policy("images.example.com"))
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://example.com/a.jpg", "gopher://x", "http://user:pw@x.org/"]
+)
+def test_other_schemes_and_credentials_are_refused(url: str) -> None:
+    with pytest.raises(UrlNotAllowedError):
+        get(url, policy())
+
+
+def test_switched_off() -> None:
+    with pytest.raises(UrlNotAllowedError, match="switched off"):
+        get("https://example.com/a.jpg", policy(enabled=False))
+
+
+def test_redirect_chain_ending_at_a_private_address_is_refused(
+    server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stand-ins: 127.0.0.1 plays a public host, 127.0.0.2 (also this machine) a private one.
+    monkeypatch.setattr(fetch, "is_public_address", lambda a: str(a) == "127.0.0.1")
+    server.routes["/hop1"] = (302, {"Location": "/hop2"}, b"")
+    server.routes["/hop2"] = (307, {"Location": server.url("/cat.jpg", "127.0.0.2")}, b"")
+    with pytest.raises(UrlNotAllowedError, match=r"127\.0\.0\.2"):
+        get(server.url("/hop1"), policy())
+    assert len(server.hosts_seen) == 2  # the private hop was never connected to
+    server.routes["/ok"] = (301, {"Location": "/cat.jpg"}, b"")
+    assert get(server.url("/ok"), policy()) == JPEG
+
+
+def test_too_many_redirects(server: LocalServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch, "is_public_address", lambda a: True)
+    for i in range(5):
+        server.routes[f"/r{i}"] = (302, {"Location": f"/r{i + 1}"}, b"")
+    server.routes["/r5"] = (200, {}, JPEG)
+    with pytest.raises(UrlFetchFailedError, match="redirects"):
+        get(server.url("/r0"), policy())
+    assert get(server.url("/r2"), policy()) == JPEG  # exactly 3 hops are fine
+
+
+def test_byte_cap_while_streaming(server: LocalServer) -> None:
+    server.routes["/endless"] = endless_body
+    server.routes["/declared"] = (200, {"Content-Length": "999999999"}, b"")
+    allowed = policy("127.0.0.1", max_bytes=200_000)
+    with pytest.raises(ImageTooLargeError):
+        get(server.url("/endless"), allowed)
+    with pytest.raises(ImageTooLargeError):
+        get(server.url("/declared"), allowed)
+
+
+def test_timeouts_and_http_errors(server: LocalServer) -> None:
+    server.routes["/slow"] = slow_body
+    allowed = policy("127.0.0.1")
+    with pytest.raises(UrlFetchFailedError):
+        get(server.url("/slow"), allowed)
+    with pytest.raises(UrlFetchFailedError, match="404"):
+        get(server.url("/missing"), allowed)
+    with pytest.raises(UrlFetchFailedError, match="resolve"):
+        get("http://no-such-host.invalid/x.jpg", policy())
