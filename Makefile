@@ -5,9 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 3000
 SEED ?= 0
+# OTLP/HTTP collector for `make run-local-otel` (4318: the OTLP/HTTP port).
+OTEL_EXPORTER_OTLP_ENDPOINT ?= http://127.0.0.1:4318
+# What `make containerize` packs and the image it makes; BACKEND: docker, podman, buildah, ...
+BENTO ?= clip-score:latest
+IMAGE ?= clip-score:latest
+BACKEND ?= docker
 
-.PHONY: install dev-setup save-models save-models-demo serve serve-demo run-local test \
-        run-unit-test-suite-local test-unit test-integration lint format settings-table
+.PHONY: install dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
+        build containerize test run-unit-test-suite-local test-unit test-integration lint format \
+        settings-table
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +40,24 @@ serve-demo: save-models-demo
 	$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT)
 
 run-local: serve
+
+# `run-local` with OTEL_EXPORTER_OTLP_ENDPOINT set (default: a local collector's OTLP/HTTP port)
+# for the OTLP exporter; the tracing configuration that sends spans there is set up separately.
+run-local-otel: save-models
+	OTEL_EXPORTER_OTLP_ENDPOINT=$(OTEL_EXPORTER_OTLP_ENDPOINT) \
+		$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT)
+
+# A Bento (bentofile.yaml) with the models in the store: save them first (`make save-models`, or
+# `make save-models-demo` for an untrained demo image). CLIP_MODELS picks which ones it carries.
+# Offline: nothing here resolves packages or touches the model hub.
+build: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bentoml build
+
+# An OCI image of $(BENTO) (after `make build`). Needs a running Docker engine (or the $(BACKEND)
+# builder) and network access for the base image and the Python packages; the models are copied
+# in from the local store.
+containerize: install
+	$(VENV)/bin/bentoml containerize $(BENTO) --backend $(BACKEND) --image-tag $(IMAGE)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,181 @@
+"""`bentoml build` with the project's bentofile.yaml, offline, and what the built Bento holds.
+
+The build runs as a user runs it (the CLI, in the project folder) against the session's model
+store of random-init models, with the package index and the model hub made unreachable. The Bento
+is then read on disk: models, sources, Python requirements and the generated Dockerfile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.integration.server import ROOT, model_folder
+
+pytestmark = pytest.mark.integration
+
+BENTOFILE: dict[str, Any] = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+PYPROJECT: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())
+STORE_NAMES = {"ViT-B-32": "clip-vit-b-32", "ViT-L-14": "clip-vit-l-14"}
+
+
+def build_bento(bentoml_home: Path, env: dict[str, str] | None = None) -> Path:
+    """`bentoml build` in the project folder; returns the built Bento's folder in the store."""
+    build_env = {
+        **os.environ,
+        "BENTOML_HOME": str(bentoml_home),
+        "HF_HUB_OFFLINE": "1",
+        # Any package resolution or download fails: the build must not need the index.
+        "UV_OFFLINE": "1",
+        "PIP_NO_INDEX": "1",
+    }
+    build_env.pop("CLIP_MODELS", None)  # the default unless the test says otherwise
+    build_env.update(env or {})
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=ROOT,
+        env=build_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"bentoml build failed:\n{result.stdout}\n{result.stderr}"
+    tag = re.search(r"__tag__:(\S+):(\S+)", result.stdout)
+    assert tag, result.stdout
+    print(f"bentoml build: {tag[1]}:{tag[2]} in {time.monotonic() - started:.1f} s")
+    return bentoml_home / "bentos" / tag[1] / tag[2]
+
+
+@pytest.fixture(scope="module")
+def bento(bentoml_home: Path) -> Iterator[Path]:
+    folder = build_bento(bentoml_home)
+    yield folder
+    shutil.rmtree(folder)  # with the model copies `bentoml export` puts there (GBs)
+
+
+def bento_info(folder: Path) -> dict[str, Any]:
+    return yaml.safe_load((folder / "bento.yaml").read_text())
+
+
+def served_model_tags(folder: Path) -> dict[str, set[str]]:
+    """BentoML service name -> the model tags the Bento records for it."""
+    return {
+        service["name"]: {model["tag"] for model in service["models"]}
+        for service in bento_info(folder)["services"]
+    }
+
+
+def saved_tag(bentoml_home: Path, store_name: str) -> str:
+    return f"{store_name}:{model_folder(bentoml_home, store_name).name}"
+
+
+def test_bento_records_both_models_at_their_saved_versions(bento: Path, bentoml_home: Path) -> None:
+    expected = {saved_tag(bentoml_home, name) for name in STORE_NAMES.values()}
+    # Scorer holds the weights; Evaluator reads each model's preprocessing from the same entries.
+    assert served_model_tags(bento) == {"clip-scorer": expected, "clip-evaluator": expected}
+    info = bento_info(bento)
+    assert info["entry_service"] == "clip-evaluator"
+    assert info["labels"] == BENTOFILE["labels"]
+
+
+def test_exported_bento_carries_the_weights(
+    bento: Path, bentoml_home: Path, tmp_path: Path
+) -> None:
+    """What leaves this machine (`bentoml export`; `push` and `containerize` bundle the same
+    models) holds both store entries, byte for byte the saved files."""
+    archive = tmp_path / "clip-score.tar"  # uncompressed: xz over 2 GB of weights takes minutes
+    tag = f"{bento.parent.name}:{bento.name}"
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "bentoml", "export", tag, str(archive)],
+            env={**os.environ, "BENTOML_HOME": str(bentoml_home)},
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        with tarfile.open(archive) as tar:
+            members = {member.name.removeprefix("./"): member for member in tar.getmembers()}
+            for store_name in STORE_NAMES.values():
+                saved = model_folder(bentoml_home, store_name)
+                inside = f"models/{store_name}/{saved.name}"
+                weights = members[f"{inside}/open_clip_model.safetensors"]
+                assert weights.size == (saved / "open_clip_model.safetensors").stat().st_size
+                for small in ("clip_model.json", "open_clip_config.json"):
+                    extracted = tar.extractfile(members[f"{inside}/{small}"])
+                    assert extracted is not None
+                    assert extracted.read() == (saved / small).read_bytes()
+    finally:
+        archive.unlink(missing_ok=True)  # 2+ GB; pytest keeps old temp folders around
+
+
+def test_bento_source_is_the_service_code_only(bento: Path) -> None:
+    shipped = {str(p.relative_to(bento / "src")) for p in (bento / "src").rglob("*") if p.is_file()}
+    code = {
+        str(path.relative_to(ROOT))
+        for folder in ("clip_runtime", "scripts")
+        for path in (ROOT / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
+    # BentoML adds the resolved build configuration as src/bentofile.yaml.
+    assert shipped == code | {"service.py", "http_layer.py", "bentofile.yaml"}
+    assert not any(
+        part == "tests" or part.startswith(("test_", "conftest")) or part == "__pycache__"
+        for path in shipped
+        for part in Path(path).parts
+    )
+
+
+def test_python_requirements_are_the_project_dependencies(bento: Path) -> None:
+    dependencies = PYPROJECT["project"]["dependencies"]
+    assert sorted(BENTOFILE["python"]["packages"]) == sorted(dependencies)
+    lines = (bento / "env/python/requirements.txt").read_text().splitlines()
+    requirements = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    # Exactly the declared ranges and pins: nothing locked (that would need the index).
+    assert requirements == set(dependencies)
+    assert "opentelemetry-exporter-otlp-proto-http==1.45.1" in requirements
+
+
+def test_dockerfile_builds_the_cuda_image_with_the_env_defaults(bento: Path) -> None:
+    dockerfile = (bento / "env/docker/Dockerfile").read_text()
+    docker = BENTOFILE["docker"]
+    assert docker["base_image"].startswith("nvidia/cuda:")
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE) == [docker["base_image"]]
+
+    # The options BentoML's build warns it ignores next to base_image are in fact applied.
+    installs = re.findall(r"^RUN apt-get install (.*)$", dockerfile, re.MULTILINE)
+    assert any(set(docker["system_packages"]) <= set(line.split()) for line in installs)
+    assert f"uv venv --python {docker['python_version']} /app/.venv" in dockerfile
+    assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile
+    assert re.search(r"^EXPOSE 3000$", dockerfile, re.MULTILINE)
+    assert re.search(r"^USER bentoml$", dockerfile, re.MULTILINE)
+    entrypoint = "/home/bentoml/bento/env/docker/entrypoint.sh"
+    assert f'ENTRYPOINT [ "{entrypoint}" ]' in dockerfile
+    assert (bento / "env/docker/entrypoint.sh").is_file()
+
+    build_args = dict(re.findall(r"^ARG (\w+)=(.*)$", dockerfile, re.MULTILINE))
+    for env in BENTOFILE["envs"]:
+        assert build_args[env["name"]].strip("'") == env["value"]
+        assert f"ENV {env['name']}=${env['name']}" in dockerfile
+    assert build_args["HF_HUB_OFFLINE"] == "1"  # the weights are inside: never the model hub
+
+
+def test_bento_carries_only_the_models_clip_models_names(bentoml_home: Path) -> None:
+    folder = build_bento(bentoml_home, {"CLIP_MODELS": "ViT-B-32"})
+    try:
+        only_b32 = {saved_tag(bentoml_home, STORE_NAMES["ViT-B-32"])}
+        assert served_model_tags(folder) == {"clip-scorer": only_b32, "clip-evaluator": only_b32}
+    finally:
+        shutil.rmtree(folder)
