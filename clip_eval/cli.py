@@ -181,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     output_format = detect_format(args.output, args.output_format)
     if args.output.resolve() == args.input.resolve():
         raise UsageError("--output must not be the input file")
+    if args.plot is not None and not args.plot.resolve().parent.is_dir():
+        raise UsageError(f"--plot: folder does not exist: {args.plot.parent}")  # before scoring
     engine = build_engine(args, models, loader)  # before the output: fail fast on a bad model
     fingerprint = {
         "input": str(args.input.resolve()),

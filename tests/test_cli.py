@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import http.server
 import json
@@ -34,26 +35,46 @@ from clip_eval.records import RESULT_COLUMNS, Outcome
 from clip_eval.summary import summarize
 from clip_runtime.errors import ClipError
 from tests.cli_helpers import (
+    Dataset,
     check_output,
     cli_command,
     cli_env,
     make_dataset,
     read_table,
+    write_table,
 )
 from tests.images import jpeg_bytes
 
 
-@pytest.fixture(scope="module")
-def image_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """A plain HTTP server over a folder, for image URLs (only 127.0.0.1 is reached)."""
-    folder = tmp_path_factory.mktemp("served")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+@contextlib.contextmanager
+def serve(folder: Path, delay_s: float = 0.0) -> Iterator[str]:
+    """A plain HTTP server over a folder on 127.0.0.1, answering after ``delay_s``."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            time.sleep(delay_s)
+            super().do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", folder
-    server.shutdown()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    folder = tmp_path_factory.mktemp("served")
+    with serve(folder) as url:
+        yield url, folder
 
 
 def run_cli(*args: str | Path) -> int:
@@ -149,30 +170,7 @@ def test_killed_run_loses_nothing_and_resumes(
     dataset = make_dataset(tmp_path / "data", "jsonl")
     output = tmp_path / "scores.jsonl"
     args = ["-o", str(output), "--batch-size", "1", *tiny_args(tiny_model_dir)]
-    process = subprocess.Popen(
-        cli_command(str(dataset.path), *args),
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     state_file = state_path(output)
-    deadline = time.monotonic() + 120
-    done = 0
-    while time.monotonic() < deadline and process.poll() is None:
-        if state_file.exists():
-            done = json.loads(state_file.read_text())["rows_done"]
-            if done >= 3:
-                break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait(30)
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
-    state = json.loads(state_file.read_text())
-    assert 3 <= state["rows_done"] < len(dataset.frame)
-    before = output.read_bytes()[: state["output_bytes"]]
-    with output.open("ab") as handle:  # what a kill in the middle of a write leaves
-        handle.write(b'{"id": 99, "image": "img/')
-
     scored: list[int] = []
     real_load = LocalScorer.load
 
@@ -181,7 +179,37 @@ def test_killed_run_loses_nothing_and_resumes(
         return real_load(self, pairs)
 
     monkeypatch.setattr(LocalScorer, "load", counting_load)
-    assert run_cli(dataset.path, *args, "--resume") == 0
+    # Images from a server that takes 0.2 s per image: the run cannot finish between seeing
+    # 3 rows done and the kill, however fast the machine.
+    with serve(tmp_path / "data", delay_s=0.2) as url:
+        images = [str(image) for image in dataset.frame["image"]]
+        frame = dataset.frame.assign(
+            image=[f"{url}/{image}" if image.startswith("img/") else image for image in images]
+        )
+        write_table(frame, dataset.path)
+        errors = {**dataset.errors, images.index("img/missing.jpg"): "image_fetch_failed"}
+        dataset = Dataset(dataset.path, frame, dataset.images, errors)
+        process = subprocess.Popen(
+            cli_command(str(dataset.path), *args),
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if state_file.exists() and json.loads(state_file.read_text())["rows_done"] >= 3:
+                break
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+        assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+        state = json.loads(state_file.read_text())
+        assert 3 <= state["rows_done"] < len(dataset.frame)
+        before = output.read_bytes()[: state["output_bytes"]]
+        with output.open("ab") as handle:  # what a kill in the middle of a write leaves
+            handle.write(b'{"id": 99, "image": "img/')
+
+        assert run_cli(dataset.path, *args, "--resume") == 0
     assert sum(scored) == len(dataset.frame) - state["rows_done"]
     assert output.read_bytes().startswith(before)  # what was written before stays as it was
     check_output(output, dataset, tiny_model_dir)
@@ -296,6 +324,10 @@ def test_clear_errors_for_files_columns_and_state(
         dataset.path, "-o", out, "--reference-column", "gt", *tiny
     )
     assert "cannot tell the format" in error_of(dataset.path, "-o", tmp_path / "s.txt", *tiny)
+    assert "must not be the input" in error_of(dataset.path, "-o", dataset.path, *tiny)
+    assert "--plot: folder does not exist" in error_of(
+        dataset.path, "-o", out, "--plot", tmp_path / "no" / "h.png", *tiny
+    )
     assert "not a CLIP model entry" in error_of(
         dataset.path, "-o", out, "--model-dir", tmp_path, "--quiet"
     )
