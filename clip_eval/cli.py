@@ -1,0 +1,275 @@
+"""``clip-eval INPUT --output OUTPUT [--engine local|remote|ray] [--model NAME ...]``
+
+Scores every image-caption pair of a CSV, JSONL or Parquet table and writes the rows back with
+``model``, ``score``, ``cosine``, ``error`` and ``error_message`` columns, as they are scored.
+Interrupted (Ctrl-C, crash), it continues with ``--resume`` without rescoring anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from clip_eval.datasets import FORMATS, DatasetSpec, detect_format
+from clip_eval.engines import Engine
+from clip_eval.errors import ClipEvalError, UsageError
+from clip_eval.images import LoaderConfig
+from clip_eval.output import OutputFile, read_results
+from clip_eval.summary import format_summary, plot_histogram, summarize
+from clip_runtime.settings import KNOWN_MODELS
+
+logger = logging.getLogger("clip_eval")
+
+EXAMPLES = """examples:
+  clip-eval pairs.csv -o scores.csv                              # in process, ViT-B-32
+  clip-eval pairs.jsonl -o scores.parquet --model ViT-B-32 --model ViT-L-14 --plot hist.png
+  clip-eval pairs.parquet -o scores.parquet --engine remote --url http://localhost:3000
+  clip-eval pairs.csv -o scores.csv --engine ray --ray-address auto
+  clip-eval pairs.csv -o scores.csv --resume                     # after an interruption
+  clip-eval pairs.csv --compare-modes --url http://localhost:3000
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clip-eval",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", type=Path, help="CSV, JSONL or Parquet table of pairs")
+    parser.add_argument("-o", "--output", type=Path, help="where the scored rows go")
+    parser.add_argument("--engine", choices=("local", "remote", "ray"), default="local")
+    parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME",
+        help=f"{' or '.join(KNOWN_MODELS)} (default ViT-B-32); repeat for several, one output "
+        "row per model. With --model-dir, the name the rows are labelled with",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="pairs per batch")
+
+    data = parser.add_argument_group("input and output")
+    data.add_argument("--image-column", default="image", help="path, URL or base64 (image)")
+    data.add_argument("--caption-column", default="caption", help="(caption)")
+    data.add_argument(
+        "--reference-column", help="reference captions: checked to exist, passed through"
+    )
+    data.add_argument("--input-format", choices=FORMATS, help="default: from the suffix")
+    data.add_argument("--output-format", choices=FORMATS, help="default: from the suffix")
+    data.add_argument(
+        "--image-root", type=Path, help="base of relative image paths (default: input's folder)"
+    )
+    data.add_argument(
+        "--fetch-timeout", type=float, default=10.0, help="seconds per image URL (10)"
+    )
+    state = data.add_mutually_exclusive_group()
+    state.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    state.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    data.add_argument("--plot", type=Path, metavar="FILE.png", help="histogram of the scores")
+    data.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    local = parser.add_argument_group("--engine local (and ray)")
+    local.add_argument(
+        "--model-dir", type=Path, help="a saved model entry folder instead of the BentoML store"
+    )
+    local.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: CLIP_DEVICE or auto)")
+    local.add_argument(
+        "--precision", choices=("auto", "fp32", "fp16", "bf16"), help="default: CLIP_PRECISION"
+    )
+    local.add_argument(
+        "--io-workers", type=_positive_int, default=16, help="threads reading images (16)"
+    )
+
+    remote = parser.add_argument_group("--engine remote and --compare-modes")
+    remote.add_argument("--url", help="the service, e.g. http://localhost:3000")
+    remote.add_argument(
+        "--concurrency", type=_positive_int, default=4, help="requests in flight (4)"
+    )
+    remote.add_argument(
+        "--retries", type=int, default=5, help="retries of a request on 429/502/503/504 (5)"
+    )
+    remote.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    remote.add_argument(
+        "--ready-timeout", type=float, default=60.0, help="seconds to wait for /readyz"
+    )
+    remote.add_argument(
+        "--compare-modes",
+        action="store_true",
+        help="time the single endpoint (one request per pair) against the batch endpoint",
+    )
+    remote.add_argument(
+        "--compare-pairs", type=_positive_int, default=64, help="pairs to compare with (64)"
+    )
+
+    ray = parser.add_argument_group("--engine ray")
+    ray.add_argument("--ray-address", help="an existing cluster (default: start a local Ray)")
+    ray.add_argument("--ray-actors", type=_positive_int, help="default: one per GPU, else 1")
+    ray.add_argument("--ray-cpus-per-actor", type=float, default=1.0)
+    ray.add_argument("--ray-gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs")
+
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.output is None and not args.compare_modes:
+        parser.error("--output is required (unless --compare-modes)")
+    if (args.engine == "remote" or args.compare_modes) and not args.url:
+        parser.error("--url is required with --engine remote and --compare-modes")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="clip-eval: %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return run(args)
+    except ClipEvalError as error:
+        print(f"clip-eval: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:  # before or after scoring: nothing to save
+        print("clip-eval: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    from clip_runtime.settings import ClipSettings
+
+    models: tuple[str, ...] = tuple(dict.fromkeys(args.models or ["ViT-B-32"]))
+    dataset = DatasetSpec(
+        path=args.input,
+        format=detect_format(args.input, args.input_format),
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        reference_column=args.reference_column,
+    )
+    dataset.validate()
+    loader = LoaderConfig(
+        image_root=(args.image_root or args.input.parent).resolve(),
+        fetch_timeout_s=args.fetch_timeout,
+        max_image_bytes=ClipSettings().max_image_bytes,  # CLIP_MAX_IMAGE_BYTES, as the service
+    )
+
+    if args.compare_modes:
+        from clip_eval.compare import compare_modes
+
+        comparison = compare_modes(
+            args.url,
+            dataset,
+            loader,
+            model=models[0],
+            pairs=args.compare_pairs,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            timeout_s=args.timeout,
+            ready_timeout_s=args.ready_timeout,
+        )
+        print(comparison.format())
+        return 0
+
+    output_format = detect_format(args.output, args.output_format)
+    if args.output.resolve() == args.input.resolve():
+        raise UsageError("--output must not be the input file")
+    if args.plot is not None and not args.plot.resolve().parent.is_dir():
+        raise UsageError(f"--plot: folder does not exist: {args.plot.parent}")  # before scoring
+    engine = build_engine(args, models, loader)  # before the output: fail fast on a bad model
+    fingerprint = {
+        "input": str(args.input.resolve()),
+        "input_bytes": args.input.stat().st_size,
+        "input_format": dataset.format,
+        "image_column": dataset.image_column,
+        "caption_column": dataset.caption_column,
+        "models": list(models),
+        "output_format": output_format,
+    }
+    output = OutputFile.open(
+        args.output, output_format, fingerprint, resume=args.resume, overwrite=args.overwrite
+    )
+    if output.rows_done:
+        print(f"resuming {args.output}: {output.rows_done} rows already scored", file=sys.stderr)
+
+    from clip_eval.pipeline import evaluate
+
+    try:
+        report = evaluate(
+            dataset, engine, output, batch_size=args.batch_size, progress=not args.quiet
+        )
+    except KeyboardInterrupt:
+        print(
+            f"clip-eval: interrupted; {output.rows_done} rows are saved in {args.output}. "
+            "Rerun the same command with --resume to continue.",
+            file=sys.stderr,
+        )
+        return 130
+
+    print(
+        f"{args.output}: {report.rows_total} rows x {len(models)} model(s); "
+        f"{report.rows_scored} scored now in {report.seconds:.1f} s"
+        + (f", {report.rows_before} kept from before" if report.rows_before else "")
+    )
+    results = read_results(args.output, output_format)
+    print(format_summary(summarize(results)))
+    if args.plot is not None:
+        plot_histogram(results, args.plot, title=f"CLIP scores: {args.input.name}")
+        print(f"histogram: {args.plot}")
+    return 0
+
+
+def build_engine(args: argparse.Namespace, models: tuple[str, ...], loader: LoaderConfig) -> Engine:
+    if args.engine == "remote":
+        from clip_eval.engines.remote import RemoteConfig, RemoteEngine, RetryPolicy
+
+        if args.retries < 0:
+            raise UsageError("--retries must be 0 or more")
+        return RemoteEngine(
+            RemoteConfig(
+                url=args.url,
+                models=models,
+                loader=loader,
+                batch_size=args.batch_size,
+                concurrency=args.concurrency,
+                timeout_s=args.timeout,
+                ready_timeout_s=args.ready_timeout,
+                io_workers=args.io_workers,
+                retry=RetryPolicy(attempts=args.retries + 1),
+            )
+        )
+    from clip_eval.engines.local import LocalConfig, LocalEngine, resolve_model_dirs
+
+    local = LocalConfig(
+        models=models,
+        model_dirs=resolve_model_dirs(models, args.model_dir),
+        loader=loader,
+        batch_size=args.batch_size,
+        io_workers=args.io_workers,
+        device=args.device,
+        precision=args.precision,
+    )
+    if args.engine == "local":
+        return LocalEngine(local)
+    from clip_eval.engines.ray_data import RayConfig, RayEngine
+
+    return RayEngine(
+        RayConfig(
+            local=local,
+            address=args.ray_address,
+            actors=args.ray_actors,
+            cpus_per_actor=args.ray_cpus_per_actor,
+            gpus_per_actor=args.ray_gpus_per_actor,
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
