@@ -10,16 +10,19 @@ inside its own service would skip the batcher, hence two services).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import bentoml
+import numpy as np
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from clip_runtime import ClipEngine, ClipError, Preprocessing, ScoreJob, check_text, get_settings
@@ -28,6 +31,13 @@ from clip_runtime.engine import fetch_policy, resolve_model_name
 from clip_runtime.fetch import fetch_image_bytes
 from clip_runtime.images import decode_image_field, is_url
 from clip_runtime.model_entry import ModelEntry, store_name
+from clip_runtime.scoring import (
+    clip_score,
+    cosines,
+    paper_clip_s,
+    ref_clip_score,
+    softmax_probabilities,
+)
 from clip_runtime.settings import KNOWN_MODELS
 from http_layer import RequestGuardMiddleware, error_body
 
@@ -97,11 +107,18 @@ class SingleResult(BaseModel):
     pretrained: str | None = Field(description="open_clip tag; null for non-pretrained weights")
     weights: str = Field(description="pretrained | checkpoint | random-init (untrained!)")
     text_truncated: bool = Field(description="the caption had more than 77 tokens")
+    clip_s: float | None = Field(
+        default=None, description='with scale="paper": Hessel et al.\'s 2.5 * max(cos, 0)'
+    )
+    ref_clip_score: float | None = Field(
+        default=None, description="with references: RefCLIPScore (Hessel et al. 2021)"
+    )
 
 
 class BatchItem(BaseModel):
-    image: str | None = Field(default=None, description="base64 or data: URI")
+    image: str | None = Field(default=None, description="base64, data: URI or http(s) URL")
     text: str | None = None
+    references: list[str] | None = Field(default=None, description="reference captions")
 
 
 class BatchItemResult(BaseModel):
@@ -110,6 +127,70 @@ class BatchItemResult(BaseModel):
     cosine: float | None
     text_truncated: bool
     error: ItemError | None
+    clip_s: float | None = None
+    ref_clip_score: float | None = None
+
+
+class RankCandidate(BaseModel):
+    index: int
+    cosine: float
+    score: float
+    probability: float = Field(description="softmax(logit_scale * cosine) over the candidates")
+
+
+class RankResult(BaseModel):
+    model: str
+    pretrained: str | None
+    weights: str
+    ranked: Literal["texts", "images"]
+    logit_scale: float
+    results: list[RankCandidate] = Field(description="in request order")
+    best: int = Field(description="index of the most similar candidate")
+
+
+class EmbeddingsResult(BaseModel):
+    model: str
+    pretrained: str | None
+    weights: str
+    dim: int
+    embeddings: list[list[float]] = Field(description="L2-normalised float32, request order")
+    text_truncated: list[bool] | None = None
+
+
+@dataclass
+class PreparedPair:
+    job: PairJob
+    references: list[PairJob]
+
+
+Scale = Literal["torchmetrics", "paper"]
+
+
+def _vector(raw: bytes | None) -> np.ndarray:
+    if raw is None:
+        raise RuntimeError("the scorer returned no embedding for a job that asked for one")
+    return np.frombuffer(raw, dtype=np.float32)
+
+
+def _add_optional_scores(
+    result: SingleResult | BatchItemResult, cosine: float, ref_score: float | None, scale: Scale
+) -> None:
+    """Optional fields are set only when asked for, so plain answers keep the plain contract."""
+    if scale == "paper":
+        result.clip_s = paper_clip_s(cosine)
+    if ref_score is not None:
+        result.ref_clip_score = ref_score
+
+
+def _json(result: BaseModel) -> JSONResponse:
+    return JSONResponse(result.model_dump(mode="json", exclude_unset=True))
+
+
+def _at_index(error: ClipError, field: str, index: int) -> ClipError:
+    """The same error (same code), saying which element of a list was at fault."""
+    located = copy.copy(error)
+    located.message = f"{field}[{index}]: {error.message}"
+    return located
 
 
 class BatchResult(BaseModel):
@@ -122,17 +203,21 @@ class BatchResult(BaseModel):
 
 
 class PairJob(BaseModel):
-    """A preprocessed pair on its way to a model batch (HWC uint8 crop as raw bytes)."""
+    """A job on its way to a model batch: an HWC uint8 crop (raw bytes) and/or a text. Both: a
+    pair to score; one: an embedding. ``keep_vectors`` also returns a pair's embeddings."""
 
-    crop: bytes
-    height: int
-    width: int
-    text: str
+    crop: bytes | None = None
+    height: int = 0
+    width: int = 0
+    text: str | None = None
+    keep_vectors: bool = False
 
 
 class PairOutcome(BaseModel):
-    cosine: float
+    cosine: float | None
     text_truncated: bool
+    image_vector: bytes | None = None  # float32, L2-normalised
+    text_vector: bytes | None = None
 
 
 class ModelStatus(BaseModel):
@@ -144,6 +229,8 @@ class ModelStatus(BaseModel):
     device: str
     dtype: str
     ready: bool
+    embed_dim: int
+    logit_scale: float
 
 
 def _model_folders(owner: Any) -> dict[str, Path]:
@@ -213,14 +300,24 @@ class ScorerImpl:
         return self.engine.ready
 
     def score_jobs(self, model_name: str, jobs: list[PairJob]) -> list[PairOutcome]:
-        score_jobs = [ScoreJob(model_name, _crop_array(job), job.text) for job in jobs]
-        scores, reports = self.engine.score_jobs(score_jobs)
+        engine_jobs = [
+            ScoreJob(model_name, _crop_array(job), job.text, job.keep_vectors) for job in jobs
+        ]
+        outcomes, reports = self.engine.run_jobs(engine_jobs)
         report = reports[model_name]
         self._batches.labels(model_name).inc()
         self._batch_items.labels(model_name).observe(report.items)
         self._cache.labels(model_name, "hit").inc(report.text_cache_hits)
         self._cache.labels(model_name, "miss").inc(report.text_cache_misses)
-        return [PairOutcome(cosine=s.cosine, text_truncated=s.text_truncated) for s in scores]
+        return [
+            PairOutcome(
+                cosine=o.cosine,
+                text_truncated=o.text_truncated,
+                image_vector=None if o.image_vector is None else o.image_vector.tobytes(),
+                text_vector=None if o.text_vector is None else o.text_vector.tobytes(),
+            )
+            for o in outcomes
+        ]
 
     @bentoml.api
     def describe(self) -> list[ModelStatus]:
@@ -235,6 +332,8 @@ class ScorerImpl:
                 device=model.info.device,
                 dtype=model.info.dtype,
                 ready=self.engine.ready,
+                embed_dim=model.info.embed_dim,
+                logit_scale=model.logit_scale,
             )
             for model in self.engine.models.values()
         ]
@@ -248,8 +347,8 @@ Scorer = bentoml.service(
 
 
 def _crop_array(job: PairJob) -> Any:
-    import numpy as np
-
+    if job.crop is None:
+        return None
     return np.frombuffer(job.crop, dtype=np.uint8).reshape(job.height, job.width, 3)
 
 
@@ -271,6 +370,14 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=client.CONTENT_TYPE_LATEST)
 
 
+DEMO_PAGE = Path(__file__).resolve().parent / "web" / "demo.html"
+
+
+async def demo(request: Request) -> Response:
+    """A no-build HTML/JS page: upload an image, type captions, see their scores as bars."""
+    return HTMLResponse(await asyncio.to_thread(DEMO_PAGE.read_text))
+
+
 async def docs(request: Request) -> Response:
     return RedirectResponse("/", status_code=HTTPStatus.TEMPORARY_REDIRECT)
 
@@ -280,6 +387,7 @@ evaluator_routes = Starlette(
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
+        Route("/demo", demo, methods=["GET"]),
     ]
 )
 
@@ -292,6 +400,7 @@ class EvaluatorImpl:
 
         self.preprocessing = Preprocessing(settings, _model_folders(self))
         self.fetch_policy = fetch_policy(settings)
+        self._statuses: dict[str, ModelStatus] = {}
         self._pairs = prometheus_client.Counter(
             "clip_pairs", "Image-text pairs answered", ["model", "outcome"]
         )
@@ -307,31 +416,75 @@ class EvaluatorImpl:
     def _entry(self, name: str) -> ModelEntry:
         return self.preprocessing.entries[name]
 
-    def _crop(self, name: str, data: bytes, text: str) -> PairJob:
+    def _crop(self, name: str, data: bytes) -> PairJob:
         """Runs in the decode pool: checked image bytes -> model-sized crop."""
         crop = self.preprocessing.crop(name, data)
-        return PairJob(crop=crop.tobytes(), height=crop.shape[0], width=crop.shape[1], text=text)
+        return PairJob(crop=crop.tobytes(), height=crop.shape[0], width=crop.shape[1])
 
-    def _crop_field(self, name: str, image: str, text: str) -> PairJob:
-        return self._crop(name, decode_image_field(image, settings.max_image_bytes), text)
+    def _crop_field(self, name: str, image: str) -> PairJob:
+        return self._crop(name, decode_image_field(image, settings.max_image_bytes))
 
     async def _in_pool(self, function: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.preprocessing.pool, function, *args)
 
-    async def _prepare(self, name: str, image: str | bytes | None, text: str | None) -> PairJob:
-        """Validate one pair and turn it into a crop: URL fetch (async), then decode in the pool."""
+    async def _image_job(self, name: str, image: str | bytes | None) -> PairJob:
+        """An image-only job: URL fetch (async) or base64 decode, then crop in the pool."""
         if image is None:
             raise E.InvalidRequestError("image is missing")
+        if isinstance(image, bytes):
+            return await self._in_pool(self._crop, name, image)
+        if is_url(image):
+            data = await fetch_image_bytes(image.strip(), self.fetch_policy)
+            return await self._in_pool(self._crop, name, data)
+        return await self._in_pool(self._crop_field, name, image)
+
+    @staticmethod
+    def _text_job(text: str | None, what: str = "text") -> PairJob:
+        if text is None:
+            raise E.InvalidRequestError(f"{what} is missing")
+        return PairJob(text=check_text(settings, text))
+
+    async def _prepare(
+        self, name: str, image: str | bytes | None, text: str | None, references: list[str] | None
+    ) -> PreparedPair:
+        """Validate one pair (and its references) and turn its image into a crop."""
         if text is None:
             raise E.InvalidRequestError("text is missing")
         check_text(settings, text)
-        if isinstance(image, bytes):
-            return await self._in_pool(self._crop, name, image, text)
-        if is_url(image):
-            data = await fetch_image_bytes(image.strip(), self.fetch_policy)
-            return await self._in_pool(self._crop, name, data, text)
-        return await self._in_pool(self._crop_field, name, image, text)
+        reference_jobs = [self._text_job(r, "reference") for r in references or []]
+        if references is not None and not reference_jobs:
+            raise E.InvalidRequestError("references is empty")
+        if len(reference_jobs) > settings.max_candidates:
+            raise E.TooManyItemsError(f"at most {settings.max_candidates} references per pair")
+        job = await self._image_job(name, image)
+        job.text, job.keep_vectors = text, bool(reference_jobs)
+        return PreparedPair(job, reference_jobs)
+
+    async def _score_pairs(
+        self, name: str, pairs: list[PreparedPair]
+    ) -> list[tuple[PairOutcome, float | None]]:
+        """Pairs and their references in one model batch; RefCLIPScore where references came."""
+        jobs = [job for pair in pairs for job in (pair.job, *pair.references)]
+        outcomes = iter(await self._score(name, jobs) if jobs else [])
+        scored = []
+        for pair in pairs:
+            outcome = next(outcomes)
+            reference_outcomes = [next(outcomes) for _ in pair.references]
+            ref_score = None
+            if reference_outcomes:
+                caption = _vector(outcome.text_vector)
+                similarities = [float(_vector(r.text_vector) @ caption) for r in reference_outcomes]
+                ref_score = ref_clip_score(outcome.cosine or 0.0, similarities)
+            scored.append((outcome, ref_score))
+        return scored
+
+    async def _model_status(self, name: str) -> ModelStatus:
+        if name not in self._statuses:
+            for status in await self.scorer.to_async.describe():
+                parsed = ModelStatus.model_validate(status)
+                self._statuses[parsed.name] = parsed
+        return self._statuses[name]
 
     async def _score(self, name: str, jobs: list[PairJob]) -> list[PairOutcome]:
         outcomes = await getattr(self.scorer.to_async, SCORE_APIS[name])(jobs)
@@ -342,36 +495,52 @@ class EvaluatorImpl:
         self._pairs.labels(name, "error").inc()
 
     async def _single(
-        self, image: str | bytes, text: str, model: str | None, ctx: bentoml.Context
-    ) -> SingleResult | JSONResponse:
+        self,
+        image: str | bytes,
+        text: str,
+        model: str | None,
+        ctx: bentoml.Context,
+        references: list[str] | None = None,
+        scale: Scale = "torchmetrics",
+    ) -> Response:
         try:
             name = resolve_model_name(settings, model)
-            job = await self._prepare(name, image, text)
+            pair = await self._prepare(name, image, text, references)
             if await ctx.request.is_disconnected():
                 raise ClientGoneError  # do not queue model work nobody will read
-            (outcome,) = await self._score(name, [job])
+            ((outcome, ref_score),) = await self._score_pairs(name, [pair])
         except ClipError as error:
             self._count_error(model or settings.default_model, error)
             return error_response(error, ctx)
         entry = self._entry(name)
         self._pairs.labels(name, "ok").inc()
-        return SingleResult(
-            score=100.0 * max(outcome.cosine, 0.0),
-            cosine=outcome.cosine,
+        cosine = outcome.cosine or 0.0
+        result = SingleResult(
+            score=clip_score(cosine),
+            cosine=cosine,
             model=name,
             pretrained=entry.pretrained,
             weights=entry.weights_source,
             text_truncated=outcome.text_truncated,
         )
+        _add_optional_scores(result, cosine, ref_score, scale)
+        return _json(result)
 
     # -- endpoints ----------------------------------------------------------------------------
 
     @bentoml.api(route="/evaluator/v1/evaluation/single")
     async def evaluate_single(
-        self, image: str, text: str, ctx: bentoml.Context, model: str | None = None
+        self,
+        image: str,
+        text: str,
+        ctx: bentoml.Context,
+        model: str | None = None,
+        references: list[str] | None = None,
+        scale: Scale = "torchmetrics",
     ) -> SingleResult:
-        """CLIP score of one image-caption pair. `image`: base64, data: URI or http(s) URL."""
-        return await self._single(image, text, model, ctx)  # type: ignore[return-value]
+        """CLIP score of one image-caption pair. `image`: base64, data: URI or http(s) URL.
+        `references` adds RefCLIPScore; `scale="paper"` adds Hessel et al.'s CLIP-S."""
+        return await self._single(image, text, model, ctx, references, scale)  # type: ignore[return-value]
 
     @bentoml.api(route="/evaluator/v1/evaluation/single/upload")
     async def evaluate_single_upload(
@@ -383,7 +552,11 @@ class EvaluatorImpl:
 
     @bentoml.api(route="/evaluator/v1/evaluation/batch")
     async def evaluate_batch(
-        self, items: list[BatchItem], ctx: bentoml.Context, model: str | None = None
+        self,
+        items: list[BatchItem],
+        ctx: bentoml.Context,
+        model: str | None = None,
+        scale: Scale = "torchmetrics",
     ) -> BatchResult:
         """CLIP scores of many pairs, in request order; a bad item fails alone."""
         try:
@@ -399,7 +572,7 @@ class EvaluatorImpl:
             return error_response(error, ctx)  # type: ignore[return-value]
 
         prepared = await asyncio.gather(
-            *(self._prepare(name, item.image, item.text) for item in items),
+            *(self._prepare(name, item.image, item.text, item.references) for item in items),
             return_exceptions=True,
         )
         for outcome in prepared:
@@ -407,8 +580,8 @@ class EvaluatorImpl:
                 raise outcome
         if await ctx.request.is_disconnected():
             return error_response(ClientGoneError(), ctx)  # type: ignore[return-value]
-        jobs = [job for job in prepared if isinstance(job, PairJob)]
-        outcomes = iter(await self._score(name, jobs) if jobs else [])
+        pairs = [pair for pair in prepared if isinstance(pair, PreparedPair)]
+        outcomes = iter(await self._score_pairs(name, pairs))
         results: list[BatchItemResult] = []
         for index, job in enumerate(prepared):
             if isinstance(job, ClipError):
@@ -423,27 +596,164 @@ class EvaluatorImpl:
                     )
                 )
                 continue
-            outcome = next(outcomes)
+            outcome, ref_score = next(outcomes)
             self._pairs.labels(name, "ok").inc()
-            results.append(
-                BatchItemResult(
-                    index=index,
-                    score=100.0 * max(outcome.cosine, 0.0),
-                    cosine=outcome.cosine,
-                    text_truncated=outcome.text_truncated,
-                    error=None,
-                )
+            cosine = outcome.cosine or 0.0
+            result = BatchItemResult(
+                index=index,
+                score=clip_score(cosine),
+                cosine=cosine,
+                text_truncated=outcome.text_truncated,
+                error=None,
             )
+            _add_optional_scores(result, cosine, ref_score, scale)
+            results.append(result)
         entry = self._entry(name)
         failed = sum(result.error is not None for result in results)
-        return BatchResult(
+        return _json(  # type: ignore[return-value]
+            BatchResult(
+                model=name,
+                pretrained=entry.pretrained,
+                weights=entry.weights_source,
+                results=results,
+                succeeded=len(results) - failed,
+                failed=failed,
+            )
+        )
+
+    async def _embed(self, name: str, jobs: list[PairJob]) -> list[PairOutcome]:
+        if len(jobs) > settings.max_batch_items:
+            raise E.TooManyItemsError(f"at most {settings.max_batch_items} inputs per request")
+        if not jobs:
+            raise E.InvalidRequestError("no inputs")
+        return await self._score(name, jobs)
+
+    async def _image_jobs(self, name: str, images: list[str], field: str) -> list[PairJob]:
+        """Image-only jobs; the first bad image fails the request, naming its index."""
+        if len(images) > settings.max_batch_items:
+            raise E.TooManyItemsError(f"at most {settings.max_batch_items} {field} per request")
+        prepared = await asyncio.gather(
+            *(self._image_job(name, image) for image in images), return_exceptions=True
+        )
+        for index, job in enumerate(prepared):
+            if isinstance(job, ClipError):
+                raise _at_index(job, field, index)
+            if isinstance(job, BaseException):
+                raise job
+        return list(prepared)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _text_jobs(texts: list[str], field: str) -> list[PairJob]:
+        jobs = []
+        for index, text in enumerate(texts):
+            try:
+                jobs.append(EvaluatorImpl._text_job(text))
+            except ClipError as error:
+                raise _at_index(error, field, index) from error
+        return jobs
+
+    @bentoml.api(route="/evaluator/v1/evaluation/rank")
+    async def evaluate_rank(
+        self,
+        ctx: bentoml.Context,
+        image: str | None = None,
+        texts: list[str] | None = None,
+        images: list[str] | None = None,
+        text: str | None = None,
+        model: str | None = None,
+    ) -> RankResult:
+        """Rank captions for one image (`image` + `texts`; zero-shot classification with label
+        prompts) or images for one caption (`images` + `text`), with softmax probabilities
+        under the model's own logit_scale."""
+        try:
+            name = resolve_model_name(settings, model)
+            by_texts = image is not None and texts is not None and images is None and text is None
+            by_images = images is not None and text is not None and image is None and texts is None
+            if not (by_texts or by_images):
+                raise E.InvalidRequestError(
+                    "send either `image` and `texts`, or `images` and `text`"
+                )
+            candidates = texts if by_texts else images
+            if not candidates:
+                raise E.InvalidRequestError("no candidates to rank")
+            if len(candidates) > settings.max_candidates:
+                raise E.TooManyItemsError(f"at most {settings.max_candidates} candidates")
+            if by_texts:
+                query = [await self._image_job(name, image)]
+                others = self._text_jobs(texts or [], "texts")
+            else:
+                query = [self._text_job(text)]
+                others = await self._image_jobs(name, images or [], "images")
+            outcomes = await self._score(name, query + others)
+            status = await self._model_status(name)
+        except ClipError as error:
+            self._count_error(model or settings.default_model, error)
+            return error_response(error, ctx)  # type: ignore[return-value]
+        pick = (lambda o: o.text_vector) if by_texts else (lambda o: o.image_vector)
+        anchor = _vector(outcomes[0].image_vector if by_texts else outcomes[0].text_vector)
+        values = cosines(anchor, np.stack([_vector(pick(o)) for o in outcomes[1:]]))
+        probabilities = softmax_probabilities(values, status.logit_scale)
+        entry = self._entry(name)
+        return _json(  # type: ignore[return-value]
+            RankResult(
+                model=name,
+                pretrained=entry.pretrained,
+                weights=entry.weights_source,
+                ranked="texts" if by_texts else "images",
+                logit_scale=status.logit_scale,
+                results=[
+                    RankCandidate(
+                        index=i, cosine=float(c), score=clip_score(float(c)), probability=float(p)
+                    )
+                    for i, (c, p) in enumerate(zip(values, probabilities, strict=True))
+                ],
+                best=int(np.argmax(values)),
+            )
+        )
+
+    @bentoml.api(route="/evaluator/v1/embeddings/image")
+    async def embed_images(
+        self, images: list[str], ctx: bentoml.Context, model: str | None = None
+    ) -> EmbeddingsResult:
+        """L2-normalised image embeddings (float32), batched with everything else."""
+        try:
+            name = resolve_model_name(settings, model)
+            outcomes = await self._embed(name, await self._image_jobs(name, images, "images"))
+        except ClipError as error:
+            self._count_error(model or settings.default_model, error)
+            return error_response(error, ctx)  # type: ignore[return-value]
+        vectors = [_vector(o.image_vector).tolist() for o in outcomes]
+        return self._embeddings(name, vectors, None)  # type: ignore[return-value]
+
+    @bentoml.api(route="/evaluator/v1/embeddings/text")
+    async def embed_texts(
+        self, texts: list[str], ctx: bentoml.Context, model: str | None = None
+    ) -> EmbeddingsResult:
+        """L2-normalised text embeddings (float32); `text_truncated` per text."""
+        try:
+            name = resolve_model_name(settings, model)
+            outcomes = await self._embed(name, self._text_jobs(texts, "texts"))
+        except ClipError as error:
+            self._count_error(model or settings.default_model, error)
+            return error_response(error, ctx)  # type: ignore[return-value]
+        vectors = [_vector(o.text_vector).tolist() for o in outcomes]
+        truncated = [o.text_truncated for o in outcomes]
+        return self._embeddings(name, vectors, truncated)  # type: ignore[return-value]
+
+    def _embeddings(
+        self, name: str, vectors: list[list[float]], truncated: list[bool] | None
+    ) -> JSONResponse:
+        entry = self._entry(name)
+        result = EmbeddingsResult(
             model=name,
             pretrained=entry.pretrained,
             weights=entry.weights_source,
-            results=results,
-            succeeded=len(results) - failed,
-            failed=failed,
+            dim=len(vectors[0]),
+            embeddings=vectors,
         )
+        if truncated is not None:
+            result.text_truncated = truncated
+        return _json(result)
 
     async def health(self) -> Response:
         try:

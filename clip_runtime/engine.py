@@ -25,7 +25,7 @@ from clip_runtime.errors import (
 )
 from clip_runtime.fetch import FetchPolicy
 from clip_runtime.images import ImageLimits, ImagePreprocessor
-from clip_runtime.model import BatchReport, ClipModel, PairScore
+from clip_runtime.model import BatchReport, ClipModel, JobOutcome, PairScore
 from clip_runtime.model_entry import ModelEntry, read_entry
 from clip_runtime.settings import ClipSettings
 
@@ -74,11 +74,13 @@ def check_text(settings: ClipSettings, text: str) -> str:
 
 @dataclass(frozen=True)
 class ScoreJob:
-    """One pair ready for a model batch: a preprocessed crop (HWC uint8) and its caption."""
+    """One job for a model batch: a preprocessed crop (HWC uint8) and/or a text. Both: a pair to
+    score; one: an embedding to compute. ``keep_vectors`` also returns a pair's embeddings."""
 
     model: str
-    crop: np.ndarray
-    text: str
+    crop: np.ndarray | None
+    text: str | None
+    keep_vectors: bool = False
 
 
 class Preprocessing:
@@ -127,11 +129,9 @@ class ClipEngine:
     def model(self, name: str | None) -> ClipModel:
         return self.models[resolve_model_name(self.settings, name)]
 
-    def score_jobs(
-        self, jobs: Sequence[ScoreJob]
-    ) -> tuple[list[PairScore], dict[str, BatchReport]]:
-        """Scores in job order; jobs are grouped by model and run in chunks of max_batch_size."""
-        results: list[PairScore | None] = [None] * len(jobs)
+    def run_jobs(self, jobs: Sequence[ScoreJob]) -> tuple[list[JobOutcome], dict[str, BatchReport]]:
+        """Outcomes in job order; jobs are grouped by model and run in chunks of max_batch_size."""
+        results: list[JobOutcome | None] = [None] * len(jobs)
         reports: dict[str, BatchReport] = {}
         by_model: dict[str, list[int]] = {}
         for index, job in enumerate(jobs):
@@ -141,13 +141,28 @@ class ClipEngine:
             model = self.model(name)
             report = reports.setdefault(name, BatchReport())
             for start in range(0, len(indices), step):
-                chunk = indices[start : start + step]
-                scores = model.score(
-                    [jobs[i].crop for i in chunk], [jobs[i].text for i in chunk], report
+                chunk = [jobs[i] for i in indices[start : start + step]]
+                outcomes = model.run(
+                    [job.crop for job in chunk],
+                    [job.text for job in chunk],
+                    [job.keep_vectors for job in chunk],
+                    report,
                 )
-                for i, score in zip(chunk, scores, strict=True):
-                    results[i] = score
+                for i, outcome in zip(indices[start : start + step], outcomes, strict=True):
+                    results[i] = outcome
         return [result for result in results if result is not None], reports
+
+    def score_jobs(
+        self, jobs: Sequence[ScoreJob]
+    ) -> tuple[list[PairScore], dict[str, BatchReport]]:
+        """Pair scores in job order (every job must carry a crop and a text)."""
+        outcomes, reports = self.run_jobs(jobs)
+        scores = []
+        for outcome in outcomes:
+            if outcome.cosine is None:
+                raise ValueError("score_jobs needs pairs; use run_jobs for embeddings")
+            scores.append(PairScore(cosine=outcome.cosine, text_truncated=outcome.text_truncated))
+        return scores, reports
 
     def score_pairs(
         self, model: str | None, pairs: Sequence[tuple[bytes, str]], pool: ThreadPoolExecutor

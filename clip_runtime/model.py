@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from cachetools import LRUCache
 from clip_runtime.device import dtype_name
 from clip_runtime.images import ImageLimits, ImagePreprocessor
 from clip_runtime.model_entry import ModelEntry, read_entry, verify_weights
+from clip_runtime.scoring import clip_score
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class PairScore:
     @property
     def score(self) -> float:
         """torchmetrics' CLIPScore scale: 100 * max(cos, 0)."""
-        return 100.0 * max(self.cosine, 0.0)
+        return clip_score(self.cosine)
 
 
 @dataclass
@@ -59,6 +61,16 @@ class BatchReport:
     encode_image_s: float = 0.0
     encode_text_s: float = 0.0
     score_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """One job's answer: a pair's cosine, and/or embeddings (L2-normalised float32)."""
+
+    cosine: float | None
+    text_truncated: bool
+    image_vector: np.ndarray | None
+    text_vector: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -176,22 +188,64 @@ class ClipModel:
         """Cosine of each (image crop, text) pair, in order. One forward pass per tower."""
         if len(crops) != len(texts):
             raise ValueError("score needs as many texts as images")
+        outcomes = self.run(crops, texts, [False] * len(crops), report)
+        return [
+            PairScore(cosine=o.cosine or 0.0, text_truncated=o.text_truncated) for o in outcomes
+        ]
+
+    def run(
+        self,
+        crops: Sequence[np.ndarray | None],
+        texts: Sequence[str | None],
+        keep_vectors: Sequence[bool],
+        report: BatchReport | None = None,
+    ) -> list[JobOutcome]:
+        """Mixed jobs in one pass per tower: a crop and a text give their cosine, either alone
+        gives its embedding; ``keep_vectors`` returns the embeddings of pairs too."""
         report = report if report is not None else BatchReport()
         report.items += len(crops)
-        if not crops:
-            return []
-        started = time.perf_counter()
-        image_vectors = self.encode_images(crops)
-        report.encode_image_s += time.perf_counter() - started
-        text_embeddings = self.encode_texts(texts, report)
-        started = time.perf_counter()
-        text_vectors = torch.stack([embedding.vector for embedding in text_embeddings])
-        cosines = (image_vectors * text_vectors).sum(dim=-1).cpu().tolist()  # one sync per batch
-        report.score_s += time.perf_counter() - started
-        return [
-            PairScore(cosine=cosine, text_truncated=embedding.truncated)
-            for cosine, embedding in zip(cosines, text_embeddings, strict=True)
-        ]
+        image_rows = [i for i, crop in enumerate(crops) if crop is not None]
+        text_rows = [i for i, text in enumerate(texts) if text is not None]
+        image_vectors: dict[int, torch.Tensor] = {}
+        if image_rows:
+            started = time.perf_counter()
+            encoded = self.encode_images([crops[i] for i in image_rows])  # type: ignore[misc]
+            image_vectors = dict(zip(image_rows, encoded, strict=True))
+            report.encode_image_s += time.perf_counter() - started
+        text_embeddings = dict(
+            zip(text_rows, self.encode_texts([texts[i] for i in text_rows], report), strict=True)  # type: ignore[misc]
+        )
+        pairs = [i for i in image_rows if i in text_embeddings]
+        cosines: dict[int, float] = {}
+        if pairs:
+            started = time.perf_counter()
+            stacked_images = torch.stack([image_vectors[i] for i in pairs])
+            stacked_texts = torch.stack([text_embeddings[i].vector for i in pairs])
+            values = (stacked_images * stacked_texts).sum(dim=-1).cpu().tolist()
+            cosines = dict(zip(pairs, values, strict=True))
+            report.score_s += time.perf_counter() - started  # includes the one device sync
+
+        def host(vector: torch.Tensor | None) -> np.ndarray | None:
+            return None if vector is None else vector.cpu().numpy()
+
+        outcomes = []
+        for i in range(len(crops)):
+            text = text_embeddings.get(i)
+            keep = keep_vectors[i] or i not in cosines  # a lone tower's answer is its vector
+            outcomes.append(
+                JobOutcome(
+                    cosine=cosines.get(i),
+                    text_truncated=bool(text and text.truncated),
+                    image_vector=host(image_vectors.get(i)) if keep else None,
+                    text_vector=host(text.vector if text else None) if keep else None,
+                )
+            )
+        return outcomes
+
+    @property
+    def logit_scale(self) -> float:
+        """The temperature the model was trained with (for softmax probabilities)."""
+        return float(self._model.logit_scale.exp().item())
 
     def warm_up(self) -> None:
         """One forward pass of each tower, so the first request does not pay for lazy init."""

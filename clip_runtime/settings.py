@@ -72,6 +72,11 @@ class ClipSettings(BaseSettings):
         default=4, ge=1, description="Smallest width or height accepted, in pixels."
     )
     max_batch_items: int = Field(default=256, ge=1, description="Most items in one batch request.")
+    max_candidates: int = Field(
+        default=256,
+        ge=1,
+        description="Most candidates in one rank request, and most references per pair.",
+    )
     max_text_chars: int = Field(
         default=10_000, ge=1, description="Longest caption accepted, in characters."
     )

@@ -125,7 +125,7 @@ def test_bento_source_is_the_service_code_only(bento: Path) -> None:
     shipped = {str(p.relative_to(bento / "src")) for p in (bento / "src").rglob("*") if p.is_file()}
     code = {
         str(path.relative_to(ROOT))
-        for folder in ("clip_runtime", "scripts")
+        for folder in ("clip_runtime", "scripts", "web")
         for path in (ROOT / folder).rglob("*")
         if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
     }
