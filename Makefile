@@ -12,7 +12,7 @@ BENTO ?= clip-score:latest
 IMAGE ?= clip-score:latest
 BACKEND ?= docker
 
-.PHONY: install dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
+.PHONY: browser install dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
         build containerize test run-unit-test-suite-local test-unit test-integration lint format \
         settings-table
 
@@ -68,7 +68,13 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 # The whole suite: lint, engine unit tests, and integration tests against `bentoml serve`.
-test: lint
+# The demo page test drives Debian's chromium (Playwright's browser download is not used).
+browser:
+	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium for the demo page test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: lint browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-unit run-unit-test-suite-local: install

@@ -195,3 +195,25 @@ def test_demo_page_renders_the_api_scores(server: ServerProcess, tmp_path: Path)
             for c in captions
         ]
     np.testing.assert_allclose(rendered, expected, atol=1e-3)
+
+
+def test_generated_client_for_every_endpoint(
+    server: ServerProcess, images: list[bytes], tmp_path: Path
+) -> None:
+    import bentoml
+
+    picture = tmp_path / "picture.jpg"
+    picture.write_bytes(images[0])
+    with bentoml.SyncHTTPClient(server.url) as generated:
+        ranked = generated.evaluate_rank(image=b64(images[0]), texts=CAPTIONS)
+        refs = generated.evaluate_single(
+            image=b64(images[0]), text=CAPTIONS[0], references=["a kitten"], scale="paper"
+        )
+        image_vectors = generated.embed_images(images=[b64(images[0])])["embeddings"]
+        text_vectors = generated.embed_texts(texts=CAPTIONS, model="ViT-L-14")["embeddings"]
+        uploaded = generated.evaluate_single_upload(image=picture, text=CAPTIONS[0])
+    assert ranked["results"][0]["cosine"] == pytest.approx(refs["cosine"], abs=1e-5)
+    assert uploaded["cosine"] == pytest.approx(refs["cosine"], abs=1e-5)
+    assert refs["clip_s"] == pytest.approx(2.5 * max(refs["cosine"], 0))
+    assert 0 <= refs["ref_clip_score"] <= 2.5
+    assert len(image_vectors[0]) == 512 and len(text_vectors) == 3 and len(text_vectors[0]) == 768

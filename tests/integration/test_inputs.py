@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import bentoml
 import httpx
 import pytest
 import schemathesis
@@ -88,6 +89,8 @@ def test_api_keys(locked_server: ServerProcess) -> None:
             "/evaluator/metrics",
         ):
             assert client.get(open_path).status_code == 200, open_path
+    with bentoml.SyncHTTPClient(locked_server.url, token=KEYS[1]) as generated:
+        assert generated.evaluate_single(image=b64(JPEG), text="a cat")["model"] == "ViT-B-32"
     log = locked_server.log_path.read_text()
     assert all(key not in log for key in KEYS)
 
