@@ -50,6 +50,13 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def scrape(client: httpx.Client) -> str:
+    response = client.get("/evaluator/metrics")
+    assert response.status_code == 200, response.text
+    assert "clip_model_batches_total" in response.text, response.text[-2000:]
+    return response.text
+
+
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> httpx.Client:
     with httpx.Client(base_url=server.url, timeout=300) as c:
@@ -179,7 +186,7 @@ def test_concurrent_singles_share_model_batches(
     client: httpx.Client, server: ServerProcess
 ) -> None:
     """Adaptive batching, proven from the server's own counters."""
-    before = client.get("/evaluator/metrics").text
+    before = scrape(client)
     requests = 24
     payloads = [
         {"image": b64(jpeg_bytes(i % 4, 320, 240)), "text": f"caption {i % 6}"}
@@ -192,7 +199,7 @@ def test_concurrent_singles_share_model_batches(
         return [r.status_code for r in responses]
 
     assert asyncio.run(fire()) == [200] * requests
-    after = client.get("/evaluator/metrics").text
+    after = scrape(client)
     labels = {"model": "ViT-B-32"}
     batches = metric(after, "clip_model_batches_total", **labels) - metric(
         before, "clip_model_batches_total", **labels
