@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -10,28 +9,16 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from PIL import Image
 
 from clip_runtime import ClipEngine, ClipSettings, ScoreJob
 from clip_runtime.errors import EmptyTextError, InvalidImageError, UnknownModelError
 from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
 from tests.images import jpeg_bytes
+from tests.reference import reference_cosines
 
 LIMITS = ImageLimits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, min_image_side=4)
 CAPTIONS = ["a photo of a cat", "a diagram of a bridge", "two dogs on a beach at sunset"]
-
-
-def reference_cosines(folder: Path, images: list[bytes], texts: list[str]) -> list[float]:
-    """open_clip end to end, its own way: its transform, tokenizer and normalize=True, fp32."""
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-    model.eval()
-    with torch.no_grad():
-        pixels = torch.stack([preprocess(Image.open(io.BytesIO(data))) for data in images])
-        image_features = model.encode_image(pixels, normalize=True)
-        text_features = model.encode_text(tokenizer(texts), normalize=True)
-    return (image_features * text_features).sum(-1).tolist()
 
 
 def load(folder: Path, cache: int = 16) -> ClipModel:

@@ -27,12 +27,6 @@ CAPTIONS = ["a photo of a cat", "a red bus", "a bowl of soup"]
 
 
 @pytest.fixture(scope="module")
-def client(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=300) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def images() -> list[bytes]:
     return [jpeg_bytes(seed, 320, 240) for seed in range(10, 13)]
 

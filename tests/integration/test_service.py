@@ -3,38 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import re
 from pathlib import Path
 
 import bentoml
 import httpx
 import numpy as np
-import open_clip
 import pytest
-import torch
-from PIL import Image
 
 from tests.images import b64, jpeg_bytes
 from tests.integration.server import ServerProcess, model_folder
+from tests.reference import reference_cosines
 
 pytestmark = pytest.mark.integration
 
 SINGLE = "/evaluator/v1/evaluation/single"
 BATCH = "/evaluator/v1/evaluation/batch"
 CAPTIONS = ["a photo of a cat", "a red bus in the rain", "a bowl of soup"]
-
-
-def reference(folder: Path, images: list[bytes], texts: list[str]) -> list[float]:
-    """open_clip on the same saved weights, in this process, its own way."""
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-    model.eval()
-    with torch.no_grad():
-        pixels = torch.stack([preprocess(Image.open(io.BytesIO(d))) for d in images])
-        a = model.encode_image(pixels, normalize=True)
-        b = model.encode_text(tokenizer(texts), normalize=True)
-    return (a * b).sum(-1).tolist()
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -58,12 +43,6 @@ def scrape(client: httpx.Client) -> str:
 
 
 @pytest.fixture(scope="module")
-def client(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=300) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def images() -> list[bytes]:
     return [jpeg_bytes(seed) for seed in range(3)]
 
@@ -71,7 +50,7 @@ def images() -> list[bytes]:
 def test_single_matches_open_clip(
     client: httpx.Client, bentoml_home: Path, images: list[bytes]
 ) -> None:
-    expected = reference(model_folder(bentoml_home, "clip-vit-b-32"), images, CAPTIONS)
+    expected = reference_cosines(model_folder(bentoml_home, "clip-vit-b-32"), images, CAPTIONS)
     for data, text, cosine in zip(images, CAPTIONS, expected, strict=True):
         response = client.post(SINGLE, json={"image": b64(data), "text": text})
         assert response.status_code == 200, response.text
@@ -225,7 +204,7 @@ def test_generated_client(server: ServerProcess, images: list[bytes]) -> None:
 def test_vit_l_14(client: httpx.Client, bentoml_home: Path, images: list[bytes]) -> None:
     """The large model, with its own preprocessing (mean/std 0.5), single and batch."""
     folder = model_folder(bentoml_home, "clip-vit-l-14")
-    expected = reference(folder, images[:2], CAPTIONS[:2])
+    expected = reference_cosines(folder, images[:2], CAPTIONS[:2])
     single = client.post(
         SINGLE, json={"image": b64(images[0]), "text": CAPTIONS[0], "model": "ViT-L-14"}
     )
