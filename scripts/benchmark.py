@@ -306,6 +306,31 @@ async def closed_loop(
     return latencies, errors, elapsed
 
 
+def scrape(base_url: str, model: str) -> dict[str, float]:
+    """Batch and cache counters from the service's Prometheus text (for deltas around a run)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {
+        "clip_model_batch_items_sum": "batch_items",
+        "clip_model_batch_items_count": "batches",
+        "clip_text_cache_total": "cache",
+    }
+    values: dict[str, float] = {}
+    try:
+        text = httpx.get(base_url + "/evaluator/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return values
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") != model or sample.name not in wanted:
+                continue
+            key = wanted[sample.name]
+            if key == "cache":
+                key = "cache_" + sample.labels.get("result", "")
+            values[key] = values.get(key, 0.0) + sample.value
+    return values
+
+
 def measure_service(
     base_url: str,
     name: str,
@@ -314,7 +339,7 @@ def measure_service(
     server_pid: int | None,
     naive: float,
     ceiling: float,
-) -> list[Row]:
+) -> tuple[list[Row], dict[str, float]]:
     single = [
         json.dumps(
             {
@@ -358,6 +383,7 @@ def measure_service(
                 config.batch_seconds,
             )
         )
+    before = scrape(base_url, name)
     # Warm-up: first requests pay for connection set-up and lazy paths.
     asyncio.run(closed_loop(base_url + plans[0][1], single, 4, 2.0))
     rows = []
@@ -388,7 +414,15 @@ def measure_service(
             )
         )
         print(json.dumps(asdict(rows[-1])), flush=True)
-    return rows
+    after = scrape(base_url, name)
+    delta = {key: after[key] - before.get(key, 0.0) for key in after}
+    counters: dict[str, float] = {}
+    if delta.get("batches"):
+        counters["mean pairs per model batch"] = round(delta["batch_items"] / delta["batches"], 1)
+    lookups = delta.get("cache_hit", 0.0) + delta.get("cache_miss", 0.0)
+    if lookups:
+        counters["text cache hit rate"] = round(delta.get("cache_hit", 0.0) / lookups, 3)
+    return rows, counters
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -593,7 +627,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name in args.models:
                 naive_row = next(r for r in rows if r.model == name and r.name.startswith("naive"))
                 ceiling_row = next(r for r in rows if r.model == name and r.name.startswith("ceil"))
-                service_rows = measure_service(
+                service_rows, counters = measure_service(
                     base_url,
                     name,
                     images_b64,
@@ -603,6 +637,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     ceiling_row.pairs_s,
                 )
                 rows += service_rows
+                summary[name].update(counters)
                 c16 = next(r for r in service_rows if r.concurrency == 16 and r.pairs_per_call == 1)
                 c64 = next(r for r in service_rows if r.concurrency == 64 and r.pairs_per_call == 1)
                 summary[name]["service c16 / naive (CPU target >= 2)"] = c16.vs_naive
