@@ -227,10 +227,8 @@ class ClipEngine:
                 if fast_rows:
                     crops[fast_rows] = tensor.crop([decoded[good[row]] for row in fast_rows])
                 for row, i in enumerate(good):
-                    if i in slow_crops:
-                        crops[row] = torch.tensor(slow_crops[i]).permute(
-                            2, 0, 1
-                        )  # a copy: read-only
+                    if i in slow_crops:  # torch.tensor copies: the PIL crop is read-only
+                        crops[row] = torch.tensor(slow_crops[i]).permute(2, 0, 1)
                 scores = model.score_pixels(tensor.normalize(crops), [str(texts[i]) for i in good])
                 outcome.update(zip(good, scores, strict=True))
             for i, text in enumerate(texts):
