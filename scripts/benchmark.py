@@ -212,7 +212,7 @@ def measure_pipeline(
         name=label,
         pairs_s=round(len(pairs) / sum(times), 3),
         calls=len(times),
-        pairs_per_call=step,
+        pairs_per_call=min(step, len(pairs)),
         peak_rss_mb=mb(rss.peak),
         peak_gpu_mb=gpu["mb"],
         note=f"decode workers {engine.settings.decode_workers}",
