@@ -14,7 +14,7 @@ BACKEND ?= docker
 
 .PHONY: browser install dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
         build containerize test run-unit-test-suite-local test-unit test-integration lint format \
-        settings-table
+        settings-table bench bench-quick
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -85,3 +85,12 @@ test-integration: install
 
 settings-table: install
 	$(PY) -m clip_runtime.settings
+
+# scripts/benchmark.py: ceiling, in-process pipeline, naive per-pair loop and the service over
+# HTTP, appended to docs/benchmarks.md. BENCH_ARGS e.g. "--models ViT-B-32 --notes 'shared box'".
+BENCH_ARGS ?=
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py $(BENCH_ARGS)
+
+bench-quick: install
+	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py --quick $(BENCH_ARGS)

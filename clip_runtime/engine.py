@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from clip_runtime.device import resolve_device, resolve_dtype
 from clip_runtime.errors import (
@@ -28,6 +29,7 @@ from clip_runtime.images import ImageLimits, ImagePreprocessor
 from clip_runtime.model import BatchReport, ClipModel, JobOutcome, PairScore
 from clip_runtime.model_entry import ModelEntry, read_entry
 from clip_runtime.settings import ClipSettings
+from clip_runtime.tensor_decode import TensorPreprocessor, tensor_decode_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,13 @@ class ClipEngine:
             self.models[name] = ClipModel(
                 name, folders[name], device, dtype, limits, settings.text_cache_size
             )
+        # The batched torch decode path (nvjpeg on CUDA), for in-process scoring.
+        self.tensor_preprocessors: dict[str, TensorPreprocessor] = {}
+        if tensor_decode_enabled(settings.gpu_decode, device):
+            for name, model in self.models.items():
+                self.tensor_preprocessors[name] = TensorPreprocessor(
+                    model.entry.preprocess_cfg, limits, device
+                )
         self.ready = False
 
     def warm_up(self) -> None:
@@ -169,6 +178,8 @@ class ClipEngine:
     ) -> list[PairScore | ClipError]:
         """In-process end to end: decode in ``pool``, score the good pairs, keep per-item errors."""
         name = resolve_model_name(self.settings, model)
+        if name in self.tensor_preprocessors:
+            return self._score_pairs_tensor(name, pairs, pool)
         preprocessor = self.models[name].preprocessor
 
         def prepare(pair: tuple[bytes, str]) -> ScoreJob | ClipError:
@@ -184,3 +195,64 @@ class ClipEngine:
         jobs = [job for job in prepared if isinstance(job, ScoreJob)]
         scores = iter(self.score_jobs(jobs)[0])
         return [next(scores) if isinstance(item, ScoreJob) else item for item in prepared]
+
+    def _score_pairs_tensor(
+        self, name: str, pairs: Sequence[tuple[bytes, str]], pool: ThreadPoolExecutor
+    ) -> list[PairScore | ClipError]:
+        """``score_pairs`` through the tensor decode path, a chunk of max_batch_size at a time.
+        Images it does not support (or cannot decode) go through the PIL path, which also turns
+        bad input into the same per-item errors."""
+        model = self.models[name]
+        tensor = self.tensor_preprocessors[name]
+        results: list[PairScore | ClipError] = []
+        step = self.settings.max_batch_size
+        for start in range(0, len(pairs), step):
+            chunk = pairs[start : start + step]
+            texts: list[str | ClipError] = []
+            for _, text in chunk:
+                try:
+                    texts.append(check_text(self.settings, text))
+                except ClipError as error:
+                    texts.append(error)
+            wanted = [i for i, text in enumerate(texts) if not isinstance(text, ClipError)]
+            fast = [i for i in wanted if tensor.supports(chunk[i][0])]
+            decoded = dict(
+                zip(fast, tensor.decode_each([chunk[i][0] for i in fast], pool), strict=True)
+            )
+            slow = [i for i in wanted if decoded.get(i) is None]
+            slow_crops = dict(
+                zip(
+                    slow,
+                    pool.map(
+                        _pil_crop, [model.preprocessor] * len(slow), [chunk[i][0] for i in slow]
+                    ),
+                    strict=True,
+                )
+            )
+            outcome: dict[int, PairScore | ClipError] = {
+                i: error for i, error in slow_crops.items() if isinstance(error, ClipError)
+            }
+            good = [i for i in wanted if i not in outcome]
+            if good:
+                # One uint8 batch on the device in chunk order, whichever path made each crop.
+                crops = torch.empty(
+                    (len(good), 3, *tensor.size), dtype=torch.uint8, device=tensor.device
+                )
+                fast_rows = [row for row, i in enumerate(good) if decoded.get(i) is not None]
+                if fast_rows:
+                    crops[fast_rows] = tensor.crop([decoded[good[row]] for row in fast_rows])
+                for row, i in enumerate(good):
+                    if i in slow_crops:  # torch.tensor copies: the PIL crop is read-only
+                        crops[row] = torch.tensor(slow_crops[i]).permute(2, 0, 1)
+                scores = model.score_pixels(tensor.normalize(crops), [str(texts[i]) for i in good])
+                outcome.update(zip(good, scores, strict=True))
+            for i, text in enumerate(texts):
+                results.append(text if isinstance(text, ClipError) else outcome[i])
+        return results
+
+
+def _pil_crop(preprocessor: ImagePreprocessor, data: bytes) -> np.ndarray | ClipError:
+    try:
+        return preprocessor.from_bytes(data)
+    except ClipError as error:
+        return error

@@ -143,7 +143,12 @@ class ClipModel:
     @torch.inference_mode()
     def encode_images(self, crops: list[np.ndarray]) -> torch.Tensor:
         """L2-normalised float32 image embeddings, one row per crop, on the model's device."""
-        pixels = self.preprocessor.to_model_input(crops, self.device).to(self.dtype)
+        return self.encode_pixels(self.preprocessor.to_model_input(crops, self.device))
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Embeddings of an already normalised NCHW float batch (PIL or tensor-decode path)."""
+        pixels = pixels.to(self.device, non_blocking=True).to(self.dtype)
         return F.normalize(self._model.encode_image(pixels).float(), dim=-1)
 
     @torch.inference_mode()
@@ -246,6 +251,29 @@ class ClipModel:
     def logit_scale(self) -> float:
         """The temperature the model was trained with (for softmax probabilities)."""
         return float(self._model.logit_scale.exp().item())
+
+    def score_pixels(
+        self, pixels: torch.Tensor, texts: list[str], report: BatchReport | None = None
+    ) -> list[PairScore]:
+        """``score`` for a normalised NCHW batch (one row per text), however it was made."""
+        if len(pixels) != len(texts):
+            raise ValueError("score needs as many texts as images")
+        report = report if report is not None else BatchReport()
+        report.items += len(texts)
+        if not texts:
+            return []
+        started = time.perf_counter()
+        image_vectors = self.encode_pixels(pixels)
+        report.encode_image_s += time.perf_counter() - started
+        text_embeddings = self.encode_texts(texts, report)
+        started = time.perf_counter()
+        text_vectors = torch.stack([embedding.vector for embedding in text_embeddings])
+        cosines = (image_vectors * text_vectors).sum(dim=-1).cpu().tolist()  # one sync per batch
+        report.score_s += time.perf_counter() - started
+        return [
+            PairScore(cosine=cosine, text_truncated=embedding.truncated)
+            for cosine, embedding in zip(cosines, text_embeddings, strict=True)
+        ]
 
     def warm_up(self) -> None:
         """One forward pass of each tower, so the first request does not pay for lazy init."""

@@ -57,6 +57,12 @@ class ClipSettings(BaseSettings):
         ge=1,
         description="Threads decoding and preprocessing images (default: CPU count).",
     )
+    gpu_decode: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="In-process scoring (CLI, benchmark): decode JPEGs with nvjpeg and resize, "
+        "crop and normalise batches on the device; `auto`: on CUDA only; `on` runs the same "
+        "torch code on CPU too. Not used by the HTTP service yet.",
+    )
     max_request_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest request body accepted."
     )

@@ -1,0 +1,139 @@
+"""JPEG decode and open_clip's eval preprocessing as batched torch ops: the GPU hot path.
+
+On CUDA, ``torchvision.io.decode_jpeg(..., device="cuda")`` decodes a whole batch with nvjpeg
+and resize / centre crop / normalise run on the GPU, so the CPU only parses headers. The same
+code runs on CPU tensors (libjpeg-turbo decode, torch bicubic resize), which is how the suite
+checks it against the PIL path without a GPU.
+
+It reproduces open_clip's ``Resize(shortest side, bicubic, antialias) -> CenterCrop -> ToTensor
+-> Normalize`` with torch's resampling instead of Pillow's, quantised back to uint8 after the
+resize exactly as the PIL path is. Pillow and torch differ in their filter arithmetic (fixed
+point vs float) and libjpeg-turbo vs Pillow's libjpeg can differ in IDCT/upsampling, so pixels
+differ by a few uint8 levels; ``tests/test_tensor_decode.py`` bounds the difference (pixels and
+the cosines they cause). Anything this path does not handle exactly like the PIL path (not a
+baseline-decodable JPEG, CMYK, an EXIF rotation, a limit violated) is reported as unsupported,
+and the caller falls back to the PIL path, which also produces the proper error.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from clip_runtime.images import ImageLimits
+
+TensorDecodeMode = Literal["auto", "on", "off"]
+
+_EXIF_ORIENTATION = 0x0112
+_INTERPOLATION = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+def tensor_decode_enabled(mode: TensorDecodeMode, device: torch.device) -> bool:
+    """``auto``: only on CUDA, where it moves decode off the CPU; on CPU the PIL path with its
+    thread pool is as fast and is the reference."""
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+class TensorPreprocessor:
+    """Encoded JPEGs -> the model's normalised NCHW float32 input, batched on ``device``."""
+
+    def __init__(
+        self, preprocess_cfg: dict[str, Any], limits: ImageLimits, device: torch.device
+    ) -> None:
+        resize_mode = preprocess_cfg.get("resize_mode", "shortest")
+        if resize_mode != "shortest":  # open_clip's other modes pad or squash; not implemented
+            raise ValueError(f"tensor decode supports resize_mode 'shortest', not {resize_mode!r}")
+        size = preprocess_cfg["size"]
+        self.size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[assignment]
+        self.interpolation = _INTERPOLATION[preprocess_cfg.get("interpolation", "bicubic")]
+        self.limits = limits
+        self.device = device
+        self._mean = torch.tensor(preprocess_cfg["mean"], device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(preprocess_cfg["std"], device=device).view(1, 3, 1, 1)
+
+    def supports(self, data: bytes) -> bool:
+        """True when this path decodes ``data`` as the PIL path would (header only, no pixels)."""
+        if len(data) > self.limits.max_image_bytes or not data.startswith(b"\xff\xd8"):
+            return False
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                image = Image.open(io.BytesIO(data))
+                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # let the PIL path name the problem
+            return False
+        width, height = image.size
+        return (
+            image.format in {"JPEG", "MPO"}
+            and image.mode in {"RGB", "L"}  # CMYK/YCCK: Pillow converts differently
+            and orientation == 1
+            and width * height <= self.limits.max_image_pixels
+            and min(width, height) >= self.limits.min_image_side
+        )
+
+    def decode(self, images: list[bytes]) -> list[torch.Tensor]:
+        """CHW uint8 RGB on ``device``: one nvjpeg call for the whole list on CUDA."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        raw = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision 0.29 flags its image IO as deprecated
+            if self.device.type == "cuda":
+                return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device))
+            return [decode_jpeg(item, mode=ImageReadMode.RGB) for item in raw]
+
+    def decode_each(
+        self, images: list[bytes], pool: ThreadPoolExecutor | None = None
+    ) -> list[torch.Tensor | None]:
+        """``decode``, with None for an image it cannot decode (the caller retries it with PIL,
+        which names the error). nvjpeg fails a whole batch for one bad image, hence the retry one
+        by one; libjpeg decodes run in ``pool`` (it releases the GIL)."""
+        if self.device.type == "cuda":
+            try:
+                return list(self.decode(images))
+            except RuntimeError:
+                pass
+
+        def one(data: bytes) -> torch.Tensor | None:
+            try:
+                return self.decode([data])[0]
+            except RuntimeError:
+                return None
+
+        return list(pool.map(one, images)) if pool is not None else [one(d) for d in images]
+
+    def crop(self, decoded: list[torch.Tensor]) -> torch.Tensor:
+        """Resize (shortest side) + centre crop, NCHW uint8; images of one size resize together."""
+        out = torch.empty((len(decoded), 3, *self.size), dtype=torch.uint8, device=self.device)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(decoded):
+            by_shape.setdefault(tuple(image.shape), []).append(index)
+        for indices in by_shape.values():
+            batch = torch.stack([decoded[i] for i in indices]).to(torch.float32)
+            # An int size is torchvision's "shortest side" rule, as open_clip's Resize uses.
+            resized = TF.resize(
+                batch, [min(self.size)], interpolation=self.interpolation, antialias=True
+            )
+            cropped = TF.center_crop(resized, list(self.size))
+            # Quantise as Pillow does (its resize outputs uint8), so both paths feed ToTensor
+            # the same kind of value.
+            out[indices] = cropped.round_().clamp_(0, 255).to(torch.uint8)
+        return out
+
+    def normalize(self, crops: torch.Tensor) -> torch.Tensor:
+        """ToTensor's /255 and the tag's mean/std, float32, batched."""
+        return (crops.to(torch.float32) / 255 - self._mean) / self._std
+
+    def to_model_input(self, images: list[bytes]) -> torch.Tensor:
+        return self.normalize(self.crop(self.decode(images)))
