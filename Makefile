@@ -11,6 +11,8 @@ OTEL_EXPORTER_OTLP_ENDPOINT ?= http://127.0.0.1:4318
 BENTO ?= clip-score:latest
 IMAGE ?= clip-score:latest
 BACKEND ?= docker
+# Bounded drain on SIGTERM: without it uvicorn can wait forever for a stuck request.
+SERVE_FLAGS ?= --timeout-graceful-shutdown 20
 
 .PHONY: install dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
         build containerize test run-unit-test-suite-local test-unit test-integration lint format \
@@ -34,10 +36,10 @@ save-models-demo: install
 	$(PY) scripts/save_models.py --random-init --seed $(SEED) --if-missing
 
 serve: save-models
-	$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT)
+	$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT) $(SERVE_FLAGS)
 
 serve-demo: save-models-demo
-	$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT)
+	$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT) $(SERVE_FLAGS)
 
 run-local: serve
 
@@ -45,7 +47,7 @@ run-local: serve
 # for the OTLP exporter; the tracing configuration that sends spans there is set up separately.
 run-local-otel: save-models
 	OTEL_EXPORTER_OTLP_ENDPOINT=$(OTEL_EXPORTER_OTLP_ENDPOINT) \
-		$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT)
+		$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT) $(SERVE_FLAGS)
 
 # A Bento (bentofile.yaml) with the models in the store: save them first (`make save-models`, or
 # `make save-models-demo` for an untrained demo image). CLIP_MODELS picks which ones it carries.

@@ -28,6 +28,7 @@ from clip_runtime.engine import fetch_policy, resolve_model_name
 from clip_runtime.fetch import fetch_image_bytes
 from clip_runtime.images import decode_image_field, is_url
 from clip_runtime.model_entry import ModelEntry, store_name
+from clip_runtime.overload import InFlightLimitMiddleware, PairQueue
 from clip_runtime.settings import KNOWN_MODELS
 from http_layer import RequestGuardMiddleware, error_body
 
@@ -52,6 +53,7 @@ ERROR_STATUS: dict[type[ClipError], HTTPStatus] = {
     E.UrlFetchFailedError: HTTPStatus.UNPROCESSABLE_ENTITY,
     E.UnauthorizedError: HTTPStatus.UNAUTHORIZED,
     E.ModelNotReadyError: HTTPStatus.SERVICE_UNAVAILABLE,
+    E.OverloadedError: HTTPStatus.SERVICE_UNAVAILABLE,
 }
 CLIENT_CLOSED_REQUEST = 499  # nobody reads it; it shows in access logs and metrics
 
@@ -292,6 +294,7 @@ class EvaluatorImpl:
 
         self.preprocessing = Preprocessing(settings, _model_folders(self))
         self.fetch_policy = fetch_policy(settings)
+        self.queue = PairQueue(settings.max_queued_pairs)
         self._pairs = prometheus_client.Counter(
             "clip_pairs", "Image-text pairs answered", ["model", "outcome"]
         )
@@ -334,7 +337,14 @@ class EvaluatorImpl:
         return await self._in_pool(self._crop_field, name, image, text)
 
     async def _score(self, name: str, jobs: list[PairJob]) -> list[PairOutcome]:
-        outcomes = await getattr(self.scorer.to_async, SCORE_APIS[name])(jobs)
+        self.queue.acquire(len(jobs))
+        try:
+            outcomes = await getattr(self.scorer.to_async, SCORE_APIS[name])(jobs)
+        except bentoml.exceptions.ServiceUnavailable as exc:
+            # The batcher cancels what cannot meet max_latency_ms: that is overload too.
+            raise E.OverloadedError("the model queue is full; retry later") from exc
+        finally:
+            self.queue.release(len(jobs))
         return [PairOutcome.model_validate(outcome) for outcome in outcomes]
 
     def _count_error(self, name: str, error: ClipError) -> None:
@@ -408,7 +418,11 @@ class EvaluatorImpl:
         if await ctx.request.is_disconnected():
             return error_response(ClientGoneError(), ctx)  # type: ignore[return-value]
         jobs = [job for job in prepared if isinstance(job, PairJob)]
-        outcomes = iter(await self._score(name, jobs) if jobs else [])
+        try:
+            outcomes = iter(await self._score(name, jobs) if jobs else [])
+        except E.OverloadedError as error:
+            self._count_error(name, error)
+            return error_response(error, ctx)  # type: ignore[return-value]
         results: list[BatchItemResult] = []
         for index, job in enumerate(prepared):
             if isinstance(job, ClipError):
@@ -490,4 +504,11 @@ Evaluator.add_asgi_middleware(
     max_request_bytes=settings.max_request_bytes,
     api_keys=tuple(settings.api_keys),
     open_paths=tuple(settings.auth_open_paths),
+    retry_after_s=settings.retry_after_s,
+)
+Evaluator.add_asgi_middleware(  # after the guard, so inside it: sheds carry the request id
+    InFlightLimitMiddleware,
+    limit=settings.max_in_flight,
+    retry_after_s=settings.retry_after_s,
+    prefix="/evaluator/v1/",
 )
