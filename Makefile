@@ -16,7 +16,7 @@ SERVE_FLAGS ?= --timeout-graceful-shutdown 20
 
 .PHONY: install dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
         build containerize test run-unit-test-suite-local test-unit test-integration lint format \
-        settings-table
+        settings-table load-test reliability
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -81,3 +81,15 @@ test-integration: install
 
 settings-table: install
 	$(PY) -m clip_runtime.settings
+
+# Locust headless against URL (default: a service started here on 127.0.0.1, random-init models
+# when none are saved). Reports under reports/; non-zero exit on unexpected failures.
+USERS ?= 8
+RUN_TIME ?= 60s
+load-test: install
+	HF_HUB_OFFLINE=1 $(PY) -m load_tests.run --users $(USERS) --run-time $(RUN_TIME) \
+		$(if $(URL),--url $(URL))
+
+# The long fault checks (overload at 2x capacity, worker SIGKILL, soak), each with a verdict.
+reliability: install
+	HF_HUB_OFFLINE=1 $(PY) -m load_tests.faults all
