@@ -12,7 +12,8 @@ BENTO ?= clip-score:latest
 IMAGE ?= clip-score:latest
 BACKEND ?= docker
 # Bounded drain on SIGTERM: without it uvicorn can wait forever for a stuck request.
-SERVE_FLAGS ?= --timeout-graceful-shutdown 20
+# 60 s: the default CLIP_MAX_LATENCY_MS, so accepted requests are not cut off.
+SERVE_FLAGS ?= --timeout-graceful-shutdown 60
 
 .PHONY: install dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
         build containerize test run-unit-test-suite-local test-unit test-integration lint format \

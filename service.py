@@ -30,6 +30,7 @@ from clip_runtime.images import decode_image_field, is_url
 from clip_runtime.model_entry import ModelEntry, store_name
 from clip_runtime.overload import InFlightLimitMiddleware, PairQueue
 from clip_runtime.settings import KNOWN_MODELS
+from clip_runtime.shutdown import stop_after_siblings_on_sigterm
 from http_layer import RequestGuardMiddleware, error_body
 
 logger = logging.getLogger("clip_service")
@@ -148,17 +149,21 @@ class ModelStatus(BaseModel):
     ready: bool
 
 
+def _not_saved(reference: Any) -> E.ModelStoreError:
+    return E.ModelStoreError(
+        f"model {reference.tag} is not in the BentoML model store (BENTOML_HOME). "
+        "Save it with `python scripts/save_models.py` (or add --random-init for an "
+        "offline demo), or serve fewer models with CLIP_MODELS."
+    )
+
+
 def _model_folders(owner: Any) -> dict[str, Path]:
     """Store folders of the served models, with a clear error when one was never saved."""
     folders: dict[str, Path] = {}
     for name in settings.models:
         reference = type(owner).__dict__[MODEL_ATTRS[name]]
         if reference.stored is None:  # checked first: resolving would try BentoCloud
-            raise E.ModelStoreError(
-                f"model {reference.tag} is not in the BentoML model store (BENTOML_HOME). "
-                "Save it with `python scripts/save_models.py` (or add --random-init for an "
-                "offline demo), or serve fewer models with CLIP_MODELS."
-            )
+            raise _not_saved(reference)
         folders[name] = Path(getattr(owner, MODEL_ATTRS[name]).path)
     return folders
 
@@ -185,7 +190,10 @@ def _with_served_models(cls: type, batch_apis: bool = False) -> type:
     for name in settings.models:
         if name not in MODEL_ATTRS:
             raise E.ModelStoreError(f"CLIP_MODELS names {name!r}; known: {list(KNOWN_MODELS)}")
-        setattr(cls, MODEL_ATTRS[name], bentoml.models.BentoModel(store_name(name)))
+        reference = bentoml.models.BentoModel(store_name(name))
+        if reference.stored is None:  # at import, so `serve` names the fix, not BentoCloud
+            raise _not_saved(reference)
+        setattr(cls, MODEL_ATTRS[name], reference)
         if batch_apis:
             setattr(cls, SCORE_APIS[name], _batch_api(name))
     return cls
@@ -197,6 +205,9 @@ class ScorerImpl:
 
         self.engine = ClipEngine(settings, _model_folders(self))
         self.engine.warm_up()
+        # Runs inside uvicorn's lifespan, after it installed its SIGTERM handler: wrap it so
+        # this worker outlives the HTTP workers' drain (cap above `make serve`'s 60 s drain).
+        stop_after_siblings_on_sigterm(cap_s=90)
         self._batches = prometheus_client.Counter(
             "clip_model_batches", "Model forward batches run", ["model"]
         )

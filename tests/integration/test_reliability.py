@@ -75,13 +75,15 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits(
 ) -> None:
     assert small_server.process is not None
 
-    async def scenario() -> tuple[list[httpx.Response | BaseException], str]:
+    async def scenario() -> tuple[list[object], str]:
         async with httpx.AsyncClient(base_url=small_server.url, timeout=300) as client:
             in_flight = [
-                asyncio.create_task(client.post(BATCH, json=_batch_body(16, f"drain {i}")))
+                asyncio.create_task(post_timed(client, _batch_body(2, f"drain {i}")))
                 for i in range(2)
             ]
-            await asyncio.sleep(1.0)  # both are being decoded or scored
+            await asyncio.sleep(0.3)  # both are being decoded or scored
+            nonlocal sigterm_at
+            sigterm_at = time.monotonic()
             small_server.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(1.5)
             async with httpx.AsyncClient(base_url=small_server.url, timeout=10) as fresh:
@@ -92,11 +94,18 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits(
                     outcome = f"refused: {type(error).__name__}"
             return await asyncio.gather(*in_flight, return_exceptions=True), outcome
 
+    async def post_timed(client: httpx.AsyncClient, body: object) -> tuple[httpx.Response, float]:
+        response = await client.post(BATCH, json=body)
+        return response, time.monotonic()
+
+    sigterm_at = 0.0
     started = time.monotonic()
     results, late_outcome = asyncio.run(scenario())
     for result in results:
-        assert isinstance(result, httpx.Response), result
-        assert result.status_code == 200 and result.json()["succeeded"] == 16
+        assert isinstance(result, tuple), result
+        response, answered_at = result
+        assert response.status_code == 200 and response.json()["succeeded"] == 2, response.text
+        assert answered_at > sigterm_at  # it was in flight when the signal came: drained
     assert late_outcome.startswith("refused"), late_outcome
     returncode = small_server.process.wait(GRACEFUL_SHUTDOWN_S + 25)
     assert returncode == 0, small_server.log()
