@@ -11,10 +11,13 @@ OTEL_EXPORTER_OTLP_ENDPOINT ?= http://127.0.0.1:4318
 BENTO ?= clip-score:latest
 IMAGE ?= clip-score:latest
 BACKEND ?= docker
+# Bounded drain on SIGTERM: without it uvicorn can wait forever for a stuck request.
+# 60 s: the default CLIP_MAX_LATENCY_MS, so accepted requests are not cut off.
+SERVE_FLAGS ?= --timeout-graceful-shutdown 60
 
 .PHONY: browser install dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
         build containerize test run-unit-test-suite-local test-unit test-integration lint format \
-        settings-table bench bench-quick
+        settings-table bench bench-quick load-test reliability
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +37,10 @@ save-models-demo: install
 	$(PY) scripts/save_models.py --random-init --seed $(SEED) --if-missing
 
 serve: save-models
-	$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT)
+	$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT) $(SERVE_FLAGS)
 
 serve-demo: save-models-demo
-	$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT)
+	$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT) $(SERVE_FLAGS)
 
 run-local: serve
 
@@ -45,7 +48,7 @@ run-local: serve
 # for the OTLP exporter; the tracing configuration that sends spans there is set up separately.
 run-local-otel: save-models
 	OTEL_EXPORTER_OTLP_ENDPOINT=$(OTEL_EXPORTER_OTLP_ENDPOINT) \
-		$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT)
+		$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT) $(SERVE_FLAGS)
 
 # A Bento (bentofile.yaml) with the models in the store: save them first (`make save-models`, or
 # `make save-models-demo` for an untrained demo image). CLIP_MODELS picks which ones it carries.
@@ -94,3 +97,15 @@ bench: install
 
 bench-quick: install
 	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py --quick $(BENCH_ARGS)
+
+# Locust headless against URL (default: a service started here on 127.0.0.1, random-init models
+# when none are saved). Reports under reports/; non-zero exit on unexpected failures.
+USERS ?= 8
+RUN_TIME ?= 60s
+load-test: install
+	HF_HUB_OFFLINE=1 $(PY) -m load_tests.run --users $(USERS) --run-time $(RUN_TIME) \
+		$(if $(URL),--url $(URL))
+
+# The long fault checks (overload at 2x capacity, worker SIGKILL, soak), each with a verdict.
+reliability: install
+	HF_HUB_OFFLINE=1 $(PY) -m load_tests.faults all

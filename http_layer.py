@@ -75,8 +75,8 @@ def _rewrite_error(status: int, body: bytes, request_id: str) -> bytes:
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if isinstance(error, dict) and "code" in error:
         error.setdefault("request_id", request_id)
-        if status >= 500:
-            error["message"] = GENERIC_5XX
+        if status >= 500 and status != HTTPStatus.SERVICE_UNAVAILABLE:
+            error["message"] = GENERIC_5XX  # a 503 says why (overload, not ready), no internals
         return json.dumps({"error": error}).encode()
     code = FRAMEWORK_CODES.get(status, "internal_error" if status >= 500 else "invalid_request")
     message = error if isinstance(error, str) else HTTPStatus(status).phrase
@@ -116,8 +116,10 @@ class RequestGuardMiddleware:
         api_keys: tuple[str, ...] = (),
         open_paths: tuple[str, ...] = (),
         error_prefix: str = "/evaluator/",
+        retry_after_s: int = 1,
     ) -> None:
         self.app = app
+        self.retry_after = str(retry_after_s).encode()
         self.max_request_bytes = max_request_bytes
         self.api_keys = tuple(key.encode() for key in api_keys)
         self.open_paths = frozenset(path.rstrip("/") or "/" for path in open_paths)
@@ -214,6 +216,10 @@ class RequestGuardMiddleware:
                     for name, value in pending_start["headers"]
                     if name.lower() not in (b"content-length", b"content-type")
                 ]
+                if pending_start["status"] == HTTPStatus.SERVICE_UNAVAILABLE and not any(
+                    name.lower() == b"retry-after" for name, _ in headers
+                ):  # every 503 (ours or the framework's) tells clients when to come back
+                    headers.append((b"retry-after", self.retry_after))
                 headers += [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),

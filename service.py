@@ -17,7 +17,9 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 import bentoml
+import httpx
 import numpy as np
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
@@ -31,6 +33,7 @@ from clip_runtime.engine import fetch_policy, resolve_model_name
 from clip_runtime.fetch import fetch_image_bytes
 from clip_runtime.images import decode_image_field, is_url
 from clip_runtime.model_entry import ModelEntry, store_name
+from clip_runtime.overload import InFlightLimitMiddleware, PairQueue
 from clip_runtime.scoring import (
     clip_score,
     cosines,
@@ -39,6 +42,7 @@ from clip_runtime.scoring import (
     softmax_probabilities,
 )
 from clip_runtime.settings import KNOWN_MODELS
+from clip_runtime.shutdown import stop_after_siblings_on_sigterm
 from http_layer import RequestGuardMiddleware, error_body
 
 logger = logging.getLogger("clip_service")
@@ -62,6 +66,7 @@ ERROR_STATUS: dict[type[ClipError], HTTPStatus] = {
     E.UrlFetchFailedError: HTTPStatus.UNPROCESSABLE_ENTITY,
     E.UnauthorizedError: HTTPStatus.UNAUTHORIZED,
     E.ModelNotReadyError: HTTPStatus.SERVICE_UNAVAILABLE,
+    E.OverloadedError: HTTPStatus.SERVICE_UNAVAILABLE,
 }
 CLIENT_CLOSED_REQUEST = 499  # nobody reads it; it shows in access logs and metrics
 
@@ -233,17 +238,21 @@ class ModelStatus(BaseModel):
     logit_scale: float
 
 
+def _not_saved(reference: Any) -> E.ModelStoreError:
+    return E.ModelStoreError(
+        f"model {reference.tag} is not in the BentoML model store (BENTOML_HOME). "
+        "Save it with `python scripts/save_models.py` (or add --random-init for an "
+        "offline demo), or serve fewer models with CLIP_MODELS."
+    )
+
+
 def _model_folders(owner: Any) -> dict[str, Path]:
     """Store folders of the served models, with a clear error when one was never saved."""
     folders: dict[str, Path] = {}
     for name in settings.models:
         reference = type(owner).__dict__[MODEL_ATTRS[name]]
         if reference.stored is None:  # checked first: resolving would try BentoCloud
-            raise E.ModelStoreError(
-                f"model {reference.tag} is not in the BentoML model store (BENTOML_HOME). "
-                "Save it with `python scripts/save_models.py` (or add --random-init for an "
-                "offline demo), or serve fewer models with CLIP_MODELS."
-            )
+            raise _not_saved(reference)
         folders[name] = Path(getattr(owner, MODEL_ATTRS[name]).path)
     return folders
 
@@ -270,7 +279,10 @@ def _with_served_models(cls: type, batch_apis: bool = False) -> type:
     for name in settings.models:
         if name not in MODEL_ATTRS:
             raise E.ModelStoreError(f"CLIP_MODELS names {name!r}; known: {list(KNOWN_MODELS)}")
-        setattr(cls, MODEL_ATTRS[name], bentoml.models.BentoModel(store_name(name)))
+        reference = bentoml.models.BentoModel(store_name(name))
+        if reference.stored is None:  # at import, so `serve` names the fix, not BentoCloud
+            raise _not_saved(reference)
+        setattr(cls, MODEL_ATTRS[name], reference)
         if batch_apis:
             setattr(cls, SCORE_APIS[name], _batch_api(name))
     return cls
@@ -282,6 +294,9 @@ class ScorerImpl:
 
         self.engine = ClipEngine(settings, _model_folders(self))
         self.engine.warm_up()
+        # Runs inside uvicorn's lifespan, after it installed its SIGTERM handler: wrap it so
+        # this worker outlives the HTTP workers' drain (cap above `make serve`'s 60 s drain).
+        stop_after_siblings_on_sigterm(cap_s=90)
         self._batches = prometheus_client.Counter(
             "clip_model_batches", "Model forward batches run", ["model"]
         )
@@ -401,6 +416,7 @@ class EvaluatorImpl:
         self.preprocessing = Preprocessing(settings, _model_folders(self))
         self.fetch_policy = fetch_policy(settings)
         self._statuses: dict[str, ModelStatus] = {}
+        self.queue = PairQueue(settings.max_queued_pairs)
         self._pairs = prometheus_client.Counter(
             "clip_pairs", "Image-text pairs answered", ["model", "outcome"]
         )
@@ -487,7 +503,18 @@ class EvaluatorImpl:
         return self._statuses[name]
 
     async def _score(self, name: str, jobs: list[PairJob]) -> list[PairOutcome]:
-        outcomes = await getattr(self.scorer.to_async, SCORE_APIS[name])(jobs)
+        self.queue.acquire(len(jobs))
+        try:
+            outcomes = await getattr(self.scorer.to_async, SCORE_APIS[name])(jobs)
+        except bentoml.exceptions.ServiceUnavailable as exc:
+            # The batcher cancels what cannot meet max_latency_ms: that is overload too.
+            raise E.OverloadedError("the model queue is full; retry later") from exc
+        except (aiohttp.ClientError, httpx.HTTPError, ConnectionError) as exc:
+            # The model worker is restarting (or was just killed): a 503 to retry, not a 500.
+            logger.warning("scorer unreachable: %s", exc)
+            raise E.ModelNotReadyError("the model worker is not reachable; retry later") from exc
+        finally:
+            self.queue.release(len(jobs))
         return [PairOutcome.model_validate(outcome) for outcome in outcomes]
 
     def _count_error(self, name: str, error: ClipError) -> None:
@@ -581,7 +608,11 @@ class EvaluatorImpl:
         if await ctx.request.is_disconnected():
             return error_response(ClientGoneError(), ctx)  # type: ignore[return-value]
         pairs = [pair for pair in prepared if isinstance(pair, PreparedPair)]
-        outcomes = iter(await self._score_pairs(name, pairs))
+        try:
+            outcomes = iter(await self._score_pairs(name, pairs))
+        except E.OverloadedError as error:
+            self._count_error(name, error)
+            return error_response(error, ctx)  # type: ignore[return-value]
         results: list[BatchItemResult] = []
         for index, job in enumerate(prepared):
             if isinstance(job, ClipError):
@@ -800,4 +831,11 @@ Evaluator.add_asgi_middleware(
     max_request_bytes=settings.max_request_bytes,
     api_keys=tuple(settings.api_keys),
     open_paths=tuple(settings.auth_open_paths),
+    retry_after_s=settings.retry_after_s,
+)
+Evaluator.add_asgi_middleware(  # after the guard, so inside it: sheds carry the request id
+    InFlightLimitMiddleware,
+    limit=settings.max_in_flight,
+    retry_after_s=settings.retry_after_s,
+    prefix="/evaluator/v1/",
 )

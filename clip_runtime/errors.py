@@ -96,3 +96,9 @@ class WeightsUnavailableError(ClipError):
     """Pretrained weights cannot be fetched (offline, unknown tag, download failure)."""
 
     code = "weights_unavailable"
+
+
+class OverloadedError(ClipError):
+    """More work than the service accepts at once: shed at once, the client retries later."""
+
+    code = "overloaded"

@@ -87,6 +87,22 @@ class ClipSettings(BaseSettings):
         default=10_000, ge=1, description="Longest caption accepted, in characters."
     )
 
+    max_in_flight: int = Field(
+        default=64,
+        ge=1,
+        description="Scoring requests handled at once per HTTP worker; more get 503 `overloaded` "
+        "with `Retry-After` at once, before decoding.",
+    )
+    max_queued_pairs: int = Field(
+        default=512,
+        ge=1,
+        description="Image-text pairs waiting for a model batch per HTTP worker; a request that "
+        "would exceed it gets 503 `overloaded` with `Retry-After`.",
+    )
+    retry_after_s: int = Field(
+        default=1, ge=0, description="`Retry-After` seconds sent with every 503."
+    )
+
     allow_urls: bool = Field(
         default=True, description="Accept `http(s)://` image URLs, fetched server-side (SSRF-safe)."
     )

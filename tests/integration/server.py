@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,8 +12,10 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
+GRACEFUL_SHUTDOWN_S = 20
 
 
 def free_port() -> int:
@@ -75,6 +78,10 @@ class ServerProcess:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                # uvicorn otherwise waits without bound for requests that never finish (readyz
+                # probes that arrived while the scorer started) and `serve` never exits on SIGTERM
+                "--timeout-graceful-shutdown",
+                str(GRACEFUL_SHUTDOWN_S),
             ],
             cwd=ROOT,
             env=self._env,
@@ -98,12 +105,24 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
 
+    def workers(self) -> list[psutil.Process]:
+        """The worker processes (circus starts each in its own session, outside our group)."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        return psutil.Process(self.process.pid).children(recursive=True)
+
     def stop(self, timeout_s: float = 30) -> int | None:
+        """SIGTERM to the arbiter (it stops the workers gracefully); SIGKILL for all after
+        ``timeout_s``, workers included, so that no orphan keeps a port or memory."""
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
-        os.killpg(self.process.pid, signal.SIGTERM)
+        workers = self.workers()
+        self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            for worker in workers:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait(10)

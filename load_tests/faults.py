@@ -1,0 +1,302 @@
+"""Long reliability checks against a service started here on 127.0.0.1, each with a verdict.
+
+    python -m load_tests.faults overload   # capacity, then ~2x capacity open-loop: shed, not queue
+    python -m load_tests.faults sigkill    # SIGKILL the model worker under load: recovery time
+    python -m load_tests.faults soak       # RSS of every server process over a long run
+    python -m load_tests.faults all        # the three, on one service (make reliability)
+
+Figures go to ``reports/faults-<check>.json`` and stdout; the exit status is 1 when a verdict
+fails. The traffic is an open loop (requests are sent on a schedule whatever the answers), so
+overload is real overload and not slowed down by the client waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from load_tests.run import bentoml_home  # noqa: E402
+from tests.images import b64, jpeg_bytes  # noqa: E402
+from tests.integration.server import ServerProcess, save_random_init_models  # noqa: E402
+
+SINGLE = "/evaluator/v1/evaluation/single"
+IMAGES = [b64(jpeg_bytes(seed, 320, 240)) for seed in range(4)]
+CAPTIONS = ["a photo of a cat", "a red bus in the rain", "a bowl of soup"]
+
+
+@dataclass
+class Outcome:
+    sent_at: float
+    status: int  # 0: a transport error (refused, reset, timeout)
+    latency_s: float
+    retry_after: str | None = None
+
+
+@dataclass
+class Traffic:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def by(self, status: int) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+
+def is_shed(outcome: Outcome) -> bool:
+    return outcome.status in (429, 503) and outcome.retry_after is not None
+
+
+def is_failure(outcome: Outcome) -> bool:
+    """Neither served nor shed explicitly (a 5xx, a 503 without Retry-After, a dropped link)."""
+    return outcome.status != 200 and not is_shed(outcome)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def latency_summary(outcomes: list[Outcome]) -> dict[str, float | int | None]:
+    ms = [o.latency_s * 1000 for o in outcomes]
+    return {"count": len(ms), "p50_ms": pct(ms, 50), "p95_ms": pct(ms, 95), "p99_ms": pct(ms, 99)}
+
+
+async def one(client: httpx.AsyncClient, index: int, traffic: Traffic) -> None:
+    body = {"image": IMAGES[index % len(IMAGES)], "text": CAPTIONS[index % len(CAPTIONS)]}
+    sent = time.monotonic()
+    try:
+        response = await client.post(SINGLE, json=body)
+        status, retry = response.status_code, response.headers.get("retry-after")
+    except httpx.TransportError:
+        status, retry = 0, None
+    traffic.outcomes.append(Outcome(sent, status, time.monotonic() - sent, retry))
+
+
+async def open_loop(url: str, rate: float, seconds: float, traffic: Traffic) -> None:
+    """``rate`` requests per second for ``seconds``, each on its own, whatever the answers."""
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        tasks = []
+        start = time.monotonic()
+        index = 0
+        while (now := time.monotonic()) - start < seconds:
+            due = start + index / rate
+            if due > now:
+                await asyncio.sleep(due - now)
+            tasks.append(asyncio.create_task(one(client, index, traffic)))
+            index += 1
+        await asyncio.gather(*tasks)
+
+
+async def closed_loop(url: str, concurrency: int, seconds: float) -> Traffic:
+    """``concurrency`` clients back to back: what the service completes per second."""
+    traffic = Traffic()
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+        async def worker(offset: int) -> None:
+            index = offset
+            start = time.monotonic()
+            while time.monotonic() - start < seconds:
+                await one(client, index, traffic)
+                index += concurrency
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return traffic
+
+
+def write(name: str, figures: dict[str, object]) -> None:
+    path = ROOT / "reports" / f"faults-{name}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2))
+    print(json.dumps(figures, indent=2))
+    print(f"({path})")
+
+
+def overload(server: ServerProcess, args: argparse.Namespace) -> bool:
+    warm = asyncio.run(closed_loop(server.url, args.in_flight, 10))  # warm-up, not counted
+    measured = asyncio.run(closed_loop(server.url, args.in_flight, args.capacity_seconds))
+    ok_count = len(measured.by(200))
+    capacity = ok_count / args.capacity_seconds
+    rate = 2 * capacity
+    traffic = Traffic()
+    asyncio.run(open_loop(server.url, rate, args.overload_seconds, traffic))
+    shed = [o for o in traffic.outcomes if o.status in (429, 503)]
+    others = [o for o in traffic.outcomes if o.status not in (200, 429, 503)]
+    shed_summary = latency_summary(shed)
+    figures = {
+        "warm_up_requests": len(warm.outcomes),
+        "capacity_rps": round(capacity, 2),
+        "capacity_latency": latency_summary(measured.by(200)),
+        "offered_rps": round(rate, 2),
+        "seconds": args.overload_seconds,
+        "sent": len(traffic.outcomes),
+        "ok": latency_summary(traffic.by(200)),
+        "shed": shed_summary,
+        "shed_without_retry_after": sum(o.retry_after is None for o in shed),
+        "other_statuses": sorted({o.status for o in others}),
+        "other_count": len(others),
+        "in_flight_limit": args.in_flight,
+    }
+    passed = (
+        not others
+        and bool(shed)
+        and figures["shed_without_retry_after"] == 0
+        and (shed_summary["p99_ms"] or 0) <= 100
+    )
+    figures["verdict"] = "PASS" if passed else "FAIL"
+    write("overload", figures)
+    return passed
+
+
+def scorer_worker(server: ServerProcess) -> psutil.Process:
+    for worker in server.workers():
+        if "clip-scorer" in " ".join(worker.cmdline()):
+            return worker
+    raise RuntimeError("no clip-scorer worker found")
+
+
+def sigkill(server: ServerProcess, args: argparse.Namespace) -> bool:
+    victim = scorer_worker(server)
+    traffic = Traffic()
+    readyz: list[tuple[float, int]] = []
+
+    async def scenario() -> float:
+        load = asyncio.create_task(
+            open_loop(server.url, args.kill_rate, args.kill_seconds, traffic)
+        )
+        await asyncio.sleep(5)
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+            while time.monotonic() - killed_at < args.kill_seconds:
+                try:
+                    status = (await client.get("/readyz")).status_code
+                except httpx.TransportError:
+                    status = 0
+                readyz.append((time.monotonic() - killed_at, status))
+                if status == 200 and any(s != 200 for _, s in readyz):
+                    break
+                await asyncio.sleep(0.2)
+        await load
+        return killed_at
+
+    killed_at = asyncio.run(scenario())
+    not_ready = [t for t, s in readyz if s != 200]
+    recovered = [t for t, s in readyz if s == 200 and not_ready and t > not_ready[0]]
+    failed = [o for o in traffic.outcomes if is_failure(o)]
+    after = [o for o in traffic.outcomes if recovered and o.sent_at - killed_at > recovered[0] + 1]
+    figures = {
+        "killed_pid": victim.pid,
+        "readyz_went_non_200": bool(not_ready),
+        "recovery_s": round(recovered[0], 2) if recovered else None,
+        "sent": len(traffic.outcomes),
+        "ok": len(traffic.by(200)),
+        "shed": sum(is_shed(o) for o in traffic.outcomes),
+        "failed": len(failed),
+        "failed_statuses": sorted({o.status for o in failed}),
+        "failed_sent_after_kill": sum(o.sent_at >= killed_at for o in failed),
+        "sent_after_recovery": len(after),
+        "failed_after_recovery": sum(is_failure(o) for o in after),
+        "new_scorer_pid": scorer_worker(server).pid if recovered else None,
+    }
+    passed = bool(recovered) and figures["failed_after_recovery"] == 0 and bool(after)
+    figures["verdict"] = "PASS" if passed else "FAIL"
+    write("sigkill", figures)
+    return passed
+
+
+def rss_mb(server: ServerProcess) -> float:
+    processes = [psutil.Process(server.process.pid), *server.workers()]  # type: ignore[union-attr]
+    return sum(p.memory_info().rss for p in processes) / 2**20
+
+
+def soak(server: ServerProcess, args: argparse.Namespace) -> bool:
+    samples: list[tuple[float, float]] = []
+    traffic = Traffic()
+
+    async def scenario() -> None:
+        load = asyncio.create_task(
+            open_loop(server.url, args.soak_rate, args.soak_seconds, traffic)
+        )
+        start = time.monotonic()
+        while not load.done():
+            samples.append((round(time.monotonic() - start, 1), round(rss_mb(server), 1)))
+            await asyncio.sleep(5)
+        await load
+
+    asyncio.run(scenario())
+    quarter = max(1, len(samples) // 4)
+    early = statistics.mean(r for _, r in samples[quarter : 2 * quarter])  # after warm-up
+    late = statistics.mean(r for _, r in samples[-quarter:])
+    growth = (late - early) / early * 100
+    figures = {
+        "seconds": args.soak_seconds,
+        "rate_rps": args.soak_rate,
+        "sent": len(traffic.outcomes),
+        "ok": len(traffic.by(200)),
+        "shed": sum(is_shed(o) for o in traffic.outcomes),
+        "failed": sum(is_failure(o) for o in traffic.outcomes),
+        "rss_mb_second_quarter_mean": round(early, 1),
+        "rss_mb_last_quarter_mean": round(late, 1),
+        "rss_growth_pct": round(growth, 2),
+        "rss_samples": samples,
+    }
+    passed = growth < args.max_rss_growth_pct and figures["failed"] == 0
+    figures["verdict"] = "PASS" if passed else "FAIL"
+    write("soak", figures)
+    return passed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checks", nargs="+", choices=["overload", "sigkill", "soak", "all"])
+    parser.add_argument("--in-flight", type=int, default=4, help="CLIP_MAX_IN_FLIGHT served")
+    parser.add_argument("--capacity-seconds", type=float, default=30)
+    parser.add_argument("--overload-seconds", type=float, default=60)
+    # Below capacity on a small CPU machine; raise them on a GPU.
+    parser.add_argument("--kill-rate", type=float, default=0.5)
+    parser.add_argument("--kill-seconds", type=float, default=120)
+    parser.add_argument("--soak-rate", type=float, default=0.5)
+    parser.add_argument("--soak-seconds", type=float, default=600)
+    parser.add_argument("--max-rss-growth-pct", type=float, default=10.0)
+    args = parser.parse_args(argv)
+
+    home = bentoml_home()
+    if not (home / "models" / "clip-vit-b-32" / "latest").is_file():
+        print(f"saving RANDOM-INIT ViT-B-32 into {home}", flush=True)
+        save_random_init_models(home, ["ViT-B-32"])
+    env = {"CLIP_MODELS": "ViT-B-32", "CLIP_MAX_IN_FLIGHT": str(args.in_flight)}
+    log = Path(tempfile.mkdtemp(prefix="faults-")) / "serve.log"
+    server = ServerProcess(home, log, env).start()
+    checks = {"overload": overload, "soak": soak, "sigkill": sigkill}  # sigkill last: it disturbs
+    selected = list(checks) if "all" in args.checks else args.checks
+    verdicts: dict[str, bool] = {}
+    try:
+        for name in selected:
+            print(f"== {name}", flush=True)
+            verdicts[name] = checks[name](server, args)
+    finally:
+        server.stop()
+        print(f"(server log: {log})")
+    for name, passed in verdicts.items():
+        print(f"{name}: {'PASS' if passed else 'FAIL'}")
+    return 0 if verdicts and all(verdicts.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""Locust workloads for the CLIP-score service (images generated deterministically at start).
+
+Run headless through ``python -m load_tests.run`` (``make load-test``), or directly:
+``locust -f load_tests/locustfile.py --host http://127.0.0.1:3000``.
+
+A 503 ``overloaded`` (shed load) and the expected 4xx of the bad-input user count as successes:
+both are the service doing its job. Anything else non-200 is a failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+from typing import Any
+
+import numpy as np
+from locust import FastHttpUser, between, task
+from PIL import Image
+
+SINGLE = "/evaluator/v1/evaluation/single"
+BATCH = "/evaluator/v1/evaluation/batch"
+SIZES = [(64, 64), (224, 224), (320, 240), (640, 480), (1024, 768)]
+CAPTIONS = [
+    "a photo of a cat",
+    "a red bus in the rain",
+    "a bowl of soup on a wooden table",
+    "two people walking on a beach at sunset",
+    "a diagram of a neural network",
+]
+SHED_STATUSES = {429, 503}
+
+
+def _image(seed: int, width: int, height: int) -> str:
+    """Smooth waves plus noise: compresses like a photo; the same bytes on every run."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    waves = np.stack(
+        [np.sin(xx / (20 + 9 * c) + seed) * np.cos(yy / (15 + 7 * c)) for c in range(3)], -1
+    )
+    pixels = ((waves + 1) * 100 + rng.normal(0, 12, (height, width, 3))).clip(0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG", quality=85)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# Built once per Locust process, before any user starts.
+IMAGES: dict[tuple[int, int], list[str]] = {
+    size: [_image(seed, *size) for seed in range(3)] for size in SIZES
+}
+RNG = random.Random(0)
+
+
+def _pick_image(rng: random.Random) -> str:
+    return rng.choice(IMAGES[rng.choice(SIZES)])
+
+
+def _check(response: Any, expected: set[int]) -> None:
+    """200, shed (503/429 with Retry-After) or an expected 4xx passes; anything else fails.
+
+    Shed and expected-4xx answers are recorded under their own names (``NAME [shed]``,
+    ``NAME [4xx]``) so that the percentiles of served requests are not mixed with them.
+    """
+    status = response.status_code
+    shed = status in SHED_STATUSES and bool(response.headers.get("retry-after"))
+    if status == 200:
+        response.success()
+    elif shed or status in expected:
+        response.request_meta["name"] += " [shed]" if shed else " [4xx]"
+        response.success()
+    else:
+        response.failure(f"unexpected {status}: {response.text[:200]}")
+
+
+class SingleUser(FastHttpUser):
+    """One pair per request, random image size and caption."""
+
+    weight = 4
+    wait_time = between(0.0, 0.2)
+
+    @task
+    def single(self) -> None:
+        body = {"image": _pick_image(RNG), "text": RNG.choice(CAPTIONS)}
+        with self.client.post(SINGLE, json=body, name="single", catch_response=True) as response:
+            _check(response, set())
+
+
+class BatchUser(FastHttpUser):
+    """Batches of 1-16 pairs of mixed image sizes."""
+
+    weight = 2
+    wait_time = between(0.1, 0.5)
+
+    @task
+    def batch(self) -> None:
+        items = [
+            {"image": _pick_image(RNG), "text": RNG.choice(CAPTIONS)}
+            for _ in range(RNG.randint(1, 16))
+        ]
+        with self.client.post(
+            BATCH, json={"items": items}, name="batch", catch_response=True
+        ) as response:
+            _check(response, set())
+
+
+class RepeatedPromptUser(FastHttpUser):
+    """The same caption for every image (prompt sweeps): exercises the text embedding cache."""
+
+    weight = 2
+    wait_time = between(0.0, 0.2)
+
+    @task
+    def repeated(self) -> None:
+        items = [{"image": _pick_image(RNG), "text": CAPTIONS[0]} for _ in range(4)]
+        with self.client.post(
+            BATCH, json={"items": items}, name="batch-repeated-prompt", catch_response=True
+        ) as response:
+            _check(response, set())
+
+
+class BadInputUser(FastHttpUser):
+    """A small share of malformed requests: each must get its documented 4xx, fast."""
+
+    weight = 1
+    wait_time = between(0.2, 1.0)
+
+    @task(3)
+    def not_an_image(self) -> None:
+        body = {"image": base64.b64encode(b"not an image").decode(), "text": "a cat"}
+        with self.client.post(SINGLE, json=body, name="bad-image", catch_response=True) as r:
+            _check(r, {422})
+
+    @task(2)
+    def empty_text(self) -> None:
+        body = {"image": IMAGES[(64, 64)][0], "text": "   "}
+        with self.client.post(SINGLE, json=body, name="bad-empty-text", catch_response=True) as r:
+            _check(r, {422})
+
+    @task(1)
+    def malformed_json(self) -> None:
+        with self.client.post(
+            SINGLE,
+            data=b"{not json",
+            headers={"content-type": "application/json"},
+            name="bad-json",
+            catch_response=True,
+        ) as r:
+            _check(r, {400})

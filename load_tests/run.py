@@ -1,0 +1,146 @@
+"""Run the Locust workloads headless and judge the result.
+
+    python -m load_tests.run                       # starts a service (random-init if none saved)
+    python -m load_tests.run --url http://127.0.0.1:3000 --users 20 --run-time 60
+
+Writes ``reports/<name>.html`` and ``reports/<name>_stats.csv`` (Locust's own), prints p50/p95/p99
+per request name and the failure counts, and exits 1 when any failure appears (a status other
+than 200, an expected 4xx, or a shed 503/429 with Retry-After), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a running service; default: start one on 127.0.0.1")
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--spawn-rate", type=float, default=4.0)
+    parser.add_argument("--run-time", default="30s", help="Locust's format: 30s, 5m, ...")
+    parser.add_argument("--user-classes", nargs="*", default=[], help="default: all of them")
+    parser.add_argument("--reports", type=Path, default=ROOT / "reports")
+    parser.add_argument("--name", default="load", help="report file prefix")
+    parser.add_argument("--models", default="ViT-B-32", help="CLIP_MODELS of a started service")
+    parser.add_argument(
+        "--allow-remote", action="store_true", help="allow a URL that is not loopback"
+    )
+    return parser.parse_args(argv)
+
+
+def check_target(url: str, allow_remote: bool) -> None:
+    host = urlparse(url).hostname or ""
+    if host not in LOOPBACK and not allow_remote:
+        raise SystemExit(f"refusing to load {host!r}: only loopback unless --allow-remote")
+
+
+def bentoml_home() -> Path:
+    """The user's store when it has the models; otherwise a project-local one (gitignored)."""
+    home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    if (home / "models" / "clip-vit-b-32" / "latest").is_file():
+        return home
+    return ROOT / ".bentoml-home"
+
+
+def start_service(models: str, log_dir: Path) -> object:
+    sys.path.insert(0, str(ROOT))
+    from clip_runtime.model_entry import store_name
+    from tests.integration.server import ServerProcess, save_random_init_models
+
+    home = bentoml_home()
+    wanted = models.split(",")
+    missing = [m for m in wanted if not (home / "models" / store_name(m) / "latest").is_file()]
+    if missing:
+        print(f"no saved {missing} in {home}: saving RANDOM-INIT demo weights", flush=True)
+        save_random_init_models(home, missing)
+    server = ServerProcess(home, log_dir / "serve.log", {"CLIP_MODELS": models})
+    print(f"starting the service ({models}) ...", flush=True)
+    return server.start()
+
+
+def summarize(stats_csv: Path) -> tuple[int, int]:
+    """Print the percentile table; return (requests, failures) of the aggregate row."""
+    with stats_csv.open() as handle:
+        rows = list(csv.DictReader(handle))
+    print(f"{'name':34} {'reqs':>7} {'fails':>6} {'p50':>7} {'p95':>7} {'p99':>7}  (ms)")
+    total = failures = 0
+    for row in rows:
+        print(
+            f"{row['Name'][:34]:34} {row['Request Count']:>7} {row['Failure Count']:>6} "
+            f"{row['50%']:>7} {row['95%']:>7} {row['99%']:>7}"
+        )
+        if row["Name"] == "Aggregated":
+            total, failures = int(row["Request Count"]), int(row["Failure Count"])
+    return total, failures
+
+
+def run(args: argparse.Namespace) -> int:
+    args.reports.mkdir(parents=True, exist_ok=True)
+    server = None
+    url = args.url
+    if url is None:
+        server = start_service(args.models, Path(tempfile.mkdtemp(prefix="load-test-")))
+        url = server.url  # type: ignore[attr-defined]
+    check_target(url, args.allow_remote)
+    prefix = args.reports / args.name
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        url,
+        "--users",
+        str(args.users),
+        "--spawn-rate",
+        str(args.spawn_rate),
+        "--run-time",
+        args.run_time,
+        "--stop-timeout",
+        "30",
+        "--html",
+        f"{prefix}.html",
+        "--csv",
+        str(prefix),
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        *args.user_classes,
+    ]
+    started = time.monotonic()
+    try:
+        subprocess.run(command, cwd=ROOT, check=False)
+    finally:
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
+    total, failures = summarize(Path(f"{prefix}_stats.csv"))
+    print(f"{total} requests, {failures} failures in {time.monotonic() - started:.0f} s")
+    print(f"report: {prefix}.html  stats: {prefix}_stats.csv")
+    if total == 0 or failures:
+        print("FAIL: unexpected failures (or no requests)" if total else "FAIL: no requests")
+        return 1
+    print("PASS: only 200s, expected 4xx and shed 503/429 with Retry-After")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
