@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,21 @@ from clip_runtime.images import decode_image_field, is_url
 from clip_runtime.model_entry import ModelEntry, store_name
 from clip_runtime.settings import KNOWN_MODELS
 from http_layer import RequestGuardMiddleware, error_body
+from observability import (
+    BatchObservation,
+    bound_request_metric_paths,
+    configure_logging,
+    current_traceparent,
+    record_model_info,
+    service_metrics,
+    setup_tracing,
+    stage,
+    tracer,
+)
 
 logger = logging.getLogger("clip_service")
 settings = get_settings()
+setup_tracing()
 
 # The one table from domain error to HTTP status (codes are the errors' own ``code``).
 ERROR_STATUS: dict[type[ClipError], HTTPStatus] = {
@@ -128,6 +141,8 @@ class PairJob(BaseModel):
     height: int
     width: int
     text: str
+    sent_at: float = Field(default=0.0, description="wall clock when handed to the scorer")
+    traceparent: str = Field(default="", description="W3C trace context of the request")
 
 
 class PairOutcome(BaseModel):
@@ -191,35 +206,20 @@ def _with_served_models(cls: type, batch_apis: bool = False) -> type:
 
 class ScorerImpl:
     def __init__(self) -> None:
-        import prometheus_client  # after BentoML set the multiprocess directory
-
+        configure_logging(settings.log_format)
         self.engine = ClipEngine(settings, _model_folders(self))
         self.engine.warm_up()
-        self._batches = prometheus_client.Counter(
-            "clip_model_batches", "Model forward batches run", ["model"]
-        )
-        self._batch_items = prometheus_client.Histogram(
-            "clip_model_batch_items",
-            "Image-text pairs per model batch",
-            ["model"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-        )
-        self._cache = prometheus_client.Counter(
-            "clip_text_cache", "Text embedding cache lookups", ["model", "result"]
-        )
+        record_model_info(self.engine.models.values())
         logger.info("Scorer ready: %s", ", ".join(self.engine.models))
 
     def __is_ready__(self) -> bool:
         return self.engine.ready
 
     def score_jobs(self, model_name: str, jobs: list[PairJob]) -> list[PairOutcome]:
+        batch = BatchObservation(model_name, [(job.sent_at, job.traceparent) for job in jobs])
         score_jobs = [ScoreJob(model_name, _crop_array(job), job.text) for job in jobs]
         scores, reports = self.engine.score_jobs(score_jobs)
-        report = reports[model_name]
-        self._batches.labels(model_name).inc()
-        self._batch_items.labels(model_name).observe(report.items)
-        self._cache.labels(model_name, "hit").inc(report.text_cache_hits)
-        self._cache.labels(model_name, "miss").inc(report.text_cache_misses)
+        batch.finish(reports[model_name], self.engine.models[model_name].device)
         return [PairOutcome(cosine=s.cosine, text_truncated=s.text_truncated) for s in scores]
 
     @bentoml.api
@@ -288,16 +288,11 @@ class EvaluatorImpl:
     scorer = bentoml.depends(Scorer)
 
     def __init__(self) -> None:
-        import prometheus_client
-
+        configure_logging(settings.log_format)
         self.preprocessing = Preprocessing(settings, _model_folders(self))
         self.fetch_policy = fetch_policy(settings)
-        self._pairs = prometheus_client.Counter(
-            "clip_pairs", "Image-text pairs answered", ["model", "outcome"]
-        )
-        self._errors = prometheus_client.Counter(
-            "clip_errors", "Errors answered, by code", ["code"]
-        )
+        self._pairs = service_metrics().pairs
+        self._errors = service_metrics().errors
         for name, entry in self.preprocessing.entries.items():
             if entry.is_untrained:
                 logger.warning("%s serves RANDOM-INIT weights: scores are meaningless", name)
@@ -326,15 +321,20 @@ class EvaluatorImpl:
         if text is None:
             raise E.InvalidRequestError("text is missing")
         check_text(settings, text)
-        if isinstance(image, bytes):
-            return await self._in_pool(self._crop, name, image, text)
         if is_url(image):
-            data = await fetch_image_bytes(image.strip(), self.fetch_policy)
-            return await self._in_pool(self._crop, name, data, text)
-        return await self._in_pool(self._crop_field, name, image, text)
+            with stage(name, "fetch"):
+                image = await fetch_image_bytes(image.strip(), self.fetch_policy)
+        with stage(name, "decode"):  # pool queueing included: it is part of the wait
+            if isinstance(image, bytes):
+                return await self._in_pool(self._crop, name, image, text)
+            return await self._in_pool(self._crop_field, name, image, text)
 
     async def _score(self, name: str, jobs: list[PairJob]) -> list[PairOutcome]:
-        outcomes = await getattr(self.scorer.to_async, SCORE_APIS[name])(jobs)
+        attributes = {"clip.model": name, "clip.pairs": len(jobs)}
+        with tracer.start_as_current_span("clip.model_call", attributes=attributes):
+            for job in jobs:  # for the queue-wait metric and the batch span's links
+                job.sent_at, job.traceparent = time.time(), current_traceparent()
+            outcomes = await getattr(self.scorer.to_async, SCORE_APIS[name])(jobs)
         return [PairOutcome.model_validate(outcome) for outcome in outcomes]
 
     def _count_error(self, name: str, error: ClipError) -> None:
@@ -490,4 +490,10 @@ Evaluator.add_asgi_middleware(
     max_request_bytes=settings.max_request_bytes,
     api_keys=tuple(settings.api_keys),
     open_paths=tuple(settings.auth_open_paths),
+)
+# Request metrics labelled by these paths only (anything else: "/{unknown}"); BentoML's own.
+bound_request_metric_paths(
+    {api.route for service in (Evaluator, Scorer) for api in service.apis.values()}
+    | {"/evaluator" + route.path for route in evaluator_routes.routes}
+    | {"/", "/docs.json", "/livez", "/readyz", "/healthz", "/metrics", "/schema.json"}
 )
