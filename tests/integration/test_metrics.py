@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.images import b64, jpeg_bytes
 from tests.integration.server import ROOT, ServerProcess
@@ -132,22 +132,31 @@ def test_dashboard_queries_exist(client: httpx.Client) -> None:
     assert names >= CUDA_ONLY
 
 
-def test_prometheus_scrapes_the_service() -> None:
-    config = (ROOT / "deploy" / "observability" / "prometheus.yml").read_text()
-    assert "metrics_path: /metrics" in config
-    assert re.search(r"targets: \[\"[^\"]+:3000\"\]", config)
-
-
-def test_dashboard_datasource_is_provisioned() -> None:
-    provisioning = ROOT / "deploy" / "observability" / "grafana" / "provisioning"
-    datasources = (provisioning / "datasources" / "datasources.yml").read_text()
+def test_stack_configuration() -> None:
+    """The compose stack wires what the README says: Prometheus scrapes the service's /metrics,
+    the collector takes OTLP/HTTP on 4318 and sends to Jaeger, Grafana gets both datasources."""
+    stack = ROOT / "deploy" / "observability"
+    (job,) = yaml.safe_load((stack / "prometheus.yml").read_text())["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["host.docker.internal:3000"]
+    collector = yaml.safe_load((stack / "otel-collector.yaml").read_text())
+    assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    assert collector["exporters"]["otlp/jaeger"]["endpoint"] == "jaeger:4317"
+    assert "otlp/jaeger" in collector["service"]["pipelines"]["traces"]["exporters"]
+    compose = yaml.safe_load((stack / "compose.yaml").read_text())["services"]
+    assert {"otel-collector", "jaeger", "prometheus", "grafana"} <= set(compose)
+    assert "4318:4318" in compose["otel-collector"]["ports"]
+    for service in compose.values():  # every mounted file exists
+        for volume in service.get("volumes", []):
+            assert (stack / volume.split(":")[0]).exists(), volume
+    provisioning = stack / "grafana" / "provisioning"
+    sources = yaml.safe_load((provisioning / "datasources" / "datasources.yml").read_text())
+    uids = {source["uid"] for source in sources["datasources"]}
     dashboard = json.loads(DASHBOARD.read_text())
-    uids = {
-        t["datasource"]["uid"]
-        for p in dashboard["panels"]
-        for t in p.get("targets", [])
-        if "datasource" in t
-    }
-    for uid in uids:
-        assert f"uid: {uid}" in datasources
-    assert Path(provisioning / "dashboards" / "dashboards.yml").is_file()
+    used = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    assert used <= uids
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "dashboards.yml").read_text())[
+        "providers"
+    ]
+    grafana_mounts = dict(v.split(":")[:2] for v in compose["grafana"]["volumes"])
+    assert grafana_mounts["./grafana/dashboards"] == provider["options"]["path"]

@@ -94,20 +94,19 @@ def test_request_and_batch_spans(traced_server: ServerProcess, receiver: OtlpRec
 
 def test_json_logs_carry_the_trace_id(traced_server: ServerProcess, receiver: OtlpReceiver) -> None:
     with httpx.Client(base_url=traced_server.url, timeout=120) as client:
-        response = client.post(SINGLE, json={"image": "AAAA", "text": "x"})
+        response = client.post(SINGLE, json={"image": "AAAA", "text": "x"}, params={"n": "log"})
     assert response.status_code == 422
-    trace_ids = {s.trace_id for s in receiver.wait_for(lambda spans: bool(spans))}
     records = []
     for line in traced_server.log_path.read_text(errors="replace").splitlines():
-        try:
+        if line.startswith("{"):
             records.append(json.loads(line))
-        except ValueError:
-            continue
-    traced = [r for r in records if r.get("trace_id")]
-    assert traced, "no JSON log record carries a trace id"
-    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
-    receiver.wait_for(lambda spans: {s.trace_id for s in spans} >= {traced[-1]["trace_id"]})
-    assert trace_ids  # the receiver got spans while logs were written
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    (access,) = [r for r in records if "path=/evaluator/v1/evaluation/single?n=log" in r["message"]]
+    assert len(access["trace_id"]) == 32 and len(access["span_id"]) == 16
+    # The same trace id as the request's server span that the collector received.
+    spans = receiver.wait_for(lambda spans: any(s.trace_id == access["trace_id"] for s in spans))
+    request = [s for s in spans if s.trace_id == access["trace_id"] and not s.parent_id]
+    assert [s.name for s in request] == [f"POST {SINGLE}"]
 
 
 SHIM = """
