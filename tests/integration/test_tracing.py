@@ -3,6 +3,7 @@ real OTLP/HTTP receiver; and a server whose exporter cannot be imported."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from tests.images import b64, jpeg_bytes
 from tests.integration.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.integration.server import ServerProcess
+from tests.integration.test_service import metric
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +38,8 @@ def traced_server(
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
         "OTEL_BSP_SCHEDULE_DELAY": "200",  # export within the test's patience
         "CLIP_LOG_FORMAT": "json",
+        # Two evaluator processes: metrics must still add up (multiprocess mode).
+        "BENTOML_CONFIG_OPTIONS": "services.clip-evaluator.workers=2",
     }
     log = tmp_path_factory.mktemp("traced") / "serve.log"
     process = ServerProcess(bentoml_home, log, env).start()
@@ -94,19 +98,54 @@ def test_request_and_batch_spans(traced_server: ServerProcess, receiver: OtlpRec
 
 def test_json_logs_carry_the_trace_id(traced_server: ServerProcess, receiver: OtlpReceiver) -> None:
     with httpx.Client(base_url=traced_server.url, timeout=120) as client:
-        response = client.post(SINGLE, json={"image": "AAAA", "text": "x"}, params={"n": "log"})
+        response = client.post(SINGLE, json={"image": "AAAA", "text": "x"})
     assert response.status_code == 422
     records = []
     for line in traced_server.log_path.read_text(errors="replace").splitlines():
         if line.startswith("{"):
             records.append(json.loads(line))
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
-    (access,) = [r for r in records if "path=/evaluator/v1/evaluation/single?n=log" in r["message"]]
+    (access,) = [  # the only 422 on this path (the access log has no query string)
+        r for r in records if f"path={SINGLE}," in r["message"] and "(status=422," in r["message"]
+    ]
     assert len(access["trace_id"]) == 32 and len(access["span_id"]) == 16
     # The same trace id as the request's server span that the collector received.
     spans = receiver.wait_for(lambda spans: any(s.trace_id == access["trace_id"] for s in spans))
     request = [s for s in spans if s.trace_id == access["trace_id"] and not s.parent_id]
     assert [s.name for s in request] == [f"POST {SINGLE}"]
+
+
+def test_metrics_add_up_over_two_workers(traced_server: ServerProcess) -> None:
+    def scrape() -> str:
+        return httpx.get(traced_server.url + "/metrics", timeout=60).text
+
+    async def fire(count: int) -> list[httpx.Response]:
+        # Concurrent requests open a connection each; the busy worker leaves some to the other.
+        async with httpx.AsyncClient(base_url=traced_server.url, timeout=120) as http:
+            return await asyncio.gather(
+                *(
+                    http.post(
+                        SINGLE,
+                        json={"image": b64(jpeg_bytes(i % 3)), "text": f"worker {i}"},
+                    )
+                    for i in range(count)
+                )
+            )
+
+    before, sent = scrape(), 16
+    assert [r.status_code for r in asyncio.run(fire(sent))] == [200] * sent
+    after = scrape()
+    ok = {"model": "ViT-B-32", "outcome": "ok"}
+    assert (
+        metric(after, "clip_pairs_total", **ok) - metric(before, "clip_pairs_total", **ok) == sent
+    )
+    records = [
+        json.loads(line)
+        for line in traced_server.log_path.read_text(errors="replace").splitlines()
+        if line.startswith("{") and f"path={SINGLE}," in line and "(status=200," in line
+    ]
+    workers = {r["component"] for r in records if r["logger"] == "bentoml.access"}
+    assert len(workers) == 2, workers  # both evaluator workers answered some of them
 
 
 SHIM = """
