@@ -172,9 +172,9 @@ class BatchObservation:
     """Metrics and the span of one model batch (scorer side): queue wait when it starts, stage
     durations, size and cache counts from the engine's report when it finishes."""
 
-    def __init__(self, model: str, handoffs: list[tuple[float, str]]) -> None:
+    def __init__(self, model: str, handoffs: list[tuple[float, str]], device: Any) -> None:
         """``handoffs``: (wall-clock time the evaluator sent the pair, its traceparent)."""
-        self.model, self.metrics = model, service_metrics()
+        self.model, self.device, self.metrics = model, device, service_metrics()
         self.start_ns = time.time_ns()
         for sent_at, _ in handoffs:
             if sent_at:
@@ -182,7 +182,16 @@ class BatchObservation:
                 self.metrics.queue_wait_seconds.labels(model).observe(wait)
         self.span = batch_span(model, [traceparent for _, traceparent in handoffs], self.start_ns)
 
-    def finish(self, report: BatchReport, device: Any) -> None:
+    def __enter__(self) -> BatchObservation:
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        if error is not None:  # a failed batch still ends its span, marked as an error
+            self.span.record_exception(error)
+            self.span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
+        self.span.end()
+
+    def finish(self, report: BatchReport) -> None:
         m, model = self.metrics, self.model
         stages = {
             "encode_image": report.encode_image_s,
@@ -192,14 +201,13 @@ class BatchObservation:
         stage_spans(self.span, model, self.start_ns, stages)
         self.span.set_attribute("clip.text_cache.hits", report.text_cache_hits)
         self.span.set_attribute("clip.text_cache.misses", report.text_cache_misses)
-        self.span.end()
         for name, seconds in stages.items():
             m.stage_seconds.labels(model, name).observe(seconds)
         m.batches.labels(model).inc()
         m.batch_items.labels(model).observe(report.items)
         m.text_cache.labels(model, "hit").inc(report.text_cache_hits)
         m.text_cache.labels(model, "miss").inc(report.text_cache_misses)
-        record_gpu_memory(device)
+        record_gpu_memory(self.device)
 
 
 def record_model_info(models: Iterable[ClipModel]) -> None:

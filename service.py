@@ -216,10 +216,12 @@ class ScorerImpl:
         return self.engine.ready
 
     def score_jobs(self, model_name: str, jobs: list[PairJob]) -> list[PairOutcome]:
-        batch = BatchObservation(model_name, [(job.sent_at, job.traceparent) for job in jobs])
-        score_jobs = [ScoreJob(model_name, _crop_array(job), job.text) for job in jobs]
-        scores, reports = self.engine.score_jobs(score_jobs)
-        batch.finish(reports[model_name], self.engine.models[model_name].device)
+        handoffs = [(job.sent_at, job.traceparent) for job in jobs]
+        device = self.engine.models[model_name].device
+        with BatchObservation(model_name, handoffs, device) as batch:
+            score_jobs = [ScoreJob(model_name, _crop_array(job), job.text) for job in jobs]
+            scores, reports = self.engine.score_jobs(score_jobs)
+            batch.finish(reports[model_name])
         return [PairOutcome(cosine=s.cosine, text_truncated=s.text_truncated) for s in scores]
 
     @bentoml.api

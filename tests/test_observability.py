@@ -6,8 +6,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import prometheus_client
+import pytest
+import torch
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import observability
+from clip_runtime.model import BatchReport
 from tests.integration.test_tracing import SHIM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,3 +93,41 @@ def test_missing_otlp_exporter_is_reported(tmp_path: Path) -> None:
     out = probe({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, tmp_path)
     assert "OFF" in out.splitlines()
     assert "TRACING DISABLED: OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:9" in out
+
+
+def test_batch_observation_spans_and_metrics() -> None:
+    """The batch span links the requests it served, has stage children with the engine's
+    durations, and ends marked as an error when the batch fails; queue wait is observed."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    assert trace.get_tracer_provider() is provider
+    with observability.tracer.start_as_current_span("clip.model_call") as call:
+        traceparent = observability.current_traceparent()
+    sample = ("clip_queue_wait_seconds_sum", {"model": "ViT-B-32"})
+    waited = prometheus_client.REGISTRY.get_sample_value(*sample) or 0.0
+    handoffs = [(time.time() - 0.5, traceparent), (0.0, "")]  # the second: not traced, not timed
+    with observability.BatchObservation("ViT-B-32", handoffs, torch.device("cpu")) as batch:
+        report = BatchReport(items=2, text_cache_hits=1, text_cache_misses=1)
+        report.encode_image_s, report.encode_text_s, report.score_s = 0.25, 0.125, 0.0625
+        batch.finish(report)
+    assert 0.5 <= prometheus_client.REGISTRY.get_sample_value(*sample) - waited < 5
+    with (
+        pytest.raises(RuntimeError),
+        observability.BatchObservation("ViT-B-32", handoffs, torch.device("cpu")),
+    ):
+        raise RuntimeError("boom")
+    spans = exporter.get_finished_spans()
+    batches = [s for s in spans if s.name == "clip.model_batch"]
+    assert len(batches) == 2
+    ok, failed = batches
+    assert [link.context.span_id for link in ok.links] == [call.get_span_context().span_id]
+    assert ok.parent is None and ok.attributes["clip.batch.items"] == 2
+    assert ok.attributes["clip.text_cache.misses"] == 1
+    children = {s.name: s for s in spans if s.parent and s.parent.span_id == ok.context.span_id}
+    durations = {name: (s.end_time - s.start_time) / 1e9 for name, s in children.items()}
+    assert durations == {"clip.encode_image": 0.25, "clip.encode_text": 0.125, "clip.score": 0.0625}
+    assert (
+        failed.status.status_code == trace.StatusCode.ERROR and failed.events[0].name == "exception"
+    )
