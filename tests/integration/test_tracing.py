@@ -38,10 +38,12 @@ def traced_server(
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
         "OTEL_BSP_SCHEDULE_DELAY": "200",  # export within the test's patience
         "CLIP_LOG_FORMAT": "json",
-        # Two evaluator processes: metrics must still add up (multiprocess mode).
-        "BENTOML_CONFIG_OPTIONS": "services.clip-evaluator.workers=2",
     }
-    log = tmp_path_factory.mktemp("traced") / "serve.log"
+    folder = tmp_path_factory.mktemp("traced")
+    # Two evaluator processes: metrics must still add up (multiprocess mode).
+    (folder / "bentoml.yaml").write_text("services:\n  clip-evaluator:\n    workers: 2\n")
+    env["BENTOML_CONFIG"] = str(folder / "bentoml.yaml")
+    log = folder / "serve.log"
     process = ServerProcess(bentoml_home, log, env).start()
     yield process
     process.stop()
