@@ -131,3 +131,26 @@ def test_batch_observation_spans_and_metrics() -> None:
     assert (
         failed.status.status_code == trace.StatusCode.ERROR and failed.events[0].name == "exception"
     )
+
+
+def test_gpu_memory_gauges_only_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gauge wiring (no GPU needed): CUDA devices report torch's allocator numbers, the CPU
+    adds no series."""
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 8 * 2**20)
+
+    def samples() -> list[object]:
+        return [
+            sample
+            for family in prometheus_client.REGISTRY.collect()
+            if family.name == "clip_gpu_memory_bytes"
+            for sample in family.samples
+        ]
+
+    observability.record_gpu_memory(torch.device("cpu"))
+    assert samples() == []
+    observability.record_gpu_memory(torch.device("cuda:1"))
+    for kind, value in (("allocated", 3 * 2**20), ("reserved", 8 * 2**20)):
+        labels = {"device": "cuda:1", "kind": kind}
+        assert prometheus_client.REGISTRY.get_sample_value("clip_gpu_memory_bytes", labels) == value
+    assert len(samples()) == 2
