@@ -341,7 +341,8 @@ class EvaluatorImpl:
 
     def _count_error(self, name: str, error: ClipError) -> None:
         self._errors.labels(error.code).inc()
-        self._pairs.labels(name, "error").inc()
+        # A requested name that is not served is client input: one label for all of them.
+        self._pairs.labels(name if name in settings.models else "unknown", "error").inc()
 
     async def _single(
         self, image: str | bytes, text: str, model: str | None, ctx: bentoml.Context

@@ -83,8 +83,13 @@ def test_metrics_count_real_traffic(client: httpx.Client) -> None:
     assert "clip_gpu_memory_bytes" not in after  # CPU: no GPU series at all
 
 
-def test_unknown_paths_add_no_series(client: httpx.Client) -> None:
+def test_unknown_paths_and_models_add_no_series(client: httpx.Client) -> None:
+    def unknown_model() -> None:
+        body = {"image": "AAAA", "text": "x", "model": uuid.uuid4().hex}
+        assert client.post(SINGLE, json=body).json()["error"]["code"] == "unknown_model"
+
     client.get(f"/{uuid.uuid4().hex}")  # the one "/{unknown}" series may appear now
+    unknown_model()  # and the one model="unknown"
     client.get("/evaluator/metrics")
     known = _series(client.get("/evaluator/metrics").text)
     paths = [f"/{uuid.uuid4().hex}/x" for _ in range(10)]
@@ -92,10 +97,12 @@ def test_unknown_paths_add_no_series(client: httpx.Client) -> None:
     for path in paths:
         assert client.get(path).status_code == 404
         assert client.post(path, json={}).status_code in (404, 405)
+        unknown_model()
     text = client.get("/evaluator/metrics").text
     assert _series(text) == known
     assert not any(path in text for path in paths)
     assert metric(text, "bentoml_service_request_total", endpoint="/{unknown}") >= 40
+    assert metric(text, "clip_pairs_total", model="unknown", outcome="error") >= 21
 
 
 # -- the dashboard ------------------------------------------------------------------------------
