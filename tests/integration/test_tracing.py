@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,14 +105,25 @@ def test_json_logs_carry_the_trace_id(traced_server: ServerProcess, receiver: Ot
     with httpx.Client(base_url=traced_server.url, timeout=120) as client:
         response = client.post(SINGLE, json={"image": "AAAA", "text": "x"})
     assert response.status_code == 422
-    records = []
-    for line in traced_server.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            records.append(json.loads(line))
-    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
-    (access,) = [  # the only 422 on this path (the access log has no query string)
-        r for r in records if f"path={SINGLE}," in r["message"] and "(status=422," in r["message"]
-    ]
+
+    def access_records() -> list[dict]:
+        records = [
+            json.loads(line)
+            for line in traced_server.log_path.read_text(errors="replace").splitlines()
+            if line.startswith("{")
+        ]
+        assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+        # The only 422 on this path (the access log has no query string to tag it with).
+        return [
+            r
+            for r in records
+            if f"path={SINGLE}," in r["message"] and "(status=422," in r["message"]
+        ]
+
+    deadline = time.monotonic() + 30  # the access log line is written after the response
+    while not access_records() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (access,) = access_records()
     assert len(access["trace_id"]) == 32 and len(access["span_id"]) == 16
 
     # The same trace id as the request's server span that the collector received.
