@@ -44,8 +44,8 @@ serve-demo: save-models-demo
 
 run-local: serve
 
-# `run-local` with OTEL_EXPORTER_OTLP_ENDPOINT set (default: a local collector's OTLP/HTTP port)
-# for the OTLP exporter; the tracing configuration that sends spans there is set up separately.
+# `run-local` with tracing on: OTEL_EXPORTER_OTLP_ENDPOINT alone makes both services export spans
+# over OTLP/HTTP (default: the collector of deploy/observability/compose.yaml on this machine).
 run-local-otel: save-models
 	OTEL_EXPORTER_OTLP_ENDPOINT=$(OTEL_EXPORTER_OTLP_ENDPOINT) \
 		$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT) $(SERVE_FLAGS)

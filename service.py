@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -44,9 +45,21 @@ from clip_runtime.scoring import (
 from clip_runtime.settings import KNOWN_MODELS
 from clip_runtime.shutdown import stop_after_siblings_on_sigterm
 from http_layer import RequestGuardMiddleware, error_body
+from observability import (
+    BatchObservation,
+    bound_request_metric_paths,
+    configure_logging,
+    current_traceparent,
+    record_model_info,
+    service_metrics,
+    setup_tracing,
+    stage,
+    tracer,
+)
 
 logger = logging.getLogger("clip_service")
 settings = get_settings()
+setup_tracing()
 
 # The one table from domain error to HTTP status (codes are the errors' own ``code``).
 ERROR_STATUS: dict[type[ClipError], HTTPStatus] = {
@@ -216,6 +229,8 @@ class PairJob(BaseModel):
     width: int = 0
     text: str | None = None
     keep_vectors: bool = False
+    sent_at: float = Field(default=0.0, description="wall clock when handed to the scorer")
+    traceparent: str = Field(default="", description="W3C trace context of the request")
 
 
 class PairOutcome(BaseModel):
@@ -290,40 +305,27 @@ def _with_served_models(cls: type, batch_apis: bool = False) -> type:
 
 class ScorerImpl:
     def __init__(self) -> None:
-        import prometheus_client  # after BentoML set the multiprocess directory
-
+        configure_logging(settings.log_format)
         self.engine = ClipEngine(settings, _model_folders(self))
         self.engine.warm_up()
         # Runs inside uvicorn's lifespan, after it installed its SIGTERM handler: wrap it so
         # this worker outlives the HTTP workers' drain (cap above `make serve`'s 60 s drain).
         stop_after_siblings_on_sigterm(cap_s=90)
-        self._batches = prometheus_client.Counter(
-            "clip_model_batches", "Model forward batches run", ["model"]
-        )
-        self._batch_items = prometheus_client.Histogram(
-            "clip_model_batch_items",
-            "Image-text pairs per model batch",
-            ["model"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-        )
-        self._cache = prometheus_client.Counter(
-            "clip_text_cache", "Text embedding cache lookups", ["model", "result"]
-        )
+        record_model_info(self.engine.models.values())
         logger.info("Scorer ready: %s", ", ".join(self.engine.models))
 
     def __is_ready__(self) -> bool:
         return self.engine.ready
 
     def score_jobs(self, model_name: str, jobs: list[PairJob]) -> list[PairOutcome]:
-        engine_jobs = [
-            ScoreJob(model_name, _crop_array(job), job.text, job.keep_vectors) for job in jobs
-        ]
-        outcomes, reports = self.engine.run_jobs(engine_jobs)
-        report = reports[model_name]
-        self._batches.labels(model_name).inc()
-        self._batch_items.labels(model_name).observe(report.items)
-        self._cache.labels(model_name, "hit").inc(report.text_cache_hits)
-        self._cache.labels(model_name, "miss").inc(report.text_cache_misses)
+        handoffs = [(job.sent_at, job.traceparent) for job in jobs]
+        device = self.engine.models[model_name].device
+        with BatchObservation(model_name, handoffs, device) as batch:
+            engine_jobs = [
+                ScoreJob(model_name, _crop_array(job), job.text, job.keep_vectors) for job in jobs
+            ]
+            outcomes, reports = self.engine.run_jobs(engine_jobs)
+            batch.finish(reports[model_name])
         return [
             PairOutcome(
                 cosine=o.cosine,
@@ -411,18 +413,13 @@ class EvaluatorImpl:
     scorer = bentoml.depends(Scorer)
 
     def __init__(self) -> None:
-        import prometheus_client
-
+        configure_logging(settings.log_format)
         self.preprocessing = Preprocessing(settings, _model_folders(self))
         self.fetch_policy = fetch_policy(settings)
         self._statuses: dict[str, ModelStatus] = {}
         self.queue = PairQueue(settings.max_queued_pairs)
-        self._pairs = prometheus_client.Counter(
-            "clip_pairs", "Image-text pairs answered", ["model", "outcome"]
-        )
-        self._errors = prometheus_client.Counter(
-            "clip_errors", "Errors answered, by code", ["code"]
-        )
+        self._pairs = service_metrics().pairs
+        self._errors = service_metrics().errors
         for name, entry in self.preprocessing.entries.items():
             if entry.is_untrained:
                 logger.warning("%s serves RANDOM-INIT weights: scores are meaningless", name)
@@ -448,12 +445,13 @@ class EvaluatorImpl:
         """An image-only job: URL fetch (async) or base64 decode, then crop in the pool."""
         if image is None:
             raise E.InvalidRequestError("image is missing")
-        if isinstance(image, bytes):
-            return await self._in_pool(self._crop, name, image)
-        if is_url(image):
-            data = await fetch_image_bytes(image.strip(), self.fetch_policy)
-            return await self._in_pool(self._crop, name, data)
-        return await self._in_pool(self._crop_field, name, image)
+        if isinstance(image, str) and is_url(image):
+            with stage(name, "fetch"):
+                image = await fetch_image_bytes(image.strip(), self.fetch_policy)
+        with stage(name, "decode"):  # pool queueing included: it is part of the wait
+            if isinstance(image, bytes):
+                return await self._in_pool(self._crop, name, image)
+            return await self._in_pool(self._crop_field, name, image)
 
     @staticmethod
     def _text_job(text: str | None, what: str = "text") -> PairJob:
@@ -504,8 +502,12 @@ class EvaluatorImpl:
 
     async def _score(self, name: str, jobs: list[PairJob]) -> list[PairOutcome]:
         self.queue.acquire(len(jobs))
+        attributes = {"clip.model": name, "clip.pairs": len(jobs)}
         try:
-            outcomes = await getattr(self.scorer.to_async, SCORE_APIS[name])(jobs)
+            with tracer.start_as_current_span("clip.model_call", attributes=attributes):
+                for job in jobs:  # for the queue-wait metric and the batch span's links
+                    job.sent_at, job.traceparent = time.time(), current_traceparent()
+                outcomes = await getattr(self.scorer.to_async, SCORE_APIS[name])(jobs)
         except bentoml.exceptions.ServiceUnavailable as exc:
             # The batcher cancels what cannot meet max_latency_ms: that is overload too.
             raise E.OverloadedError("the model queue is full; retry later") from exc
@@ -519,7 +521,8 @@ class EvaluatorImpl:
 
     def _count_error(self, name: str, error: ClipError) -> None:
         self._errors.labels(error.code).inc()
-        self._pairs.labels(name, "error").inc()
+        # A requested name that is not served is client input: one label for all of them.
+        self._pairs.labels(name if name in settings.models else "unknown", "error").inc()
 
     async def _single(
         self,
@@ -838,4 +841,10 @@ Evaluator.add_asgi_middleware(  # after the guard, so inside it: sheds carry the
     limit=settings.max_in_flight,
     retry_after_s=settings.retry_after_s,
     prefix="/evaluator/v1/",
+)
+# Request metrics labelled by these paths only (anything else: "/{unknown}"); BentoML's own.
+bound_request_metric_paths(
+    {api.route for service in (Evaluator, Scorer) for api in service.apis.values()}
+    | {"/evaluator" + route.path for route in evaluator_routes.routes}
+    | {"/", "/docs.json", "/livez", "/readyz", "/healthz", "/metrics", "/schema.json"}
 )

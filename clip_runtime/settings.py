@@ -128,6 +128,12 @@ class ClipSettings(BaseSettings):
         description="Comma-separated paths that stay open when API keys are set.",
     )
 
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="`text` (BentoML's format, with `trace=` while tracing) or `json`: one JSON "
+        "object per line with `trace_id` and `span_id`.",
+    )
+
     @field_validator("models", "url_allowed_hosts", "auth_open_paths", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

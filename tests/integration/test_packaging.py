@@ -130,7 +130,7 @@ def test_bento_source_is_the_service_code_only(bento: Path) -> None:
         if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
     }
     # BentoML adds the resolved build configuration as src/bentofile.yaml.
-    assert shipped == code | {"service.py", "http_layer.py", "bentofile.yaml"}
+    assert shipped == code | {"service.py", "http_layer.py", "observability.py", "bentofile.yaml"}
     assert not any(
         part == "tests" or part.startswith(("test_", "conftest")) or part == "__pycache__"
         for path in shipped
