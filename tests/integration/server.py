@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +50,17 @@ def model_folder(bentoml_home: Path, store_name: str) -> Path:
     return bentoml_home / "models" / store_name / latest
 
 
+def own_home(shared_home: Path, parent: Path) -> Path:
+    """A BENTOML_HOME of this server's own that sees the shared model store.
+
+    `bentoml serve` keeps its Prometheus multiprocess files in $BENTOML_HOME and wipes them at
+    start: two servers on one home would erase each other's metrics."""
+    home = Path(tempfile.mkdtemp(prefix="bentoml-home-", dir=parent))
+    (shared_home / "models").mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to((shared_home / "models").resolve(), target_is_directory=True)
+    return home
+
+
 class ServerProcess:
     def __init__(
         self, bentoml_home: Path, log_path: Path, env: dict[str, str] | None = None
@@ -56,9 +68,10 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.home = own_home(bentoml_home, log_path.parent)
         self._env = {
             **os.environ,
-            "BENTOML_HOME": str(bentoml_home),
+            "BENTOML_HOME": str(self.home),
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
