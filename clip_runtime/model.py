@@ -223,12 +223,12 @@ class ClipModel:
         pairs = [i for i in image_rows if i in text_embeddings]
         cosines: dict[int, float] = {}
         if pairs:
-            started = time.perf_counter()
-            stacked_images = torch.stack([image_vectors[i] for i in pairs])
-            stacked_texts = torch.stack([text_embeddings[i].vector for i in pairs])
-            values = (stacked_images * stacked_texts).sum(dim=-1).cpu().tolist()
+            values = self._row_cosines(
+                torch.stack([image_vectors[i] for i in pairs]),
+                torch.stack([text_embeddings[i].vector for i in pairs]),
+                report,
+            )
             cosines = dict(zip(pairs, values, strict=True))
-            report.score_s += time.perf_counter() - started  # includes the one device sync
 
         def host(vector: torch.Tensor | None) -> np.ndarray | None:
             return None if vector is None else vector.cpu().numpy()
@@ -246,6 +246,14 @@ class ClipModel:
                 )
             )
         return outcomes
+
+    @staticmethod
+    def _row_cosines(images: torch.Tensor, texts: torch.Tensor, report: BatchReport) -> list[float]:
+        """Row-wise cosines of L2-normalised embeddings: the batch's one device sync."""
+        started = time.perf_counter()
+        values = (images * texts).sum(dim=-1).cpu().tolist()
+        report.score_s += time.perf_counter() - started
+        return values
 
     @property
     def logit_scale(self) -> float:
@@ -266,10 +274,8 @@ class ClipModel:
         image_vectors = self.encode_pixels(pixels)
         report.encode_image_s += time.perf_counter() - started
         text_embeddings = self.encode_texts(texts, report)
-        started = time.perf_counter()
         text_vectors = torch.stack([embedding.vector for embedding in text_embeddings])
-        cosines = (image_vectors * text_vectors).sum(dim=-1).cpu().tolist()  # one sync per batch
-        report.score_s += time.perf_counter() - started
+        cosines = self._row_cosines(image_vectors, text_vectors, report)
         return [
             PairScore(cosine=cosine, text_truncated=embedding.truncated)
             for cosine, embedding in zip(cosines, text_embeddings, strict=True)
