@@ -59,8 +59,6 @@ class TensorPreprocessor:
         self.interpolation = _INTERPOLATION[preprocess_cfg.get("interpolation", "bicubic")]
         self.limits = limits
         self.device = device
-        self._mean = torch.tensor(preprocess_cfg["mean"], device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(preprocess_cfg["std"], device=device).view(1, 3, 1, 1)
 
     def supports(self, data: bytes) -> bool:
         """True when this path decodes ``data`` as the PIL path would (header only, no pixels)."""
@@ -130,10 +128,3 @@ class TensorPreprocessor:
             # the same kind of value.
             out[indices] = cropped.round_().clamp_(0, 255).to(torch.uint8)
         return out
-
-    def normalize(self, crops: torch.Tensor) -> torch.Tensor:
-        """ToTensor's /255 and the tag's mean/std, float32, batched."""
-        return (crops.to(torch.float32) / 255 - self._mean) / self._std
-
-    def to_model_input(self, images: list[bytes]) -> torch.Tensor:
-        return self.normalize(self.crop(self.decode(images)))

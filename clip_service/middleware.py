@@ -12,11 +12,12 @@ import logging
 import re
 import uuid
 from http import HTTPStatus
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-logger = logging.getLogger("clip_service.http")
+from clip_service.errors import error_body
+
+logger = logging.getLogger("clip_service.middleware")
 
 REQUEST_ID_HEADER = "x-request-id"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -36,13 +37,6 @@ FRAMEWORK_CODES: dict[int, str] = {
     HTTPStatus.SERVICE_UNAVAILABLE: "service_unavailable",
     HTTPStatus.GATEWAY_TIMEOUT: "timeout",
 }
-
-
-def error_body(code: str, message: str, request_id: str | None = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if request_id is not None:
-        error["request_id"] = request_id
-    return {"error": error}
 
 
 def _request_id(scope: Scope) -> str:
