@@ -45,6 +45,7 @@ from clip_runtime.scoring import (
 from clip_runtime.settings import KNOWN_MODELS
 from clip_runtime.shutdown import stop_after_siblings_on_sigterm
 from http_layer import RequestGuardMiddleware, error_body
+from multipart_guard import file_fields_by_route
 from observability import (
     BatchObservation,
     bound_request_metric_paths,
@@ -835,6 +836,8 @@ Evaluator.add_asgi_middleware(
     api_keys=tuple(settings.api_keys),
     open_paths=tuple(settings.auth_open_paths),
     retry_after_s=settings.retry_after_s,
+    file_fields=file_fields_by_route(Evaluator.apis.values()),
+    protect_docs=settings.auth_docs == "protected",
 )
 Evaluator.add_asgi_middleware(  # after the guard, so inside it: sheds carry the request id
     InFlightLimitMiddleware,
