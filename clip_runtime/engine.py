@@ -25,6 +25,7 @@ from clip_runtime.errors import (
 from clip_runtime.fetch import FetchPolicy
 from clip_runtime.images import ImageLimits, ImagePreprocessor
 from clip_runtime.jobs import ImageInput, Job, JobOutcome
+from clip_runtime.memory import DecodeBudget
 from clip_runtime.model import BatchReport, ClipModel, Crop
 from clip_runtime.model_entry import ModelEntry, read_entry
 from clip_runtime.settings import ClipSettings
@@ -38,6 +39,7 @@ def image_limits(settings: ClipSettings) -> ImageLimits:
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
         min_image_side=settings.min_image_side,
+        budget=DecodeBudget(settings.decode_memory_budget_bytes, settings.decode_budget_wait_s),
     )
 
 
@@ -57,7 +59,8 @@ def resolve_model_name(settings: ClipSettings, requested: str | None) -> str:
     """The served model a request asked for (or the default); unknown names list the served."""
     name = requested or settings.default_model
     if name not in settings.models:
-        raise UnknownModelError(f"model {name!r} is not served; served models: {settings.models}")
+        shown = name if len(name) <= 64 else name[:64] + "..."  # never echo unbounded input
+        raise UnknownModelError(f"model {shown!r} is not served; served models: {settings.models}")
     return name
 
 

@@ -35,6 +35,7 @@ from clip_service.bentoml_adapter import metrics_text
 from clip_service.errors import ClientGoneError, api_errors
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
 from clip_service.middleware import RequestGuardMiddleware
+from clip_service.multipart_guard import file_fields_by_route
 from clip_service.observability import (
     configure_logging,
     current_traceparent,
@@ -446,6 +447,8 @@ Evaluator.add_asgi_middleware(
     api_keys=tuple(settings.api_keys),
     open_paths=tuple(settings.auth_open_paths),
     retry_after_s=settings.retry_after_s,
+    file_fields=file_fields_by_route(Evaluator.apis.values()),
+    protect_docs=settings.auth_docs == "protected",
 )
 Evaluator.add_asgi_middleware(  # after the guard, so inside it: sheds carry the request id
     InFlightLimitMiddleware,
