@@ -14,7 +14,10 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-KNOWN_MODELS: tuple[str, ...] = ("ViT-B-32", "ViT-L-14")
+from clip_runtime.registry import DEFAULT_MODELS
+
+# The documented pair, served by default; any other saved model is served by its name.
+KNOWN_MODELS: tuple[str, ...] = DEFAULT_MODELS
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
@@ -24,7 +27,8 @@ class ClipSettings(BaseSettings):
 
     models: Annotated[list[str], NoDecode] = Field(
         default=list(KNOWN_MODELS),
-        description="Comma-separated models to serve; each must be saved in the model store.",
+        description="Comma-separated models to serve, by the name they were saved as "
+        "(`ViT-B-32`, `ARCH:TAG`, `hf-hub:ORG/NAME`); each must be saved in the model store.",
     )
     default_model: str = Field(
         default="ViT-B-32",
