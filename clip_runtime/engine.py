@@ -29,7 +29,11 @@ from clip_runtime.memory import DecodeBudget
 from clip_runtime.model import BatchReport, ClipModel, Crop
 from clip_runtime.model_entry import ModelEntry, read_entry
 from clip_runtime.settings import ClipSettings
-from clip_runtime.tensor_decode import TensorPreprocessor, tensor_decode_enabled
+from clip_runtime.tensor_decode import (
+    TensorPreprocessor,
+    handles_preprocessing,
+    tensor_decode_enabled,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +121,10 @@ class ClipEngine:
         self.tensor_preprocessors: dict[str, TensorPreprocessor] = {}
         if tensor_decode_enabled(settings.gpu_decode, device):
             for name, model in self.models.items():
-                self.tensor_preprocessors[name] = TensorPreprocessor(
-                    model.entry.preprocess_cfg, limits, device
-                )
+                if handles_preprocessing(model.entry.preprocess_cfg):
+                    self.tensor_preprocessors[name] = TensorPreprocessor(
+                        model.entry.preprocess_cfg, limits, device
+                    )
         # Threads for the PIL decodes of encoded images (Pillow releases the GIL while decoding).
         self.decode_pool = ThreadPoolExecutor(
             settings.decode_workers, thread_name_prefix="clip-engine-decode"

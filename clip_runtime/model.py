@@ -18,7 +18,16 @@ from cachetools import LRUCache
 from clip_runtime.device import dtype_name
 from clip_runtime.images import ImageLimits, ImagePreprocessor
 from clip_runtime.jobs import JobOutcome
-from clip_runtime.model_entry import ModelEntry, read_entry, verify_weights
+from clip_runtime.model_entry import (
+    Family,
+    ModelEntry,
+    embed_dim,
+    family_of,
+    read_entry,
+    verify_weights,
+)
+from clip_runtime.scoring import rank_probabilities
+from clip_runtime.tokens import token_count
 
 # A model-sized crop: HWC uint8 on the host (PIL path) or CHW uint8 on the device (tensor path).
 Crop = np.ndarray | torch.Tensor
@@ -40,6 +49,9 @@ class ModelInfo:
     embed_dim: int
     context_length: int
     image_size: tuple[int, int]
+    # How rank probabilities are made (clip_runtime.scoring.rank_probabilities).
+    family: Family = "clip"
+    logit_bias: float | None = None  # SigLIP's learnt bias; None for CLIP
 
 
 @dataclass
@@ -91,6 +103,8 @@ class ClipModel:
         )
         self._cache_lock = threading.Lock()
         context_length = int(self._tokenizer.context_length)
+        token_count(self._tokenizer, "")  # refuse a tokenizer whose truncation we cannot tell
+        self.family: Family = family_of(self._model)
         self.info = ModelInfo(
             name=name,
             architecture=self.entry.architecture,
@@ -99,11 +113,11 @@ class ClipModel:
             weights_sha256=self.entry.weights_sha256,
             device=str(device),
             dtype=dtype_name(dtype),
-            embed_dim=int(self._model.text_projection.shape[1])
-            if isinstance(self._model.text_projection, torch.Tensor)
-            else int(self._model.text_projection.out_features),
+            embed_dim=embed_dim(folder),
             context_length=context_length,
             image_size=self.preprocessor.size,
+            family=self.family,
+            logit_bias=self.logit_bias,
         )
         if self.entry.is_untrained:
             logger.warning(
@@ -116,11 +130,9 @@ class ClipModel:
     # -- encoding -----------------------------------------------------------------------------
 
     def is_truncated(self, text: str) -> bool:
-        """True when the caption has more tokens than the context (open_clip keeps the EOT)."""
-        encode = getattr(self._tokenizer, "encode", None)
-        if encode is None:
-            return False
-        return len(encode(text)) + 2 > self.info.context_length
+        """True when the model's own tokenizer makes more tokens of the caption (its special tokens
+        included) than the context holds, so the end of the caption is not scored."""
+        return token_count(self._tokenizer, text) > self.info.context_length
 
     def _pixels(self, crops: Sequence[Crop]) -> torch.Tensor:
         """Crops as one uint8 NCHW batch on the device (4x less to copy than floats), then
@@ -247,6 +259,18 @@ class ClipModel:
     def logit_scale(self) -> float:
         """The temperature the model was trained with (for softmax probabilities)."""
         return float(self._model.logit_scale.exp().item())
+
+    @property
+    def logit_bias(self) -> float | None:
+        """SigLIP's learnt bias, added to ``logit_scale * cos`` before the sigmoid; None: CLIP."""
+        bias = getattr(self._model, "logit_bias", None)
+        return None if bias is None else float(bias.item())
+
+    def probabilities(self, cosines: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Rank probabilities of candidates' cosines, the way this model's family was trained."""
+        return rank_probabilities(
+            np.asarray(cosines, dtype=np.float64), self.family, self.logit_scale, self.logit_bias
+        )
 
     def warm_up(self) -> None:
         """One forward pass of each tower, so the first request does not pay for lazy init."""

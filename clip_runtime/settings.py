@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-KNOWN_MODELS: tuple[str, ...] = ("ViT-B-32", "ViT-L-14")
+from clip_runtime.registry import DEFAULT_MODELS
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
@@ -23,8 +23,9 @@ class ClipSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLIP_", extra="ignore")
 
     models: Annotated[list[str], NoDecode] = Field(
-        default=list(KNOWN_MODELS),
-        description="Comma-separated models to serve; each must be saved in the model store.",
+        default=list(DEFAULT_MODELS),
+        description="Comma-separated models to serve, by the name they were saved as "
+        "(`ViT-B-32`, `ARCH:TAG`, `hf-hub:ORG/NAME`); each must be saved in the model store.",
     )
     default_model: str = Field(
         default="ViT-B-32",

@@ -45,15 +45,20 @@ def tensor_decode_enabled(mode: TensorDecodeMode, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
+def handles_preprocessing(preprocess_cfg: dict[str, Any]) -> bool:
+    """This path reproduces open_clip's "shortest" resize only; its other modes pad or squash
+    (SigLIP's webli tags squash), and those models keep the PIL path."""
+    return preprocess_cfg.get("resize_mode", "shortest") == "shortest"
+
+
 class TensorPreprocessor:
     """Encoded JPEGs -> the model's normalised NCHW float32 input, batched on ``device``."""
 
     def __init__(
         self, preprocess_cfg: dict[str, Any], limits: ImageLimits, device: torch.device
     ) -> None:
-        resize_mode = preprocess_cfg.get("resize_mode", "shortest")
-        if resize_mode != "shortest":  # open_clip's other modes pad or squash; not implemented
-            raise ValueError(f"tensor decode supports resize_mode 'shortest', not {resize_mode!r}")
+        if not handles_preprocessing(preprocess_cfg):
+            raise ValueError(f"tensor decode supports resize_mode 'shortest': {preprocess_cfg}")
         size = preprocess_cfg["size"]
         self.size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[assignment]
         self.interpolation = _INTERPOLATION[preprocess_cfg.get("interpolation", "bicubic")]

@@ -27,8 +27,8 @@ from clip_runtime.scoring import (
     clip_score,
     cosines,
     paper_clip_s,
+    rank_probabilities,
     ref_clip_score,
-    softmax_probabilities,
 )
 from clip_service.admission import InFlightLimitMiddleware, PairQueue
 from clip_service.bentoml_adapter import metrics_text
@@ -290,8 +290,8 @@ class EvaluatorImpl:
         model: str | None = None,
     ) -> RankResult:
         """Rank captions for one image (`image` + `texts`; zero-shot classification with label
-        prompts) or images for one caption (`images` + `text`), with softmax probabilities
-        under the model's own logit_scale."""
+        prompts) or images for one caption (`images` + `text`), with probabilities the way the
+        model's family was trained (CLIP: softmax; SigLIP: sigmoid with its logit_bias)."""
         name = resolve_model_name(settings, model)
         by_texts = image is not None and texts is not None and images is None and text is None
         by_images = images is not None and text is not None and image is None and texts is None
@@ -311,7 +311,9 @@ class EvaluatorImpl:
         anchor, *vectors = await self._embed(name, query + others, "candidates")
         status = await self._model_status(name)
         values = cosines(anchor, np.stack(vectors))
-        probabilities = softmax_probabilities(values, status.logit_scale)
+        probabilities = rank_probabilities(
+            values, status.family, status.logit_scale, status.logit_bias
+        )
         entry = self._entry(name)
         return RankResult(
             model=name,

@@ -67,7 +67,10 @@ class RankCandidate(BaseModel):
     index: int
     cosine: float
     score: float
-    probability: float = Field(description="softmax(logit_scale * cosine) over the candidates")
+    probability: float = Field(
+        description="CLIP: softmax(logit_scale * cosine) over the candidates; SigLIP: "
+        "sigmoid(logit_scale * cosine + logit_bias) per candidate"
+    )
 
 
 class RankResult(BaseModel):
@@ -104,6 +107,8 @@ class ModelStatus(BaseModel):
     ready: bool
     embed_dim: int
     logit_scale: float
+    family: Literal["clip", "siglip"] = "clip"
+    logit_bias: float | None = None
 
 
 class ModelHealth(BaseModel):

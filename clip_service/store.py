@@ -9,13 +9,13 @@ from typing import Any
 import bentoml
 
 from clip_runtime import errors as E
-from clip_runtime.model_entry import store_name
-from clip_runtime.settings import KNOWN_MODELS, ClipSettings
+from clip_runtime.registry import api_suffix, store_name
+from clip_runtime.settings import ClipSettings
 
 
 def store_attribute(model: str) -> str:
     """The class attribute holding ``model``'s store reference (a Python identifier)."""
-    return store_name(model).replace("-", "_")
+    return api_suffix(model)
 
 
 def batch_api_name(model: str) -> str:
@@ -35,8 +35,6 @@ def add_store_references(cls: type, settings: ClipSettings) -> None:
     """One store reference per served model on ``cls``; checked at import, so that `serve`
     names the fix instead of trying to pull a missing model from BentoCloud."""
     for name in settings.models:
-        if name not in KNOWN_MODELS:
-            raise E.ModelStoreError(f"CLIP_MODELS names {name!r}; known: {list(KNOWN_MODELS)}")
         reference = bentoml.models.BentoModel(store_name(name))
         if reference.stored is None:
             raise _not_saved(reference)

@@ -61,6 +61,8 @@ class ScorerImpl:
                 ready=self.engine.ready,
                 embed_dim=model.info.embed_dim,
                 logit_scale=model.logit_scale,
+                family=model.family,
+                logit_bias=model.logit_bias,
             )
             for model in self.engine.models.values()
         ]
