@@ -1,15 +1,21 @@
 """`bentoml serve service:Evaluator` (and the bentofile's entry point).
 
 The services live in the ``clip_service`` package: ``Evaluator`` is the public HTTP front end,
-``Scorer`` the model worker it depends on. Tracing and BentoML's bounded request metrics are
-installed here, at import, before BentoML builds any app.
+``Scorer`` the model worker it depends on. Tracing, BentoML's bounded request metrics and the
+request-header deadline are installed here, at import, before BentoML builds any app.
 """
 
-from clip_service.bentoml_adapter import bound_request_metric_paths, setup_tracing
+from clip_runtime.settings import get_settings
+from clip_service.bentoml_adapter import (
+    bound_request_metric_paths,
+    limit_header_time,
+    setup_tracing,
+)
 from clip_service.frontend import ROUTES, Evaluator
 from clip_service.worker import Scorer
 
 setup_tracing()
+limit_header_time(get_settings().header_timeout_s)
 bound_request_metric_paths(set(ROUTES))
 
 __all__ = ["Evaluator", "Scorer"]

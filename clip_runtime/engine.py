@@ -1,8 +1,8 @@
-"""The engine: served models by name, request validation, and the two halves of the data flow.
+"""The engine: served models by name, the weights side of the data flow.
 
-``Preprocessing`` (decode bytes -> crop, per request, in a thread pool) needs no weights, so the
-HTTP front end can run it; ``ClipEngine`` (jobs -> outcomes, per model batch) holds the weights
-and is also what in-process users (CLI, benchmark) call, with encoded images in their jobs.
+``ClipEngine`` (jobs -> outcomes, per model batch) holds the weights and is what the model
+worker and in-process users (CLI, benchmark) call, with encoded images or ready crops in their
+jobs. The weight-free half (validation, ``Preprocessing``) is ``clip_runtime.preprocessing``.
 """
 
 from __future__ import annotations
@@ -15,19 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from clip_runtime.device import resolve_device, resolve_dtype
-from clip_runtime.errors import (
-    ClipError,
-    EmptyTextError,
-    InvalidTextError,
-    TextTooLongError,
-    UnknownModelError,
-)
-from clip_runtime.fetch import FetchPolicy
-from clip_runtime.images import ImageLimits, ImagePreprocessor
+from clip_runtime.errors import ClipError
+from clip_runtime.images import ImagePreprocessor
 from clip_runtime.jobs import ImageInput, Job, JobOutcome
-from clip_runtime.memory import DecodeBudget
 from clip_runtime.model import BatchReport, ClipModel, Crop
-from clip_runtime.model_entry import ModelEntry, read_entry
+from clip_runtime.preprocessing import check_text, image_limits, resolve_model_name
 from clip_runtime.settings import ClipSettings
 from clip_runtime.tensor_decode import (
     TensorPreprocessor,
@@ -36,70 +28,6 @@ from clip_runtime.tensor_decode import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def image_limits(settings: ClipSettings) -> ImageLimits:
-    return ImageLimits(
-        max_image_bytes=settings.max_image_bytes,
-        max_image_pixels=settings.max_image_pixels,
-        min_image_side=settings.min_image_side,
-        budget=DecodeBudget(settings.decode_memory_budget_bytes, settings.decode_budget_wait_s),
-    )
-
-
-def fetch_policy(settings: ClipSettings) -> FetchPolicy:
-    return FetchPolicy(
-        enabled=settings.allow_urls,
-        allowed_hosts=tuple(settings.url_allowed_hosts),
-        max_bytes=settings.max_image_bytes,
-        connect_timeout_s=settings.url_connect_timeout_s,
-        read_timeout_s=settings.url_read_timeout_s,
-        total_timeout_s=settings.url_total_timeout_s,
-        max_redirects=settings.url_max_redirects,
-    )
-
-
-def resolve_model_name(settings: ClipSettings, requested: str | None) -> str:
-    """The served model a request asked for (or the default); unknown names list the served."""
-    name = requested or settings.default_model
-    if name not in settings.models:
-        shown = name if len(name) <= 64 else name[:64] + "..."  # never echo unbounded input
-        raise UnknownModelError(f"model {shown!r} is not served; served models: {settings.models}")
-    return name
-
-
-def check_text(settings: ClipSettings, text: str) -> str:
-    if not text or not text.strip():
-        raise EmptyTextError("text is empty")
-    if len(text) > settings.max_text_chars:
-        raise TextTooLongError(
-            f"text has {len(text)} characters; at most {settings.max_text_chars} are accepted"
-        )
-    if "\x00" in text:
-        raise InvalidTextError("text contains a NUL character")
-    return text
-
-
-class Preprocessing:
-    """Per-model image preprocessing and a decode pool sized to the machine (no weights)."""
-
-    def __init__(self, settings: ClipSettings, folders: Mapping[str, Path]) -> None:
-        self.settings = settings
-        limits = image_limits(settings)
-        self.entries: dict[str, ModelEntry] = {
-            name: read_entry(folders[name]) for name in settings.models
-        }
-        self.preprocessors = {
-            name: ImagePreprocessor(entry.preprocess_cfg, limits)
-            for name, entry in self.entries.items()
-        }
-        self.pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="clip-decode")
-
-    def crop(self, model: str, data: bytes) -> np.ndarray:
-        return self.preprocessors[model].from_bytes(data)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class ClipEngine:

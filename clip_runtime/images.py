@@ -10,12 +10,10 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision import transforms
 
 from clip_runtime.errors import (
     ImageDimensionsTooLargeError,
@@ -26,6 +24,10 @@ from clip_runtime.errors import (
     UrlNotAllowedError,
 )
 from clip_runtime.memory import DecodeBudget
+
+if TYPE_CHECKING:  # torch and torchvision are imported where used: the front end starts without
+    import torch
+    from torchvision import transforms
 
 # MPO is the multi-picture JPEG that many cameras write; its first frame is a plain JPEG.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
@@ -195,6 +197,7 @@ class ImagePreprocessor:
 
     def __init__(self, preprocess_cfg: dict[str, Any], limits: ImageLimits) -> None:
         from open_clip.transform import PreprocessCfg, image_transform_v2
+        from torchvision import transforms
 
         cfg = PreprocessCfg(**{**preprocess_cfg, "size": _size(preprocess_cfg["size"])})
         steps = list(image_transform_v2(cfg, is_train=False).transforms)
@@ -229,6 +232,8 @@ class ImagePreprocessor:
     def to_pixels(self, crops: torch.Tensor) -> torch.Tensor:
         """A uint8 NCHW batch of crops (on any device) -> the model's input: ToTensor's
         scaling and the tag's Normalize, in float32, where the batch is."""
+        import torch
+
         return self.normalize(crops.to(torch.float32).div(255))
 
 

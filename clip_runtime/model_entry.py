@@ -12,13 +12,13 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any, Literal
 
 from clip_runtime.errors import ModelStoreError
 from clip_runtime.registry import store_name
+
+if TYPE_CHECKING:  # the HTTP front end reads entries without importing torch
+    import torch
 
 WeightsSource = Literal["pretrained", "checkpoint", "random-init"]
 # "clip": softmax over logit_scale * cos; "siglip": sigmoid(logit_scale * cos + logit_bias).
@@ -105,6 +105,8 @@ def write_entry(
     tokenizer: str = "open_clip",
 ) -> ModelEntry:
     """Write weights (safetensors, never pickle) and both JSON files into ``folder``."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     weights_path = folder / WEIGHTS_FILE
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}

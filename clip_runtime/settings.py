@@ -123,6 +123,13 @@ class ClipSettings(BaseSettings):
     retry_after_s: int = Field(
         default=1, ge=0, description="`Retry-After` seconds sent with every 503."
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Time a client has to send a request's headers, from the connection (or "
+        "its first byte after a keep-alive pause); slower connections get 408 and are closed, "
+        "so slow or idle clients cannot pin the HTTP workers.",
+    )
 
     allow_urls: bool = Field(
         default=True, description="Accept `http(s)://` image URLs, fetched server-side (SSRF-safe)."

@@ -1,10 +1,15 @@
-"""Every reach into BentoML's private API, in one place (BentoML is pinned to 1.4.40 for it).
+"""Every reach into BentoML's private API (and, through it, uvicorn's), in one place (BentoML is
+pinned to 1.4.40 for it).
 
 - ``setup_tracing``: BentoML's tracer-provider slot (``BentoMLContainer``) gets an OTLP/HTTP
   exporter when only the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, and a missing
   exporter is reported instead of crash-looping the workers while they hold the port.
 - ``bound_request_metric_paths``: BentoML's request metrics labelled by known routes only.
 - ``metrics_text``: the multiprocess-aggregated Prometheus text of BentoML's ``/metrics``.
+- ``limit_header_time``: uvicorn's HTTP/1.1 protocol with a deadline for request headers.
+  BentoML starts uvicorn itself and passes no ``http=`` option, and neither uvicorn nor h11 has
+  a header timeout (the keep-alive timer only starts after a response), so a client sending
+  headers a byte at a time would hold a connection for as long as it likes.
 
 ``tests/test_bentoml_adapter.py`` checks that each private name used here still exists, so a
 BentoML upgrade fails there first, loudly, rather than in production.
@@ -12,10 +17,12 @@ BentoML upgrade fails there first, loudly, rather than in production.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
 
+import h11
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
@@ -30,6 +37,18 @@ PRIVATE_API: tuple[tuple[str, str], ...] = (
     ("bentoml._internal.configuration.containers", "BentoMLContainer.config"),
     ("bentoml._internal.configuration.containers", "BentoMLContainer.metrics_client"),
     ("bentoml._internal.server.http.instruments", "RunnerTrafficMetricsMiddleware"),
+    ("uvicorn.protocols.http.auto", "AutoHTTPProtocol"),
+    ("uvicorn.protocols.http.h11_impl", "H11Protocol.connection_made"),
+    ("uvicorn.protocols.http.h11_impl", "H11Protocol.connection_lost"),
+    ("uvicorn.protocols.http.h11_impl", "H11Protocol.data_received"),
+)
+
+# What a client too slow with its headers is told before the connection is closed.
+_TIMEOUT_BODY = b'{"error": {"code": "request_timeout", "message": "headers took too long"}}'
+REQUEST_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    + b"content-length: %d\r\n\r\n" % len(_TIMEOUT_BODY)
+    + _TIMEOUT_BODY
 )
 
 
@@ -151,3 +170,56 @@ def bound_request_metric_paths(known_paths: set[str]) -> None:
                 otel_context.detach(token)
 
     instruments.RunnerTrafficMetricsMiddleware = BoundedTrafficMetricsMiddleware
+
+
+def limit_header_time(timeout_s: float) -> None:
+    """Make every uvicorn worker started after this call close connections whose request
+    headers are not complete ``timeout_s`` after the connection opened (or after the first
+    byte of the next request on a kept-alive connection), with a 408.
+
+    BentoML 1.4.40 builds ``uvicorn.Config`` with the default ``http="auto"``, which uvicorn
+    resolves through ``uvicorn.protocols.http.auto.AutoHTTPProtocol`` when the worker starts
+    (after the service module is imported): replacing it here swaps the protocol. It is always
+    h11 (httptools, if installed, would have the same gap and is not what this was tested with).
+    """
+    from uvicorn.protocols.http import auto
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        header_timeout_s = timeout_s
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._header_deadline: asyncio.TimerHandle | None = None
+            self._arm_header_deadline()
+
+        def _arm_header_deadline(self) -> None:
+            if self._header_deadline is None:
+                self._header_deadline = self.loop.call_later(
+                    self.header_timeout_s, self._headers_too_slow
+                )
+
+        def _disarm_header_deadline(self) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+                self._header_deadline = None
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:
+                self._arm_header_deadline()  # a new request on a kept-alive connection
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm_header_deadline()  # the headers are in
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_header_deadline()
+            super().connection_lost(exc)
+
+        def _headers_too_slow(self) -> None:
+            # Armed only while no request is in progress, so no response is half-written.
+            self._header_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.write(REQUEST_TIMEOUT_RESPONSE)
+                self.transport.close()
+
+    auto.AutoHTTPProtocol = HeaderTimeoutH11Protocol

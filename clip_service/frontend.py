@@ -21,8 +21,8 @@ from starlette.routing import Route
 
 from clip_runtime import Job, JobOutcome, Preprocessing, get_settings, resolve_model_name
 from clip_runtime import errors as E
-from clip_runtime.engine import fetch_policy
 from clip_runtime.model_entry import ModelEntry
+from clip_runtime.preprocessing import fetch_policy
 from clip_runtime.scoring import (
     clip_score,
     cosines,
@@ -64,6 +64,9 @@ logger = logging.getLogger("clip_service.frontend")
 settings = get_settings()
 
 DEMO_PAGE = Path(__file__).resolve().parents[1] / "web" / "demo.html"
+# How long a probe (/readyz, /evaluator/health) waits for the model worker: probes must answer
+# within a Kubernetes probe's timeout, whether the model worker is up, loading or gone.
+SCORER_PROBE_TIMEOUT_S = 1.0
 
 
 def _vector(vector: np.ndarray | None) -> np.ndarray:
@@ -85,9 +88,11 @@ class EvaluatorImpl:
     scorer = bentoml.depends(Scorer)
 
     def __init__(self) -> None:
+        # Cheap by design: this runs in uvicorn's lifespan, before the worker accepts a
+        # connection. The open_clip transforms are built in the background (see `ready`).
         configure_logging(settings.log_format)
         self.preprocessing = Preprocessing(settings, model_folders(self, settings))
-        self.jobs = JobBuilder(settings, self.preprocessing, fetch_policy(settings))
+        self._jobs = JobBuilder(settings, self.preprocessing, fetch_policy(settings))
         self.queue = PairQueue(settings.max_queued_pairs)
         self._statuses: dict[str, ModelStatus] = {}
         for name, entry in self.preprocessing.entries.items():
@@ -96,6 +101,27 @@ class EvaluatorImpl:
 
     def _entry(self, name: str) -> ModelEntry:
         return self.preprocessing.entries[name]
+
+    @property
+    def jobs(self) -> JobBuilder:
+        """Every endpoint's way to its inputs: 503 ``service_unavailable`` while starting."""
+        self.preprocessing.check_ready()
+        return self._jobs
+
+    async def _scorer_ready(self) -> bool:
+        """Whether the model worker says it is ready, asked with a short bound: while it loads,
+        its socket accepts connections that nobody answers yet."""
+        try:
+            return await asyncio.wait_for(
+                self.scorer.to_async.is_ready(SCORER_PROBE_TIMEOUT_S), SCORER_PROBE_TIMEOUT_S
+            )
+        except (TimeoutError, aiohttp.ClientError, httpx.HTTPError, ConnectionError):
+            return False
+
+    async def __is_ready__(self) -> bool:
+        """BentoML's `/readyz` (503 until True): preprocessing built and the model worker
+        ready, answered within about a second at any point of start-up."""
+        return self.preprocessing.ready and await self._scorer_ready()
 
     # -- the model call -----------------------------------------------------------------------
 
@@ -371,14 +397,17 @@ class EvaluatorImpl:
         return self._embeddings(name, vectors, [o.text_truncated for o in outcomes])
 
     async def health(self) -> tuple[HealthResult, bool]:
-        """Every served model's status from the model worker (none while it is unreachable)."""
-        try:
-            statuses = [
-                ModelStatus.model_validate(s) for s in await self.scorer.to_async.describe()
-            ]
-        except Exception:  # the model worker is still loading, or gone: say so, do not raise
-            logger.warning("health: model worker unreachable", exc_info=True)
-            statuses = []
+        """Every served model's status from the model worker (none while it is loading or
+        unreachable), within about two probe timeouts."""
+        statuses: list[ModelStatus] = []
+        if self.preprocessing.ready and await self._scorer_ready():
+            try:
+                described = await asyncio.wait_for(
+                    self.scorer.to_async.describe(), SCORER_PROBE_TIMEOUT_S
+                )
+                statuses = [ModelStatus.model_validate(s) for s in described]
+            except Exception:  # the model worker went away in between: say so, do not raise
+                logger.warning("health: model worker unreachable", exc_info=True)
         served = {status.name: status for status in statuses}
         models = []
         for name in settings.models:
@@ -396,7 +425,7 @@ class EvaluatorImpl:
                     ready=bool(status and status.ready),
                 )
             )
-        ready = all(model.ready for model in models)
+        ready = self.preprocessing.ready and all(model.ready for model in models)
         result = HealthResult(
             status="ok" if ready else "unavailable",
             default_model=settings.default_model,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import bentoml
 
-from clip_runtime import ClipEngine, Job, JobOutcome, get_settings
+from clip_runtime import Job, JobOutcome, get_settings
 from clip_service.observability import BatchObservation, configure_logging, record_model_info
 from clip_service.schemas import ModelStatus
 from clip_service.shutdown import stop_after_siblings_on_sigterm
@@ -26,6 +26,10 @@ DRAIN_CAP_S = 90
 
 class ScorerImpl:
     def __init__(self) -> None:
+        # Imported here, not at module level: the HTTP front end imports this module (for
+        # `bentoml.depends`) and must not pay for torch before it accepts connections.
+        from clip_runtime.engine import ClipEngine
+
         configure_logging(settings.log_format)
         self.engine = ClipEngine(settings, model_folders(self, settings))
         self.engine.warm_up()

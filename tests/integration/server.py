@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,31 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 GRACEFUL_SHUTDOWN_S = 20
+# A Kubernetes-like probe: a client timeout of 2 s, every 0.5 s while the server starts.
+PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe sent while the server started: what, when, and what came of it."""
+
+    path: str
+    at_s: float  # since `serve` was started
+    outcome: str  # "refused" (no socket yet), "timeout", or the HTTP status
+    took_s: float
+
+
+def probe(url: str, path: str, started: float) -> Probe:
+    sent = time.monotonic()
+    try:
+        outcome = str(httpx.get(f"{url}{path}", timeout=PROBE_TIMEOUT_S).status_code)
+    except httpx.ConnectError:
+        outcome = "refused"
+    except httpx.TimeoutException:
+        outcome = "timeout"
+    except httpx.HTTPError as error:
+        outcome = type(error).__name__
+    return Probe(path, sent - started, outcome, time.monotonic() - sent)
 
 
 def free_port() -> int:
@@ -77,6 +103,7 @@ class ServerProcess:
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None
+        self.startup_probes: list[Probe] = []
 
     def start(self, timeout_s: float = 300) -> ServerProcess:
         log = self.log_path.open("wb")
@@ -102,15 +129,17 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # so stop() can signal the whole process group
         )
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
+            ready = probe(self.url, "/readyz", started)
+            self.startup_probes.append(ready)
+            if ready.outcome == "200":
+                return self
+            if ready.outcome == "503":  # answering but not ready: health must say so, at once
+                self.startup_probes.append(probe(self.url, "/evaluator/health", started))
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.log()}")

@@ -3,6 +3,8 @@ and a schemathesis run over the service's own OpenAPI document."""
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.hostile_inputs import build_cases, run
 from tests.images import b64, jpeg_bytes
-from tests.integration.server import ServerProcess
+from tests.integration.server import PROBE_TIMEOUT_S, ServerProcess
 from tests.local_http import LocalServer, local_server
 
 pytestmark = pytest.mark.integration
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.integration
 SINGLE = "/evaluator/v1/evaluation/single"
 KEYS = ("first-key-0123456789", "second-key-abcdefghij")
 JPEG = jpeg_bytes(4, 200, 150)
+HEADER_TIMEOUT_S = 2.0
 
 
 def test_hostile_corpus_gets_exact_answers_and_the_server_lives(server: ServerProcess) -> None:
@@ -61,6 +64,7 @@ def locked_server(
             "CLIP_MODELS": "ViT-B-32",
             "CLIP_API_KEYS": ",".join(KEYS),
             "CLIP_URL_ALLOWED_HOSTS": f"127.0.0.1:{images_host.port}",  # a bare host: 80/443
+            "CLIP_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
         },
     )
     process.start()
@@ -128,6 +132,80 @@ def test_urls_are_fetched_from_allowed_hosts_only(
             assert answer.json()["error"]["code"] == "url_not_allowed"
         missing = client.post(SINGLE, json={"image": images_host.url("/nope.jpg"), "text": "a"})
         assert missing.json()["error"]["code"] == "url_fetch_failed"
+
+
+def _read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """What the server sent before it closed ``sock``, and after how long (``limit_s``: it
+    did not close)."""
+    started = time.monotonic()
+    received = b""
+    sock.settimeout(limit_s)
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except TimeoutError:
+        return received, limit_s
+    return received, time.monotonic() - started
+
+
+def test_slow_clients_are_closed_and_others_served(locked_server: ServerProcess) -> None:
+    """Five connections that never finish their headers (slowloris), one that sends nothing and
+    one kept alive that starts a second request and stalls: each is closed within the header
+    deadline while ordinary requests are answered meanwhile."""
+    host, port = "127.0.0.1", locked_server.port
+    partial = b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: "
+    slow = [socket.create_connection((host, port)) for _ in range(5)]
+    for sock in slow:
+        sock.sendall(partial)
+    silent = socket.create_connection((host, port))
+    kept = socket.create_connection((host, port))
+    kept.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = kept.recv(4096)
+    kept.sendall(b"GET /livez HTTP/1.1\r\nHo")
+    try:
+        with httpx.Client(base_url=locked_server.url, timeout=30) as client:
+            assert client.get("/readyz").status_code == 200  # served while the others stall
+        for sock in slow:  # trickling more bytes does not extend the deadline
+            sock.sendall(b"a")
+        outcomes = [_read_until_closed(sock, HEADER_TIMEOUT_S + 3) for sock in [*slow, kept]]
+        silent_outcome = _read_until_closed(silent, HEADER_TIMEOUT_S + 3)
+    finally:
+        for sock in [*slow, silent, kept]:
+            sock.close()
+    assert first.startswith(b"HTTP/1.1 200")
+    for received, after_s in [*outcomes, silent_outcome]:
+        assert after_s < HEADER_TIMEOUT_S + 3, "a slow connection was left open"
+        assert received.startswith(b"HTTP/1.1 408"), received[:100]
+    with httpx.Client(base_url=locked_server.url, timeout=30) as client:
+        assert client.get("/readyz").status_code == 200
+
+
+def test_probes_answered_at_once_while_models_load(locked_server: ServerProcess) -> None:
+    """The probes `ServerProcess.start` sent (2 s client timeout, every 0.5 s): from the moment
+    the HTTP worker accepts connections, /readyz answers 503 within the timeout until it says
+    200, and /evaluator/health 503 meanwhile. Before that only two things are allowed: connection
+    refused (the arbiter is importing the service and has not opened the socket), and probes
+    timing out in the seconds between the socket opening and the worker's first accept (BentoML's
+    arbiter opens it before the worker has imported BentoML and the service; seen: 2.5 to 5 s,
+    one or two probes, on a loaded 2-core box; queued connections are answered after that)."""
+    probes = locked_server.startup_probes
+    answered = [i for i, p in enumerate(probes) if p.outcome not in ("refused", "timeout")]
+    assert answered, probes
+    before, after = probes[: answered[0]], probes[answered[0] :]
+    assert {p.outcome for p in before} <= {"refused", "timeout"}
+    waited = [p for p in before if p.outcome == "timeout"]
+    if waited:  # socket open, worker not accepting yet: 13 s before the front end started lazily
+        gap_s = after[0].at_s + after[0].took_s - waited[0].at_s
+        assert gap_s < 10, f"{gap_s:.1f} s from the socket opening to the first answer: {before}"
+    readiness = [p for p in after if p.path == "/readyz"]
+    health = [p for p in after if p.path == "/evaluator/health"]
+    assert [p.outcome for p in readiness][-1] == "200"
+    assert {p.outcome for p in readiness[:-1]} <= {"503"}, readiness
+    # The last health probe may follow the scorer becoming ready just after a 503 readyz.
+    assert {p.outcome for p in health[:-1]} <= {"503"}, health
+    assert len(readiness) >= 3, "the models loaded before the worker answered: nothing tested"
+    assert max(p.took_s for p in after) < PROBE_TIMEOUT_S
+    print("start-up probes:", " ".join(f"{p.path}@{p.at_s:.1f}s={p.outcome}" for p in probes))
 
 
 # -- schemathesis -----------------------------------------------------------------------------
