@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -140,7 +141,13 @@ async def _checked_address(url: str, policy: FetchPolicy) -> tuple[str, str, int
     return scheme, host, port, addresses[0]
 
 
-async def _fetch_hops(url: str, policy: FetchPolicy, client: httpx.AsyncClient) -> bytes:
+# Called with the body's length so far after each chunk; may wait (memory budget) or raise.
+BodyProgress = Callable[[int], Awaitable[None]]
+
+
+async def _fetch_hops(
+    url: str, policy: FetchPolicy, client: httpx.AsyncClient, on_body: BodyProgress | None
+) -> bytes:
     for _ in range(policy.max_redirects + 1):
         scheme, host, port, address = await _checked_address(url, policy)
         parts = urlsplit(url)
@@ -171,14 +178,19 @@ async def _fetch_hops(url: str, policy: FetchPolicy, client: httpx.AsyncClient) 
                 body.extend(chunk)
                 if len(body) > policy.max_bytes:
                     raise ImageTooLargeError(f"URL body is larger than {policy.max_bytes} bytes")
+                if on_body is not None:
+                    await on_body(len(body))
             return bytes(body)
         finally:
             await response.aclose()
     raise UrlFetchFailedError(f"more than {policy.max_redirects} redirects")
 
 
-async def fetch_image_bytes(url: str, policy: FetchPolicy) -> bytes:
-    """The body at ``url`` under ``policy``; domain errors only (never httpx's)."""
+async def fetch_image_bytes(
+    url: str, policy: FetchPolicy, on_body: BodyProgress | None = None
+) -> bytes:
+    """The body at ``url`` under ``policy``; domain errors only (never httpx's). ``on_body``
+    hears of the body as it grows (the service counts it in its memory budget)."""
     if not policy.enabled:
         raise UrlNotAllowedError("image URLs are switched off here (CLIP_ALLOW_URLS=false)")
     timeout = httpx.Timeout(
@@ -191,7 +203,9 @@ async def fetch_image_bytes(url: str, policy: FetchPolicy) -> bytes:
     client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
     async with client:
         try:
-            return await asyncio.wait_for(_fetch_hops(url, policy, client), policy.total_timeout_s)
+            return await asyncio.wait_for(
+                _fetch_hops(url, policy, client, on_body), policy.total_timeout_s
+            )
         except TimeoutError as exc:
             raise UrlFetchFailedError(f"URL took longer than {policy.total_timeout_s} s") from exc
         except httpx.HTTPError as exc:

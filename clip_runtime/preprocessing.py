@@ -25,7 +25,7 @@ from clip_runtime.errors import (
 )
 from clip_runtime.fetch import FetchPolicy
 from clip_runtime.images import ImageLimits, ImagePreprocessor
-from clip_runtime.memory import DecodeBudget
+from clip_runtime.memory import DecodeBudget, Reservation
 from clip_runtime.model_entry import ModelEntry, read_entry
 from clip_runtime.settings import ClipSettings
 
@@ -87,9 +87,10 @@ class Preprocessing:
         self.entries: dict[str, ModelEntry] = {
             name: read_entry(folders[name]) for name in settings.models
         }
+        self.limits = image_limits(settings)
         self.pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="clip-decode")
         self._preprocessors: Future[dict[str, ImagePreprocessor]] = self.pool.submit(
-            self._build, image_limits(settings)
+            self._build, self.limits
         )
         self._preprocessors.add_done_callback(_log_build_failure)
 
@@ -115,8 +116,15 @@ class Preprocessing:
         if not self.ready:
             raise ModelNotReadyError("image preprocessing is still starting; retry later")
 
-    def crop(self, model: str, data: bytes) -> np.ndarray:
-        return self.preprocessors[model].from_bytes(data)
+    def claim(self) -> Reservation:
+        """An empty claim on this process's decode budget, for an image still arriving."""
+        budget = self.limits.budget
+        if budget is None:
+            raise RuntimeError("image_limits always sets a decode budget")
+        return budget.reservation()
+
+    def crop(self, model: str, data: bytes, claim: Reservation | None = None) -> np.ndarray:
+        return self.preprocessors[model].from_bytes(data, claim)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -168,3 +168,19 @@ def test_timeouts_and_http_errors(server: LocalServer) -> None:
         get(server.url("/missing"), allowed)
     with pytest.raises(UrlFetchFailedError, match="resolve"):
         get("http://no-such-host.invalid/x.jpg", policy())
+
+
+def test_body_progress_is_reported_as_it_streams(server: LocalServer) -> None:
+    """The service counts fetched bodies in its decode budget through this callback."""
+    big = jpeg_bytes(1, 600, 400)
+    server.routes["/big.jpg"] = (200, {"Content-Type": "image/jpeg"}, big)
+    seen: list[int] = []
+
+    async def count(received: int) -> None:
+        seen.append(received)
+
+    body = asyncio.run(
+        fetch_image_bytes(server.url("/big.jpg"), policy(f"127.0.0.1:{server.port}"), count)
+    )
+    assert body == big
+    assert seen == sorted(seen) and seen[-1] == len(big)

@@ -5,17 +5,29 @@ from __future__ import annotations
 import io
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clip_runtime import memory
 from clip_runtime.errors import OverloadedError
-from clip_runtime.images import ImageLimits, decode_cost, open_header, open_image
+from clip_runtime.images import (
+    DRAFT_MIN_FACTOR,
+    ImageLimits,
+    decode_cost,
+    open_header,
+    open_image,
+)
 from clip_runtime.memory import DecodeBudget
+from clip_runtime.model import ClipModel
+from tests.images import encode, photo_like
 
 LIMITS = ImageLimits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, min_image_side=4)
+# (seed, size): reduced 1/4, reduced 1/2, just under the threshold (decoded whole).
+SIZES = [(1, (3600, 3600)), (2, (2000, 1800)), (3, (1700, 1200))]
 
 
 def test_over_budget_waits_then_is_refused() -> None:
@@ -82,3 +94,68 @@ def test_wide_greyscale_scales_as_before(mode: str) -> None:
     rgb = np.asarray(open_image(buffer.getvalue(), LIMITS))
     expected = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)  # the former int64 arithmetic
     assert (rgb[..., 0] == expected).all()
+
+
+def test_a_claim_grows_with_its_body_then_to_its_decode_never_both() -> None:
+    budget = DecodeBudget(max_bytes=1000, wait_s=0.1)
+    claim = budget.reservation()
+    assert claim.try_grow_to(300) and budget.in_flight == 300  # the URL body so far
+    claim.grow_to(700)  # its decode, estimated from the header, includes the body
+    assert budget.in_flight == 700
+    other = budget.reservation()
+    assert not other.try_grow_to(400)  # does not fit now: nothing claimed
+    assert budget.in_flight == 700
+    with pytest.raises(OverloadedError):
+        other.grow_to(400)
+    claim.release()
+    assert budget.in_flight == 0 and other.try_grow_to(400)
+    other.release()
+    assert budget.in_flight == 0
+
+
+def test_a_claim_released_while_waiting_claims_nothing() -> None:
+    """A request cancelled (client gone, fetch deadline) while its body waited for budget: the
+    waiting thread must not claim bytes after the request released the claim."""
+    budget = DecodeBudget(max_bytes=100, wait_s=5)
+    holder, waiter = budget.reservation(), budget.reservation()
+    holder.grow_to(90)
+    thread = threading.Thread(target=waiter.grow_to, args=(50,))
+    thread.start()
+    time.sleep(0.1)
+    waiter.release()
+    holder.release()
+    thread.join(5)
+    assert not thread.is_alive() and budget.in_flight == 0
+
+
+def test_large_jpegs_decode_drafted_within_bounds_of_the_full_decode(b32_model_dir: Path) -> None:
+    """JPEGs far larger than the input decode at 1/2..1/8 scale (`Image.draft`): a fraction of
+    the pixels, crops within 4 uint8 levels and cosines within 2e-3 of the full decode
+    (random-init ViT-B-32). Smaller JPEGs and other formats decode exactly as before."""
+    model = ClipModel("test", b32_model_dir, torch.device("cpu"), torch.float32, LIMITS, 16)
+    preprocessor = model.preprocessor
+    images = [encode(photo_like(seed, *size), "JPEG", quality=90) for seed, size in SIZES]
+    exact = [preprocessor.crop(open_image(data, LIMITS)) for data in images]
+    drafted = [preprocessor.from_bytes(data) for data in images]
+    for data, (_, size) in zip(images, SIZES, strict=True):
+        header = preprocessor.draft(open_header(data, LIMITS))
+        reduced = min(size) >= 2 * DRAFT_MIN_FACTOR * 224
+        assert (header.size != size) is reduced
+        assert min(header.size) >= DRAFT_MIN_FACTOR * 224
+    levels = max(
+        np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(exact, drafted, strict=True)
+    )
+    assert levels <= 4  # 3 seen
+    texts = [f"a photo of thing {i}" for i in range(len(images))]
+    keep = [False] * len(images)
+    exact_cos = [pair.cosine for pair in model.run(exact, texts, keep)]
+    drafted_cos = [pair.cosine for pair in model.run(drafted, texts, keep)]
+    print(
+        "draft vs full decode: uint8 levels",
+        levels,
+        "cosine",
+        max(abs(a - b) for a, b in zip(drafted_cos, exact_cos, strict=True)),
+    )
+    np.testing.assert_allclose(drafted_cos, exact_cos, atol=2e-3)
+    png = encode(photo_like(9, 2000, 1800), "PNG")
+    assert preprocessor.draft(open_header(png, LIMITS)).size == (2000, 1800)
