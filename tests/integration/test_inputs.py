@@ -3,10 +3,12 @@ and a schemathesis run over the service's own OpenAPI document."""
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import bentoml
 import httpx
@@ -16,12 +18,13 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.hostile_inputs import build_cases, run
 from tests.images import b64, jpeg_bytes
-from tests.integration.server import PROBE_TIMEOUT_S, ServerProcess
+from tests.integration.server import PROBE_TIMEOUT_S, ROOT, ServerProcess
 from tests.local_http import LocalServer, local_server
 
 pytestmark = pytest.mark.integration
 
 SINGLE = "/evaluator/v1/evaluation/single"
+RANK = "/evaluator/v1/evaluation/rank"
 KEYS = ("first-key-0123456789", "second-key-abcdefghij")
 JPEG = jpeg_bytes(4, 200, 150)
 HEADER_TIMEOUT_S = 2.0
@@ -206,6 +209,43 @@ def test_probes_answered_at_once_while_models_load(locked_server: ServerProcess)
     assert len(readiness) >= 3, "the models loaded before the worker answered: nothing tested"
     assert max(p.took_s for p in after) < PROBE_TIMEOUT_S
     print("start-up probes:", " ".join(f"{p.path}@{p.at_s:.1f}s={p.outcome}" for p in probes))
+
+
+def _load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_worker_memory_returns_after_hostile_decodes(
+    locked_server: ServerProcess, images_host: LocalServer
+) -> None:
+    """The in-suite share of scripts/measure_decode_memory.py: requests that decode and then
+    fail before any model work (a rank request whose last candidate is not an image), with
+    16-bit 6300x6300 PNGs (80 KB -> 80 MB) and 24 URLs to a ~14 MB image; the evaluator
+    worker's RSS comes back within 300 MB of idle and the service stays ready."""
+    measure = _load_script("measure_decode_memory")
+    (worker,) = measure.evaluator_workers(locked_server.port)
+    images_host.routes["/big.png"] = (200, {}, measure.large_png())
+    deep = b64(measure.deep_png())
+    bodies = [{"images": [deep] * 4 + ["!!"], "text": "a"}] * 4 + [
+        {"images": [images_host.url("/big.png")] * 24 + ["!!"], "text": "a"}
+    ] * 2
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    with httpx.Client(base_url=locked_server.url, timeout=120, headers=auth) as client:
+        idle = measure.rss_mb([worker])
+        for body in bodies:
+            answer = client.post(RANK, json=body)
+            assert answer.status_code == 422, answer.text  # all decoded, the last refused
+            assert answer.json()["error"]["message"].startswith(
+                f"images[{len(body['images']) - 1}]"
+            )
+        after = measure.rss_mb([worker])
+        assert client.get("/readyz").status_code == 200
+    print(f"evaluator worker RSS: idle {idle:.0f} MB, after {after:.0f} MB")
+    assert after - idle < 300
 
 
 # -- schemathesis -----------------------------------------------------------------------------
