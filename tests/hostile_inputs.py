@@ -161,6 +161,12 @@ def build_cases() -> list[Case]:
         ),
         Case("16-bit 6300x6300 PNG", 200, None, {"image": _b64(deep_png), "text": "a"}),
         Case(
+            "4000x3000 JPEG (decoded at a reduced DCT scale)",
+            200,
+            None,
+            {"image": _b64(_encode(photo.resize((4000, 3000)), "JPEG", quality=80)), "text": "a"},
+        ),
+        Case(
             "ICO image",
             415,
             "unsupported_image_format",

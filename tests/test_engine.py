@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +128,17 @@ def test_warm_up_marks_ready(tiny_model_dir: Path) -> None:
     assert not engine.ready
     engine.warm_up()
     assert engine.ready
+
+
+def test_the_front_end_half_imports_without_torch() -> None:
+    """The HTTP worker accepts connections (and answers probes) only after its imports: what it
+    imports of the engine must not pull in torch or open_clip (~13 s on a loaded 2-core box)."""
+    code = (
+        "import sys, clip_runtime, clip_runtime.preprocessing, clip_service.inputs, "
+        "clip_service.middleware, clip_service.bentoml_adapter, clip_service.store; "
+        "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "[]"
