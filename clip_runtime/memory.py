@@ -34,28 +34,6 @@ def _load_malloc_trim() -> ctypes._CFuncPtr | None:
 
 _MALLOC_TRIM = _load_malloc_trim()
 
-# glibc's mallopt parameter: allocations at least this large get their own mmap.
-_M_MMAP_THRESHOLD = -3
-LARGE_BUFFER_BYTES = 1 << 20
-
-
-def map_large_buffers() -> bool:
-    """Give every allocation of ``LARGE_BUFFER_BYTES`` or more its own mapping, returned to the
-    system when freed (glibc ``mallopt(M_MMAP_THRESHOLD)``); False where unavailable.
-
-    glibc raises that threshold by itself after large buffers are freed (up to 32 MB), after
-    which image bodies and decoded frames come from the heap, whose freed holes stay in RSS
-    between other live blocks that ``malloc_trim`` cannot return. Fixing it keeps a worker's
-    RSS near idle after bursts of large images, at the price of one mmap per such buffer."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES))
-
 
 def trim_heap() -> bool:
     """Return free heap pages to the system (glibc ``malloc_trim``); False where unavailable."""

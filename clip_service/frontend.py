@@ -21,7 +21,6 @@ from starlette.routing import Route
 
 from clip_runtime import Job, JobOutcome, Preprocessing, get_settings, resolve_model_name
 from clip_runtime import errors as E
-from clip_runtime.memory import map_large_buffers
 from clip_runtime.model_entry import ModelEntry
 from clip_runtime.preprocessing import fetch_policy
 from clip_runtime.scoring import (
@@ -92,7 +91,6 @@ class EvaluatorImpl:
         # Cheap by design: this runs in uvicorn's lifespan, before the worker accepts a
         # connection. The open_clip transforms are built in the background (see `ready`).
         configure_logging(settings.log_format)
-        map_large_buffers()  # URL bodies and decoded frames go back to the system when freed
         self.preprocessing = Preprocessing(settings, model_folders(self, settings))
         self._jobs = JobBuilder(settings, self.preprocessing, fetch_policy(settings))
         self.queue = PairQueue(settings.max_queued_pairs)
