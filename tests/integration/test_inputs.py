@@ -163,7 +163,9 @@ def test_slow_clients_are_closed_and_others_served(locked_server: ServerProcess)
     silent = socket.create_connection((host, port))
     kept = socket.create_connection((host, port))
     kept.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
-    first = kept.recv(4096)
+    first = b""
+    while not first.endswith(b"\r\n\r\n\n"):  # headers, then /livez's one-byte body
+        first += kept.recv(4096)
     kept.sendall(b"GET /livez HTTP/1.1\r\nHo")
     try:
         with httpx.Client(base_url=locked_server.url, timeout=30) as client:
@@ -224,14 +226,14 @@ def test_worker_memory_returns_after_hostile_decodes(
 ) -> None:
     """The in-suite share of scripts/measure_decode_memory.py: requests that decode and then
     fail before any model work (a rank request whose last candidate is not an image), with
-    16-bit 6300x6300 PNGs (80 KB -> 80 MB) and 24 URLs to a ~14 MB image; the evaluator
+    16-bit 6300x6300 PNGs (80 KB -> 80 MB) and 16 URLs to a ~14 MB image; the evaluator
     worker's RSS comes back within 300 MB of idle and the service stays ready."""
     measure = _load_script("measure_decode_memory")
     (worker,) = measure.evaluator_workers(locked_server.port)
     images_host.routes["/big.png"] = (200, {}, measure.large_png())
     deep = b64(measure.deep_png())
-    bodies = [{"images": [deep] * 4 + ["!!"], "text": "a"}] * 4 + [
-        {"images": [images_host.url("/big.png")] * 24 + ["!!"], "text": "a"}
+    bodies = [{"images": [deep] * 4 + ["!!"], "text": "a"}] * 3 + [
+        {"images": [images_host.url("/big.png")] * 16 + ["!!"], "text": "a"}
     ] * 2
     auth = {"Authorization": f"Bearer {KEYS[0]}"}
     with httpx.Client(base_url=locked_server.url, timeout=120, headers=auth) as client:
