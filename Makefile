@@ -17,7 +17,7 @@ SERVE_FLAGS ?= --timeout-graceful-shutdown 60
 
 .PHONY: browser install dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
         build containerize test run-unit-test-suite-local test-unit test-integration lint format \
-        settings-table bench bench-quick load-test reliability
+        settings-table bench bench-quick bench-gpu load-test reliability
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,12 @@ bench: install
 
 bench-quick: install
 	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py --quick $(BENCH_ARGS)
+
+# On a fresh CUDA machine with torch (no venv): installs bentoml/open_clip from .whl/ when missing,
+# benchmarks random-init ViT-B-32 and ViT-L-14, writes $(BENCH_OUT)/benchmark.{md,json}.
+BENCH_OUT ?= bench-out
+bench-gpu:
+	scripts/bench_gpu.sh $(BENCH_OUT) $(BENCH_ARGS)
 
 # Locust headless against URL (default: a service started here on 127.0.0.1, random-init models
 # when none are saved). Reports under reports/; non-zero exit on unexpected failures.

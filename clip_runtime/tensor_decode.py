@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -51,6 +53,54 @@ def handles_preprocessing(preprocess_cfg: dict[str, Any]) -> bool:
     return preprocess_cfg.get("resize_mode", "shortest") == "shortest"
 
 
+def decodes_like_pillow(header: Image.Image) -> bool:
+    """True when a JPEG decode of this image (its header read, no pixels) gives the pixels the
+    PIL path would: a JPEG in RGB or greyscale, not rotated by EXIF."""
+    if header.format not in {"JPEG", "MPO"} or header.mode not in {"RGB", "L"}:
+        return False  # CMYK/YCCK: Pillow converts differently
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            orientation = header.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # an unreadable EXIF block: the PIL path decides
+        return False
+    return bool(orientation == 1)
+
+
+class SideStream:
+    """Device work queued on a CUDA stream of its own, so that it overlaps the model's work on the
+    default stream; ``handoff``/``receive`` order the two. On CPU every method is a no-op."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @contextmanager
+    def producing(self) -> Iterator[None]:
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def handoff(self) -> torch.cuda.Event | None:
+        """Marks the end of the work queued so far (call inside ``producing``)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def receive(self, event: torch.cuda.Event | None, tensors: list[torch.Tensor]) -> None:
+        """The current stream waits for ``event``; the allocator is told the tensors are used
+        there, so their memory is not reused while that stream still reads it."""
+        if self.stream is None or event is None:
+            return
+        current = torch.cuda.current_stream(self.stream.device)
+        current.wait_event(event)
+        for tensor in tensors:
+            tensor.record_stream(current)
+
+
 class TensorPreprocessor:
     """Encoded JPEGs -> the model's normalised NCHW float32 input, batched on ``device``."""
 
@@ -73,16 +123,13 @@ class TensorPreprocessor:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 image = Image.open(io.BytesIO(data))
-                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         except Exception:  # let the PIL path name the problem
             return False
         width, height = image.size
         return (
-            image.format in {"JPEG", "MPO"}
-            and image.mode in {"RGB", "L"}  # CMYK/YCCK: Pillow converts differently
-            and orientation == 1
-            and width * height <= self.limits.max_image_pixels
+            width * height <= self.limits.max_image_pixels
             and min(width, height) >= self.limits.min_image_side
+            and decodes_like_pillow(image)
         )
 
     def decode(self, images: list[bytes]) -> list[torch.Tensor]:

@@ -441,6 +441,9 @@ evaluator_routes = Starlette(
 add_store_references(EvaluatorImpl, settings)
 Evaluator = bentoml.service(
     name="clip-evaluator",
+    # Every core parses, checks and (on CPU hosts) crops images; PairQueue and the in-flight
+    # limit are per worker, so the service admits http_workers times their values.
+    workers=settings.http_workers,
     traffic={"timeout": 600},
 )(bentoml.asgi_app(evaluator_routes, path="/evaluator")(EvaluatorImpl))
 Evaluator.add_asgi_middleware(

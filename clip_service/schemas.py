@@ -109,6 +109,8 @@ class ModelStatus(BaseModel):
     logit_scale: float
     family: Literal["clip", "siglip"] = "clip"
     logit_bias: float | None = None
+    # The model worker decodes this model's JPEGs on its device (the front end forwards them).
+    device_decode: bool = False
 
 
 class ModelHealth(BaseModel):

@@ -74,6 +74,9 @@ class ServerProcess:
             "BENTOML_HOME": str(self.home),
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
+            # One HTTP worker unless asked: the suite's limits and metrics checks count per
+            # worker, and the shared test box has few cores.
+            "CLIP_HTTP_WORKERS": "1",
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None
