@@ -40,7 +40,7 @@ echo "models saved after $(( $(date +%s) - started )) s"
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT_S:-420}" "$py" scripts/benchmark.py --models $models \
   --bentoml-home "$BENTOML_HOME" --json "$out/benchmark.json" --markdown "$out/benchmark.md" \
-  --generators "$generators" --seconds "${SECONDS_PER_RUN:-8}" \
+  --generators "$generators" --seconds "${SECONDS_PER_RUN:-8}" --batch-scan 32 64 128 256 512 \
   --server-env "CLIP_HTTP_WORKERS=$(( cores > generators + 1 ? cores - generators : 1 ))" \
   "CLIP_MODEL_MAX_BATCH_SIZE=$batching" \
   --notes "scripts/bench_gpu.sh, $cores cores, $generators load generator processes" "$@" \
