@@ -19,6 +19,10 @@ from clip_runtime.registry import DEFAULT_MODELS
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
 class ClipSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLIP_", extra="ignore")
 
@@ -63,7 +67,7 @@ class ClipSettings(BaseSettings):
         description="Text embeddings kept per model (LRU); 0 turns the cache off.",
     )
     decode_workers: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=_cores,
         ge=1,
         description="Threads decoding and preprocessing images (default: CPU count).",
     )
@@ -82,7 +86,7 @@ class ClipSettings(BaseSettings):
         "stream) while the previous one is encoded.",
     )
     http_workers: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=_cores,
         ge=1,
         description="HTTP front-end (Evaluator) processes (default: CPU count). Limits and "
         "queues marked 'per HTTP worker' multiply by this.",
