@@ -393,11 +393,11 @@ def load_row(
 ) -> Row:
     failed = sum(load.failures.values())
     pairs_s = round(len(load.latencies_s) * per / load.elapsed_s, 3) if load.elapsed_s else 0.0
-    generator = f"busiest process {load.generator_cpu_share:.0%} CPU"
+    generator = f"busiest process {load.generator_cpu_share:.1%} CPU"
     if load.send_lag_p99_ms:
         generator += f", send lag p99 {load.send_lag_p99_ms} ms"
-    if load.generator_limited:
-        generator += "; GENERATOR-LIMITED: add --generators"
+    if load.generator_limited:  # too few generators, or a machine too busy to send on time
+        generator += "; GENERATOR BEHIND: figures may understate the load"
     return Row(
         model=name,
         name=label,
