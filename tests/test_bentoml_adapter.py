@@ -1,0 +1,176 @@
+"""The BentoML dependency-client adapter: it fits the installed BentoML, and it fixes the bug.
+
+The bug (BentoML 1.4.40, issue #5540): the dependency client's SessionManager closes its aiohttp
+session every 100 calls while other calls are still running on it. Here against a local aiohttp
+server with a slow endpoint, with BentoML's own methods and with the adapter's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import bentoml
+import pytest
+from _bentoml_impl.client import proxy2
+from aiohttp import web
+
+from clip_service.bentoml_adapter import (
+    PATCHED_BENTOML_VERSION,
+    BentoMLChangedError,
+    apply_session_fix,
+    call_with_reconnect,
+    check_session_manager,
+    install_dependency_session_fix,
+)
+
+CALLS = 250  # BentoML refreshes after 100 calls: two refreshes with calls in flight
+SLOW_S = 0.3
+
+
+def _unfixed_class() -> type[Any]:
+    """BentoML's SessionManager as shipped, whether or not this process installed the fix."""
+    original = proxy2.SessionManager
+    unfixed_methods = getattr(original, "_clip_unfixed_methods", {})
+    return type("UnfixedSessionManager", (original,), unfixed_methods)
+
+
+def _fixed_class() -> type[Any]:
+    fixed = type("FixedSessionManager", (_unfixed_class(),), {})
+    apply_session_fix(fixed)
+    return fixed
+
+
+@asynccontextmanager
+async def slow_server() -> AsyncIterator[str]:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(SLOW_S)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def overlapping_calls(manager_class: type[Any], timeout_s: float = 30) -> list[str]:
+    """``CALLS`` overlapping GETs through one manager, as the dependency client makes them."""
+    async with slow_server() as url:
+        manager = manager_class(url=url, timeout=timeout_s, headers={})
+
+        async def call(index: int) -> str:
+            await asyncio.sleep(index * 0.002)  # staggered: refreshes happen mid-flight
+            session = await manager.get_session()
+            try:
+                async with session.get("/slow") as response:
+                    return f"{response.status}"
+            except (aiohttp.ClientError, asyncio.CancelledError) as error:
+                # Calls still waiting for a connection of the closed session are cancelled.
+                return type(error).__name__
+
+        try:
+            return await asyncio.gather(*(call(i) for i in range(CALLS)))
+        finally:
+            await manager.close()
+
+
+def test_bentoml_session_manager_fails_calls_in_flight_at_a_refresh() -> None:
+    """The reproduction: if this starts passing, BentoML fixed it and the adapter can go."""
+    outcomes = asyncio.run(overlapping_calls(_unfixed_class()))
+    failed = [o for o in outcomes if o != "200"]
+    assert failed, "BentoML's SessionManager no longer breaks in-flight calls"
+    assert set(failed) <= {"ServerDisconnectedError", "ClientConnectionError", "CancelledError"}
+
+
+def test_fixed_session_manager_serves_every_overlapping_call() -> None:
+    outcomes = asyncio.run(overlapping_calls(_fixed_class()))
+    assert outcomes == ["200"] * CALLS
+
+
+def test_a_retired_session_is_closed_after_its_timeout() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        manager = _fixed_class()(url="http://127.0.0.1:1", timeout=0.3, headers={})
+        manager.max_requests = 1
+        first = await manager.get_session()
+        await manager.get_session()
+        second = await manager.get_session()  # the third call refreshes: `first` is retired
+        retired_open = not first.closed and first is not second
+        await asyncio.sleep(0.5)
+        closed_after_grace = first.closed
+        await manager.close()
+        return retired_open, closed_after_grace
+
+    assert asyncio.run(scenario()) == (True, True)
+
+
+def test_install_patches_bentoml_once() -> None:
+    install_dependency_session_fix()
+    patched = proxy2.SessionManager.get_session
+    install_dependency_session_fix()
+    assert proxy2.SessionManager.get_session is patched
+    assert patched is not proxy2.SessionManager._clip_unfixed_methods["get_session"]
+
+
+def test_the_fix_refuses_another_bentoml_version() -> None:
+    assert bentoml.__version__ == PATCHED_BENTOML_VERSION
+    with pytest.raises(BentoMLChangedError, match=r"1\.4\.41"):
+        check_session_manager(_unfixed_class(), "1.4.41")
+
+
+@pytest.mark.parametrize("name", ["_should_refresh", "_make_client", "get_session"])
+def test_the_fix_refuses_a_session_manager_without_what_it_uses(name: str) -> None:
+    changed = type("ChangedSessionManager", (_unfixed_class(),), {name: None})
+    with pytest.raises(BentoMLChangedError, match=name):
+        check_session_manager(changed, PATCHED_BENTOML_VERSION)
+
+
+def test_the_fix_refuses_a_session_manager_that_keeps_other_state() -> None:
+    class Renamed(_unfixed_class()):  # type: ignore[misc]
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            del self._request_count
+
+    with pytest.raises(BentoMLChangedError, match="_request_count"):
+        check_session_manager(Renamed, PATCHED_BENTOML_VERSION)
+
+
+def test_call_with_reconnect_retries_a_dropped_connection_once() -> None:
+    attempts: list[int] = []
+
+    async def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise aiohttp.ServerDisconnectedError()
+        return "scored"
+
+    assert asyncio.run(call_with_reconnect(flaky)) == "scored"
+    assert len(attempts) == 2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [aiohttp.ServerDisconnectedError(), aiohttp.ServerTimeoutError("read timeout")],
+    ids=["twice-disconnected", "timeout"],
+)
+def test_call_with_reconnect_gives_up_after_one_retry_and_never_retries_a_timeout(
+    error: Exception,
+) -> None:
+    attempts: list[int] = []
+
+    async def failing() -> str:
+        attempts.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        asyncio.run(call_with_reconnect(failing))
+    assert len(attempts) == (1 if isinstance(error, aiohttp.ServerTimeoutError) else 2)
