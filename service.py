@@ -44,7 +44,7 @@ from clip_runtime.scoring import (
 )
 from clip_runtime.settings import KNOWN_MODELS
 from clip_runtime.shutdown import stop_after_siblings_on_sigterm
-from clip_service.bentoml_adapter import install_dependency_session_fix
+from clip_service.bentoml_adapter import install_bentoml_fixes
 from http_layer import RequestGuardMiddleware, error_body
 from observability import (
     BatchObservation,
@@ -58,7 +58,7 @@ from observability import (
     tracer,
 )
 
-install_dependency_session_fix()  # before any Scorer client exists (BentoML issue #5540)
+install_bentoml_fixes()  # before the arbiter starts and any Scorer client exists
 logger = logging.getLogger("clip_service")
 settings = get_settings()
 setup_tracing()

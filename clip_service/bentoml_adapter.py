@@ -1,4 +1,4 @@
-"""The one place that reaches into BentoML's private dependency client (pinned: bentoml==1.4.40).
+"""The one place that reaches into BentoML's private internals (pinned: bentoml==1.4.40).
 
 Why: in BentoML 1.4.40 the client behind ``bentoml.depends(Scorer)``
 (``_bentoml_impl.client.proxy2.SessionManager``) replaces its aiohttp session after every
@@ -13,11 +13,17 @@ has ended — after the session's own total timeout, which bounds every request 
 when the client itself is closed). ``call_with_reconnect`` retries an idempotent model call once
 when the connection itself failed (a kept-alive connection the worker had just closed, a worker
 restart): the second attempt gets a fresh connection.
+
+``install_fast_worker_restart()``: BentoML starts its circus arbiter with ``check_delay=10``, the
+period at which circus notices a dead worker and starts another one (circus has no SIGCHLD
+handler), so a crashed model worker stayed dead for up to 10 s before its restart even began.
+It sets that period to ``WORKER_CHECK_DELAY_S`` in the ``bentoml serve`` process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -147,3 +153,48 @@ async def call_with_reconnect(call: Callable[[], Awaitable[T]]) -> T:
     except aiohttp.ClientConnectionError as error:
         logger.info("model worker connection failed (%r); retrying once", error)
         return await call()
+
+
+WORKER_CHECK_DELAY_S = 1.0
+_FAST_RESTART_MARK = "_clip_fast_worker_restart"
+
+
+def check_arbiter(arbiter_class: type[Any], controller_class: type[Any], version: str) -> None:
+    """Raise unless BentoML's arbiter and circus's controller are what the patch expects."""
+    if version != PATCHED_BENTOML_VERSION:
+        raise BentoMLChangedError(
+            f"bentoml {version} is installed; the worker restart patch in {__name__} was written "
+            f"for {PATCHED_BENTOML_VERSION}"
+        )
+    if "check_delay" not in inspect.signature(controller_class.__init__).parameters:
+        raise BentoMLChangedError(f"{controller_class.__qualname__} takes no check_delay")
+    if not callable(arbiter_class.__dict__.get("start")):
+        raise BentoMLChangedError(f"{arbiter_class.__qualname__} no longer defines start()")
+
+
+def install_fast_worker_restart() -> None:
+    """Make circus check its workers every ``WORKER_CHECK_DELAY_S`` (idempotent; raises if
+    BentoML or circus changed). Takes effect in ``bentoml serve``, which imports the service
+    before it starts the arbiter."""
+    from bentoml._internal.utils import circus as bentoml_circus
+    from circus.controller import Controller
+
+    arbiter_class = bentoml_circus.Arbiter
+    if arbiter_class.__dict__.get(_FAST_RESTART_MARK, False):
+        return
+    check_arbiter(arbiter_class, Controller, bentoml.__version__)
+    bentoml_start = arbiter_class.start
+
+    def start(self: Any, cb: Callable[[Any], Any] | None = None) -> None:
+        # The controller keeps milliseconds and starts its periodic check in start().
+        self.ctrl.check_delay = min(self.ctrl.check_delay, WORKER_CHECK_DELAY_S * 1000)
+        bentoml_start(self, cb)
+
+    arbiter_class.start = start
+    setattr(arbiter_class, _FAST_RESTART_MARK, True)
+
+
+def install_bentoml_fixes() -> None:
+    """Both patches; call once at import of the service module (every process imports it)."""
+    install_dependency_session_fix()
+    install_fast_worker_restart()

@@ -23,8 +23,10 @@ from clip_service.bentoml_adapter import (
     BentoMLChangedError,
     apply_session_fix,
     call_with_reconnect,
+    check_arbiter,
     check_session_manager,
     install_dependency_session_fix,
+    install_fast_worker_restart,
 )
 
 CALLS = 250  # BentoML refreshes after 100 calls: two refreshes with calls in flight
@@ -174,3 +176,43 @@ def test_call_with_reconnect_gives_up_after_one_retry_and_never_retries_a_timeou
     with pytest.raises(type(error)):
         asyncio.run(call_with_reconnect(failing))
     assert len(attempts) == (1 if isinstance(error, aiohttp.ServerTimeoutError) else 2)
+
+
+# -- the worker restart period ----------------------------------------------------------------
+
+
+def test_bentoml_checks_its_workers_only_every_10_s() -> None:
+    """The premise of install_fast_worker_restart: BentoML's arbiter checks every 10 s."""
+    from bentoml._internal.utils.circus import create_standalone_arbiter
+
+    arbiter = create_standalone_arbiter([])
+    try:
+        assert arbiter.ctrl.check_delay == 10_000  # milliseconds
+    finally:
+        arbiter.ctrl.context.destroy(linger=0)
+
+
+def test_fast_worker_restart_patches_the_arbiter_start_once() -> None:
+    from bentoml._internal.utils import circus as bentoml_circus
+
+    install_fast_worker_restart()
+    patched = bentoml_circus.Arbiter.start
+    install_fast_worker_restart()
+    assert bentoml_circus.Arbiter.start is patched
+    assert patched.__module__ == "clip_service.bentoml_adapter"
+
+
+def test_fast_worker_restart_refuses_another_bentoml_or_circus() -> None:
+    from bentoml._internal.utils.circus import Arbiter
+    from circus.controller import Controller
+
+    with pytest.raises(BentoMLChangedError, match=r"1\.5\.0"):
+        check_arbiter(Arbiter, Controller, "1.5.0")
+
+    class OtherController:
+        def __init__(self, endpoint: str) -> None: ...
+
+    with pytest.raises(BentoMLChangedError, match="check_delay"):
+        check_arbiter(Arbiter, OtherController, PATCHED_BENTOML_VERSION)
+    with pytest.raises(BentoMLChangedError, match="start"):
+        check_arbiter(type("NoStart", (Arbiter,), {}), Controller, PATCHED_BENTOML_VERSION)
