@@ -14,6 +14,12 @@ when the client itself is closed). ``call_with_reconnect`` retries an idempotent
 when the connection itself failed (a kept-alive connection the worker had just closed, a worker
 restart): the second attempt gets a fresh connection.
 
+``install_dependency_session_fix()`` also replaces the client's ``is_ready``: BentoML's catches
+only ``ServerTimeoutError``, so a total timeout or a refused or dropped connection to a dead
+worker escaped from the front end's ``/readyz`` handler before any answer was sent, and BentoML's
+``TimeoutMiddleware`` then held the probe open until the traffic timeout (600 s here) instead
+of answering 503. The replacement answers "not ready" for any connection failure or timeout.
+
 ``install_fast_worker_restart()``: BentoML starts its circus arbiter with ``check_delay=10``, the
 period at which circus notices a dead worker and starts another one (circus has no SIGCHLD
 handler), so a crashed model worker stayed dead for up to 10 s before its restart even began.
@@ -41,6 +47,8 @@ PATCHED_BENTOML_VERSION = "1.4.40"
 # What the replacement methods use of BentoML's SessionManager.
 REQUIRED_METHODS = ("get_session", "close", "_make_client", "_should_refresh")
 REQUIRED_INIT_STATE = ("_session", "_created_at", "_request_count", "_timeout")
+# What the replacement is_ready uses of BentoML's AsyncClient.
+REQUIRED_CLIENT_STATE = ("_session_manager", "_readyz_endpoint")
 _MARK = "_clip_retires_old_sessions"
 
 
@@ -52,6 +60,37 @@ def _session_manager_class() -> type[Any]:
     from _bentoml_impl.client import proxy2
 
     return cast(type[Any], proxy2.SessionManager)
+
+
+def _async_client_class() -> type[Any]:
+    from _bentoml_impl.client import proxy2
+
+    return cast(type[Any], proxy2.AsyncClient)
+
+
+def check_async_client(client_class: type[Any]) -> None:
+    """Raise unless ``client_class`` has what the replacement ``is_ready`` uses."""
+    if not callable(getattr(client_class, "is_ready", None)):
+        raise BentoMLChangedError(f"{client_class.__qualname__} has no is_ready()")
+    probe = client_class("http://127.0.0.1:1", server_ready_timeout=0)
+    missing = [name for name in REQUIRED_CLIENT_STATE if not hasattr(probe, name)]
+    if missing:
+        raise BentoMLChangedError(
+            f"{client_class.__qualname__} lacks {', '.join(missing)}: the readiness fix in "
+            f"{__name__} no longer fits this BentoML"
+        )
+
+
+async def _is_ready(self: Any, timeout: int | None = None) -> bool:
+    """BentoML's ``AsyncClient.is_ready``, False on any connection failure or timeout."""
+    session = await self._session_manager.get_session()
+    limit = aiohttp.ClientTimeout(total=timeout) if timeout else None
+    try:
+        async with session.get(self._readyz_endpoint, timeout=limit) as response:
+            return response.status == 200
+    except (TimeoutError, aiohttp.ClientError) as error:
+        logger.info("model worker not ready: %r", error)
+        return False
 
 
 def check_session_manager(manager_class: type[Any], version: str) -> None:
@@ -130,14 +169,26 @@ def apply_session_fix(manager_class: type[Any]) -> None:
     setattr(manager_class, _MARK, True)
 
 
+def apply_readiness_fix(client_class: type[Any]) -> None:
+    """Give ``client_class`` (BentoML's AsyncClient or a subclass) the replacement is_ready."""
+    if client_class.__dict__.get(_MARK, False):
+        return
+    check_async_client(client_class)
+    client_class._clip_unfixed_methods = {"is_ready": client_class.is_ready}
+    client_class.is_ready = _is_ready
+    setattr(client_class, _MARK, True)
+
+
 def install_dependency_session_fix() -> None:
-    """Patch BentoML's dependency SessionManager (idempotent; raises if BentoML changed).
+    """Patch BentoML's dependency SessionManager and the client's is_ready (idempotent; raises
+    if BentoML changed).
 
     Patching the class's methods covers clients created before and after this call, in every
     process that imports the service module (the Evaluator builds its Scorer client lazily, on
     the first ``self.scorer`` access, long after import).
     """
     apply_session_fix(_session_manager_class())
+    apply_readiness_fix(_async_client_class())
 
 
 async def call_with_reconnect(call: Callable[[], Awaitable[T]]) -> T:

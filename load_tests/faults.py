@@ -1,6 +1,6 @@
 """Long reliability checks against a service started here on 127.0.0.1, each with a verdict.
 
-    python -m load_tests.faults overload   # capacity, then ~2x capacity open-loop: shed, not queue
+    python -m load_tests.faults overload   # capacity, then 5 min at ~2x capacity: shed, not queue
     python -m load_tests.faults sigkill    # SIGKILL the model worker under load: recovery time
     python -m load_tests.faults soak       # RSS of every server process over a long run
     python -m load_tests.faults all        # the three, on one service (make reliability)
@@ -192,7 +192,9 @@ def scorer_worker(server: ServerProcess) -> psutil.Process:
 def sigkill(server: ServerProcess, args: argparse.Namespace) -> bool:
     victim = scorer_worker(server)
     traffic = Traffic()
-    readyz: list[tuple[float, int]] = []  # (answered, seconds after the kill; status)
+    readyz: list[tuple[float, float, int]] = []  # (sent, answered: s after the kill; status)
+
+    killed_utc = ""
 
     async def scenario() -> float:
         load = asyncio.create_task(
@@ -201,16 +203,20 @@ def sigkill(server: ServerProcess, args: argparse.Namespace) -> bool:
         await asyncio.sleep(5)
         killed_at = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
+        nonlocal killed_utc
+        killed_utc = (
+            time.strftime("%H:%M:%S", time.gmtime()) + f".{int(time.time() % 1 * 1000):03d}"
+        )
         # Every probe is sent after the kill, so a 200 comes from the restarted worker. It may
         # never see a non-200: BentoML's own probe of the worker (5 s) waits in the worker's
         # socket backlog, which circus keeps open, and a quick restart answers it.
         async with httpx.AsyncClient(base_url=server.url, timeout=15) as client:
-            while time.monotonic() - killed_at < args.kill_seconds:
+            while (sent := time.monotonic() - killed_at) < args.kill_seconds:
                 try:
                     status = (await client.get("/readyz")).status_code
                 except httpx.TransportError:
                     status = 0
-                readyz.append((time.monotonic() - killed_at, status))
+                readyz.append((sent, time.monotonic() - killed_at, status))
                 if status == 200:
                     break
                 await asyncio.sleep(0.2)
@@ -218,8 +224,8 @@ def sigkill(server: ServerProcess, args: argparse.Namespace) -> bool:
         return killed_at
 
     killed_at = asyncio.run(scenario())
-    not_ready = [t for t, s in readyz if s != 200]
-    recovered = [t for t, s in readyz if s == 200]
+    not_ready = [t for _, t, s in readyz if s != 200]
+    recovered = [t for _, t, s in readyz if s == 200]
     new_scorer = scorer_worker(server).pid if recovered else None
     # The kill is deliberate: 503 model_not_ready + Retry-After is the right answer from the kill
     # until a second after /readyz is 200 again. Anything else that is not 200 is a failure.
@@ -234,6 +240,7 @@ def sigkill(server: ServerProcess, args: argparse.Namespace) -> bool:
     figures = {
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "killed_pid": victim.pid,
+        "killed_at_utc": killed_utc,
         "readyz_went_non_200": bool(not_ready),
         "recovery_s": round(recovered[0], 2) if recovered else None,
         "max_recovery_s": args.max_recovery_s,
@@ -245,6 +252,7 @@ def sigkill(server: ServerProcess, args: argparse.Namespace) -> bool:
         "failed_statuses": sorted({f"{o.status} {o.code or ''}".strip() for o in failed}),
         "sent_after_recovery": len(after),
         "new_scorer_pid": new_scorer,
+        "readyz_probes_sent_answered_status": [(round(a, 2), round(b, 2), c) for a, b, c in readyz],
     }
     passed = (
         bool(recovered)
@@ -314,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checks", nargs="+", choices=["overload", "sigkill", "soak", "all"])
     parser.add_argument("--in-flight", type=int, default=4, help="CLIP_MAX_IN_FLIGHT served")
     parser.add_argument("--capacity-seconds", type=float, default=30)
-    parser.add_argument("--overload-seconds", type=float, default=60)
+    parser.add_argument("--overload-seconds", type=float, default=300)  # 5 min at 2x
     parser.add_argument(
         "--latency-budget-ms",
         type=float,

@@ -21,9 +21,11 @@ from aiohttp import web
 from clip_service.bentoml_adapter import (
     PATCHED_BENTOML_VERSION,
     BentoMLChangedError,
+    apply_readiness_fix,
     apply_session_fix,
     call_with_reconnect,
     check_arbiter,
+    check_async_client,
     check_session_manager,
     install_dependency_session_fix,
     install_fast_worker_restart,
@@ -137,13 +139,15 @@ def test_the_fix_refuses_a_session_manager_without_what_it_uses(name: str) -> No
 
 
 def test_the_fix_refuses_a_session_manager_that_keeps_other_state() -> None:
-    class Renamed(_unfixed_class()):  # type: ignore[misc]
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            del self._request_count
+    base = _unfixed_class()
 
+    def init_without_request_count(self: Any, **kwargs: Any) -> None:
+        base.__init__(self, **kwargs)
+        del self._request_count
+
+    renamed = type("Renamed", (base,), {"__init__": init_without_request_count})
     with pytest.raises(BentoMLChangedError, match="_request_count"):
-        check_session_manager(Renamed, PATCHED_BENTOML_VERSION)
+        check_session_manager(renamed, PATCHED_BENTOML_VERSION)
 
 
 def test_call_with_reconnect_retries_a_dropped_connection_once() -> None:
@@ -176,6 +180,77 @@ def test_call_with_reconnect_gives_up_after_one_retry_and_never_retries_a_timeou
     with pytest.raises(type(error)):
         asyncio.run(call_with_reconnect(failing))
     assert len(attempts) == (1 if isinstance(error, aiohttp.ServerTimeoutError) else 2)
+
+
+# -- readiness of the model worker ---------------------------------------------------------------
+
+
+def _client_class(fixed: bool) -> type[Any]:
+    original = proxy2.AsyncClient
+    unfixed = type(
+        "UnfixedAsyncClient", (original,), getattr(original, "_clip_unfixed_methods", {})
+    )
+    if not fixed:
+        return unfixed
+    fixed_class = type("FixedAsyncClient", (unfixed,), {})
+    apply_readiness_fix(fixed_class)
+    return fixed_class
+
+
+async def _readiness(client_class: type[Any], path: str) -> str:
+    """``is_ready(1)`` of a client of ``client_class`` against ``path`` of a local server."""
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="\n")
+
+    async def hangs(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.5)  # past is_ready(1)
+        return web.Response(text="\n")
+
+    app = web.Application()
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/hangs", hangs)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1] if path != "refused" else 1
+    client = client_class(f"http://127.0.0.1:{port}", server_ready_timeout=0)
+    client._readyz_endpoint = f"/{path}"
+    try:
+        return str(await client.is_ready(1))
+    except Exception as error:  # what escapes to BentoML's /readyz handler
+        return type(error).__name__
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("path", "bentoml", "fixed"),
+    [
+        ("ready", "True", "True"),
+        ("hangs", "TimeoutError", "False"),
+        ("refused", "ClientConnectorError", "False"),
+    ],
+)
+def test_is_ready_answers_false_where_bentoml_raises(path: str, bentoml: str, fixed: str) -> None:
+    """BentoML's is_ready raises on a timeout or a refused connection, and its /readyz then
+    never answers; the fixed one says False."""
+    assert asyncio.run(_readiness(_client_class(fixed=False), path)) == bentoml
+    assert asyncio.run(_readiness(_client_class(fixed=True), path)) == fixed
+
+
+def test_the_readiness_fix_refuses_a_client_without_what_it_uses() -> None:
+    base = _client_class(fixed=False)
+
+    def init_without_readyz_endpoint(self: Any, *args: Any, **kwargs: Any) -> None:
+        base.__init__(self, *args, **kwargs)
+        del self._readyz_endpoint
+
+    renamed = type("Renamed", (base,), {"__init__": init_without_readyz_endpoint})
+    with pytest.raises(BentoMLChangedError, match="_readyz_endpoint"):
+        check_async_client(renamed)
 
 
 # -- the worker restart period ----------------------------------------------------------------

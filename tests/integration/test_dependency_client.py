@@ -3,7 +3,7 @@
 Below the limits no request may fail because of how the front end talks to the model worker
 (BentoML 1.4.40 recycled that client's session every 100 calls under in-flight calls, see
 ``clip_service/bentoml_adapter.py``), and an unreachable model worker is a 503
-``model_not_ready`` with Retry-After, not a 500.
+``model_not_ready`` with Retry-After, not a 500, with ``/readyz`` answering 503.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def _scorer_socket(server: ServerProcess) -> Path:
     raise RuntimeError("no clip-scorer worker listening on a Unix socket")
 
 
-def test_an_unreachable_model_worker_is_503_model_not_ready_with_retry_after(
+def test_an_unreachable_model_worker_is_503_model_not_ready_and_not_ready(
     b32_server: ServerProcess, tmp_path: Path
 ) -> None:
     """The worker's socket is moved away: new connections are refused, as when nothing listens.
@@ -90,12 +90,15 @@ def test_an_unreachable_model_worker_is_503_model_not_ready_with_retry_after(
     try:
         body = {"image": b64(jpeg_bytes(1, 64, 64)), "text": "a cat"}
         response = httpx.post(f"{b32_server.url}{SINGLE}", json=body, timeout=60)
+        # BentoML 1.4.40 alone never answered this probe (see the adapter's is_ready).
+        readyz = httpx.get(f"{b32_server.url}/readyz", timeout=30)
     finally:
         hidden.rename(socket_path)
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "model_not_ready"
     assert response.headers["retry-after"] == "2"
     assert response.elapsed.total_seconds() < 10  # refused, not left hanging
+    assert readyz.status_code == 503 and readyz.elapsed.total_seconds() < 10
     # Reachable again: served again.
     again = httpx.post(f"{b32_server.url}{SINGLE}", json=body, timeout=60)
     assert again.status_code == 200, again.text
