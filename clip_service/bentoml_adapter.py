@@ -74,6 +74,9 @@ def check_async_client(client_class: type[Any]) -> None:
         raise BentoMLChangedError(f"{client_class.__qualname__} has no is_ready()")
     probe = client_class("http://127.0.0.1:1", server_ready_timeout=0)
     missing = [name for name in REQUIRED_CLIENT_STATE if not hasattr(probe, name)]
+    temp_dir = getattr(probe, "_temp_dir", None)  # the client makes one at construction
+    if temp_dir is not None:
+        temp_dir.cleanup()
     if missing:
         raise BentoMLChangedError(
             f"{client_class.__qualname__} lacks {', '.join(missing)}: the readiness fix in "
