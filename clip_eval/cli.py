@@ -12,13 +12,19 @@ import logging
 import sys
 from pathlib import Path
 
-from clip_eval.datasets import FORMATS, DatasetSpec, detect_format
+from clip_eval.datasets import (
+    FORMATS,
+    INPUT_FORMATS,
+    DatasetSpec,
+    detect_format,
+    detect_input_format,
+)
 from clip_eval.engines import Engine
 from clip_eval.errors import ClipEvalError, UsageError
 from clip_eval.images import LoaderConfig
 from clip_eval.output import OutputFile, read_results
 from clip_eval.summary import format_summary, plot_histogram, summarize
-from clip_runtime.settings import KNOWN_MODELS
+from clip_runtime.registry import DEFAULT_MODELS
 
 logger = logging.getLogger("clip_eval")
 
@@ -47,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="models",
         action="append",
         metavar="NAME",
-        help=f"{' or '.join(KNOWN_MODELS)} (default ViT-B-32); repeat for several, one output "
+        help=f"{' or '.join(DEFAULT_MODELS)} (default ViT-B-32); repeat for several, one output "
         "row per model. With --model-dir, the name the rows are labelled with",
     )
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="pairs per batch")
@@ -58,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--reference-column", help="reference captions: checked to exist, passed through"
     )
-    data.add_argument("--input-format", choices=FORMATS, help="default: from the suffix")
+    data.add_argument(
+        "--input-format", choices=INPUT_FORMATS, help="default: from the suffix or folder layout"
+    )
     data.add_argument("--output-format", choices=FORMATS, help="default: from the suffix")
     data.add_argument(
         "--image-root", type=Path, help="base of relative image paths (default: input's folder)"
@@ -149,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     models: tuple[str, ...] = tuple(dict.fromkeys(args.models or ["ViT-B-32"]))
     dataset = DatasetSpec(
         path=args.input,
-        format=detect_format(args.input, args.input_format),
+        format=detect_input_format(args.input, args.input_format),
         image_column=args.image_column,
         caption_column=args.caption_column,
         reference_column=args.reference_column,

@@ -1,4 +1,5 @@
-"""Input datasets: CSV, JSONL or Parquet tables of image-caption pairs, read in chunks.
+"""Input datasets: CSV, JSONL or Parquet tables of image-caption pairs, WebDataset shards or
+Hugging Face ``datasets`` folders (``clip_eval.shards``), read in chunks.
 
 Chunked reading keeps memory flat for any size of input, and the same reader serves the engines
 (pairs) and the output writer (whole rows) in the same order, which is what resuming relies on.
@@ -14,6 +15,7 @@ from typing import Literal
 
 import pandas as pd
 
+from clip_eval import shards
 from clip_eval.errors import UsageError
 from clip_eval.records import RESULT_COLUMNS, Pair, caption_of, is_missing
 
@@ -21,6 +23,10 @@ logger = logging.getLogger(__name__)
 
 TableFormat = Literal["csv", "jsonl", "parquet"]
 FORMATS: tuple[TableFormat, ...] = ("csv", "jsonl", "parquet")
+# Inputs only: the output is always a table.
+InputFormat = Literal["csv", "jsonl", "parquet", "webdataset", "hf"]
+INPUT_FORMATS: tuple[InputFormat, ...] = (*FORMATS, "webdataset", "hf")
+_LAYOUTS: dict[str, InputFormat] = {"webdataset": "webdataset", "hf": "hf"}
 _SUFFIXES: dict[str, TableFormat] = {
     ".csv": "csv",
     ".jsonl": "jsonl",
@@ -49,12 +55,24 @@ def detect_format(path: Path, explicit: str | None = None) -> TableFormat:
     return found
 
 
+def detect_input_format(path: Path, explicit: str | None = None) -> InputFormat:
+    """``explicit``, else a Hugging Face ``save_to_disk`` folder, WebDataset shards (a ``.tar`` or
+    a folder of them), or a table by its suffix."""
+    if explicit is not None and explicit in _LAYOUTS:
+        return _LAYOUTS[explicit]
+    if explicit is None and shards.is_hf_folder(path):
+        return "hf"
+    if explicit is None and shards.is_webdataset(path):
+        return "webdataset"
+    return detect_format(path, explicit)
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """Where the pairs are and which columns hold them. Picklable: Ray read tasks get a copy."""
 
     path: Path
-    format: TableFormat
+    format: InputFormat
     image_column: str = "image"
     caption_column: str = "caption"
     reference_column: str | None = None
@@ -63,6 +81,10 @@ class DatasetSpec:
 
     def columns(self) -> list[str]:
         """The input's column names (JSONL: the keys of its first rows)."""
+        if self.format == "webdataset":
+            return list(shards.WEBDATASET_COLUMNS)
+        if self.format == "hf":
+            return shards.hf_columns(self.path)
         if self.format == "csv":
             return list(pd.read_csv(self.path, nrows=0, encoding=CSV_ENCODING).columns)
         if self.format == "parquet":
@@ -76,7 +98,7 @@ class DatasetSpec:
         """The columns, once the file is known to exist and to have the named ones."""
         if not self.path.exists():
             raise UsageError(f"input file not found: {self.path}")
-        if not self.path.is_file():
+        if not self.path.is_file() and self.format not in ("webdataset", "hf"):
             raise UsageError(f"input is not a file: {self.path}")
         try:
             columns = self.columns()
@@ -111,6 +133,8 @@ class DatasetSpec:
             import pyarrow.parquet as pq
 
             return int(pq.ParquetFile(self.path).metadata.num_rows)
+        if self.format in ("webdataset", "hf"):
+            return sum(len(frame) for frame in self._raw_chunks(READ_ROWS))
         if self.format == "jsonl":
             with self.path.open("rb") as handle:
                 return sum(1 for line in handle if line.strip())
@@ -126,7 +150,11 @@ class DatasetSpec:
         )
 
     def _raw_chunks(self, rows: int) -> Iterator[pd.DataFrame]:
-        if self.format == "csv":
+        if self.format == "webdataset":
+            yield from shards.webdataset_chunks(self.path, rows)
+        elif self.format == "hf":
+            yield from shards.hf_chunks(self.path, rows)
+        elif self.format == "csv":
             # Every cell as text, and no NA guessing: an empty caption stays "" (scored as
             # empty_text, like the service), and pass-through columns are written back unchanged.
             yield from pd.read_csv(

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from clip_runtime.errors import ClipError
+from clip_runtime.scoring import clip_score
 
 # Columns the CLI appends to every input row, in this order.
 RESULT_COLUMNS: tuple[str, ...] = ("model", "score", "cosine", "error", "error_message")
@@ -35,7 +36,7 @@ class Outcome:
     @classmethod
     def scored(cls, model: str, cosine: float, score: float | None = None) -> Outcome:
         # The service's scale (torchmetrics' CLIPScore) when the score is not given.
-        return cls(model, 100.0 * max(cosine, 0.0) if score is None else score, cosine)
+        return cls(model, clip_score(cosine) if score is None else score, cosine)
 
     @classmethod
     def failed(cls, model: str, error: ClipError) -> Outcome:

@@ -1,8 +1,8 @@
 """The engine: served models by name, request validation, and the two halves of the data flow.
 
 ``Preprocessing`` (decode bytes -> crop, per request, in a thread pool) needs no weights, so the
-HTTP front end can run it; ``ClipEngine`` (crops + texts -> scores, per model batch) holds the
-weights. In-process users (CLI, benchmarks) use both through ``ClipEngine.score_pairs``.
+HTTP front end can run it; ``ClipEngine`` (jobs -> outcomes, per model batch) holds the weights
+and is also what in-process users (CLI, benchmark) call, with encoded images in their jobs.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from clip_runtime.device import resolve_device, resolve_dtype
 from clip_runtime.errors import (
@@ -26,10 +24,16 @@ from clip_runtime.errors import (
 )
 from clip_runtime.fetch import FetchPolicy
 from clip_runtime.images import ImageLimits, ImagePreprocessor
-from clip_runtime.model import BatchReport, ClipModel, JobOutcome, PairScore
+from clip_runtime.jobs import ImageInput, Job, JobOutcome
+from clip_runtime.memory import DecodeBudget
+from clip_runtime.model import BatchReport, ClipModel, Crop
 from clip_runtime.model_entry import ModelEntry, read_entry
 from clip_runtime.settings import ClipSettings
-from clip_runtime.tensor_decode import TensorPreprocessor, tensor_decode_enabled
+from clip_runtime.tensor_decode import (
+    TensorPreprocessor,
+    handles_preprocessing,
+    tensor_decode_enabled,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ def image_limits(settings: ClipSettings) -> ImageLimits:
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
         min_image_side=settings.min_image_side,
+        budget=DecodeBudget(settings.decode_memory_budget_bytes, settings.decode_budget_wait_s),
     )
 
 
@@ -58,7 +63,8 @@ def resolve_model_name(settings: ClipSettings, requested: str | None) -> str:
     """The served model a request asked for (or the default); unknown names list the served."""
     name = requested or settings.default_model
     if name not in settings.models:
-        raise UnknownModelError(f"model {name!r} is not served; served models: {settings.models}")
+        shown = name if len(name) <= 64 else name[:64] + "..."  # never echo unbounded input
+        raise UnknownModelError(f"model {shown!r} is not served; served models: {settings.models}")
     return name
 
 
@@ -72,17 +78,6 @@ def check_text(settings: ClipSettings, text: str) -> str:
     if "\x00" in text:
         raise InvalidTextError("text contains a NUL character")
     return text
-
-
-@dataclass(frozen=True)
-class ScoreJob:
-    """One job for a model batch: a preprocessed crop (HWC uint8) and/or a text. Both: a pair to
-    score; one: an embedding to compute. ``keep_vectors`` also returns a pair's embeddings."""
-
-    model: str
-    crop: np.ndarray | None
-    text: str | None
-    keep_vectors: bool = False
 
 
 class Preprocessing:
@@ -108,7 +103,8 @@ class Preprocessing:
 
 
 class ClipEngine:
-    """Loaded models by served name; scores batches of jobs that may mix models."""
+    """Loaded models by served name. ``run`` is the one way in: jobs that may mix models, images
+    as crops or as encoded bytes, answered in order with per-job errors."""
 
     def __init__(self, settings: ClipSettings, folders: Mapping[str, Path]) -> None:
         self.settings = settings
@@ -121,13 +117,18 @@ class ClipEngine:
             self.models[name] = ClipModel(
                 name, folders[name], device, dtype, limits, settings.text_cache_size
             )
-        # The batched torch decode path (nvjpeg on CUDA), for in-process scoring.
+        # Encoded JPEGs decoded in batches on the device (nvjpeg on CUDA); the rest with PIL.
         self.tensor_preprocessors: dict[str, TensorPreprocessor] = {}
         if tensor_decode_enabled(settings.gpu_decode, device):
             for name, model in self.models.items():
-                self.tensor_preprocessors[name] = TensorPreprocessor(
-                    model.entry.preprocess_cfg, limits, device
-                )
+                if handles_preprocessing(model.entry.preprocess_cfg):
+                    self.tensor_preprocessors[name] = TensorPreprocessor(
+                        model.entry.preprocess_cfg, limits, device
+                    )
+        # Threads for the PIL decodes of encoded images (Pillow releases the GIL while decoding).
+        self.decode_pool = ThreadPoolExecutor(
+            settings.decode_workers, thread_name_prefix="clip-engine-decode"
+        )
         self.ready = False
 
     def warm_up(self) -> None:
@@ -138,8 +139,13 @@ class ClipEngine:
     def model(self, name: str | None) -> ClipModel:
         return self.models[resolve_model_name(self.settings, name)]
 
-    def run_jobs(self, jobs: Sequence[ScoreJob]) -> tuple[list[JobOutcome], dict[str, BatchReport]]:
-        """Outcomes in job order; jobs are grouped by model and run in chunks of max_batch_size."""
+    def close(self) -> None:
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def run(self, jobs: Sequence[Job]) -> tuple[list[JobOutcome], dict[str, BatchReport]]:
+        """Outcomes in job order, and what each model's batches did. Jobs are grouped by model
+        and run in chunks of ``max_batch_size``; a job whose text or image is bad gets an
+        outcome carrying its error, and the others in its chunk are scored as usual."""
         results: list[JobOutcome | None] = [None] * len(jobs)
         reports: dict[str, BatchReport] = {}
         by_model: dict[str, list[int]] = {}
@@ -150,105 +156,61 @@ class ClipEngine:
             model = self.model(name)
             report = reports.setdefault(name, BatchReport())
             for start in range(0, len(indices), step):
-                chunk = [jobs[i] for i in indices[start : start + step]]
+                chunk = indices[start : start + step]
+                texts: dict[int, str | None] = {}
+                for i in chunk:
+                    try:
+                        texts[i] = _checked_text(self.settings, jobs[i].text)
+                    except ClipError as error:
+                        results[i] = JobOutcome(error=error)
+                good_crops: dict[int, Crop | None] = {}
+                for i, crop in self._crops(name, {i: jobs[i].image for i in texts}).items():
+                    if isinstance(crop, ClipError):
+                        results[i] = JobOutcome(error=crop)
+                    else:
+                        good_crops[i] = crop
+                good = list(good_crops)
                 outcomes = model.run(
-                    [job.crop for job in chunk],
-                    [job.text for job in chunk],
-                    [job.keep_vectors for job in chunk],
+                    list(good_crops.values()),
+                    [texts[i] for i in good],
+                    [jobs[i].keep_vectors for i in good],
                     report,
                 )
-                for i, outcome in zip(indices[start : start + step], outcomes, strict=True):
+                for i, outcome in zip(good, outcomes, strict=True):
                     results[i] = outcome
         return [result for result in results if result is not None], reports
 
-    def score_jobs(
-        self, jobs: Sequence[ScoreJob]
-    ) -> tuple[list[PairScore], dict[str, BatchReport]]:
-        """Pair scores in job order (every job must carry a crop and a text)."""
-        outcomes, reports = self.run_jobs(jobs)
-        scores = []
-        for outcome in outcomes:
-            if outcome.cosine is None:
-                raise ValueError("score_jobs needs pairs; use run_jobs for embeddings")
-            scores.append(PairScore(cosine=outcome.cosine, text_truncated=outcome.text_truncated))
-        return scores, reports
-
-    def score_pairs(
-        self, model: str | None, pairs: Sequence[tuple[bytes, str]], pool: ThreadPoolExecutor
-    ) -> list[PairScore | ClipError]:
-        """In-process end to end: decode in ``pool``, score the good pairs, keep per-item errors."""
-        name = resolve_model_name(self.settings, model)
-        if name in self.tensor_preprocessors:
-            return self._score_pairs_tensor(name, pairs, pool)
+    def _crops(
+        self, name: str, images: Mapping[int, ImageInput | None]
+    ) -> dict[int, Crop | ClipError | None]:
+        """Model-sized crops by job index: crops pass as they are, encoded images are decoded
+        (in batches on the device where the tensor path takes them, else with PIL)."""
+        crops: dict[int, Crop | ClipError | None] = {}
+        encoded: dict[int, bytes] = {}
+        for i, image in images.items():
+            if isinstance(image, bytes):
+                encoded[i] = image
+            else:
+                crops[i] = image
+        tensor = self.tensor_preprocessors.get(name)
+        if tensor is not None:
+            fast = [i for i, data in encoded.items() if tensor.supports(data)]
+            decoded = tensor.decode_each([encoded[i] for i in fast], self.decode_pool)
+            ok = [(i, image) for i, image in zip(fast, decoded, strict=True) if image is not None]
+            if ok:
+                resized = tensor.crop([image for _, image in ok])
+                crops.update((i, row) for (i, _), row in zip(ok, resized, strict=True))
+        slow = [i for i in encoded if i not in crops]
         preprocessor = self.models[name].preprocessor
+        decoded_by_pil = self.decode_pool.map(
+            _pil_crop, [preprocessor] * len(slow), [encoded[i] for i in slow]
+        )
+        crops.update(zip(slow, decoded_by_pil, strict=True))
+        return crops
 
-        def prepare(pair: tuple[bytes, str]) -> ScoreJob | ClipError:
-            data, text = pair
-            try:
-                return ScoreJob(
-                    name, preprocessor.from_bytes(data), check_text(self.settings, text)
-                )
-            except ClipError as error:
-                return error
 
-        prepared = list(pool.map(prepare, pairs))
-        jobs = [job for job in prepared if isinstance(job, ScoreJob)]
-        scores = iter(self.score_jobs(jobs)[0])
-        return [next(scores) if isinstance(item, ScoreJob) else item for item in prepared]
-
-    def _score_pairs_tensor(
-        self, name: str, pairs: Sequence[tuple[bytes, str]], pool: ThreadPoolExecutor
-    ) -> list[PairScore | ClipError]:
-        """``score_pairs`` through the tensor decode path, a chunk of max_batch_size at a time.
-        Images it does not support (or cannot decode) go through the PIL path, which also turns
-        bad input into the same per-item errors."""
-        model = self.models[name]
-        tensor = self.tensor_preprocessors[name]
-        results: list[PairScore | ClipError] = []
-        step = self.settings.max_batch_size
-        for start in range(0, len(pairs), step):
-            chunk = pairs[start : start + step]
-            texts: list[str | ClipError] = []
-            for _, text in chunk:
-                try:
-                    texts.append(check_text(self.settings, text))
-                except ClipError as error:
-                    texts.append(error)
-            wanted = [i for i, text in enumerate(texts) if not isinstance(text, ClipError)]
-            fast = [i for i in wanted if tensor.supports(chunk[i][0])]
-            decoded = dict(
-                zip(fast, tensor.decode_each([chunk[i][0] for i in fast], pool), strict=True)
-            )
-            slow = [i for i in wanted if decoded.get(i) is None]
-            slow_crops = dict(
-                zip(
-                    slow,
-                    pool.map(
-                        _pil_crop, [model.preprocessor] * len(slow), [chunk[i][0] for i in slow]
-                    ),
-                    strict=True,
-                )
-            )
-            outcome: dict[int, PairScore | ClipError] = {
-                i: error for i, error in slow_crops.items() if isinstance(error, ClipError)
-            }
-            good = [i for i in wanted if i not in outcome]
-            if good:
-                # One uint8 batch on the device in chunk order, whichever path made each crop.
-                crops = torch.empty(
-                    (len(good), 3, *tensor.size), dtype=torch.uint8, device=tensor.device
-                )
-                fast_rows = [row for row, i in enumerate(good) if decoded.get(i) is not None]
-                if fast_rows:
-                    crops[fast_rows] = tensor.crop([decoded[good[row]] for row in fast_rows])
-                for row, i in enumerate(good):
-                    if i in slow_crops:  # torch.tensor copies: the PIL crop is read-only
-                        crops[row] = torch.tensor(slow_crops[i]).permute(2, 0, 1)
-                scores = model.score_pixels(tensor.normalize(crops), [str(texts[i]) for i in good])
-                outcome.update(zip(good, scores, strict=True))
-            for i, text in enumerate(texts):
-                results.append(text if isinstance(text, ClipError) else outcome[i])
-        return results
+def _checked_text(settings: ClipSettings, text: str | None) -> str | None:
+    return None if text is None else check_text(settings, text)
 
 
 def _pil_crop(preprocessor: ImagePreprocessor, data: bytes) -> np.ndarray | ClipError:

@@ -62,11 +62,32 @@ def is_public_address(address: IPAddress) -> bool:
     return address.is_global and not address.is_multicast and not address.is_reserved
 
 
-def host_is_allow_listed(host: str, allowed_hosts: tuple[str, ...]) -> bool:
-    """``example.com`` allows that host; ``.example.com`` allows its subdomains too."""
-    host = host.lower().rstrip(".")
-    for allowed in allowed_hosts:
-        allowed = allowed.lower().rstrip(".")
+DEFAULT_PORTS = (80, 443)
+
+
+def _split_port(entry: str) -> tuple[str, tuple[int, ...]]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> (host, admitted ports)."""
+    entry = entry.strip().lower()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    else:
+        host, port = entry, ""
+    if port and not port.isdigit():
+        raise ValueError(f"allow-list entry {entry!r} has a bad port")
+    return host.rstrip("."), (int(port),) if port else DEFAULT_PORTS
+
+
+def host_is_allow_listed(host: str, port: int, allowed_hosts: tuple[str, ...]) -> bool:
+    """``example.com`` allows that host on ports 80 and 443; ``example.com:8080`` on that port
+    only; ``.example.com`` (with or without a port) allows its subdomains too."""
+    host = host.lower().strip("[]").rstrip(".")
+    for entry in allowed_hosts:
+        allowed, ports = _split_port(entry)
+        if port not in ports:
+            continue
         if allowed.startswith("."):
             if host == allowed[1:] or host.endswith(allowed):
                 return True
@@ -106,16 +127,14 @@ async def _checked_address(url: str, policy: FetchPolicy) -> tuple[str, str, int
     if not host:
         raise UrlNotAllowedError("URL has no host")
     port = parts.port or (443 if scheme == "https" else 80)
-    listed = bool(policy.allowed_hosts) and host_is_allow_listed(host, policy.allowed_hosts)
+    listed = bool(policy.allowed_hosts) and host_is_allow_listed(host, port, policy.allowed_hosts)
     if policy.allowed_hosts and not listed:
-        raise UrlNotAllowedError(f"host {host!r} is not in the allow-list")
+        raise UrlNotAllowedError(f"host {host!r} port {port} is not in the allow-list")
     addresses = await _resolve(host, port)
-    if not listed:  # an operator's explicit allow-list may name internal hosts; nothing else may
-        blocked = [str(a) for a in addresses if not is_public_address(a)]
-        if blocked:
-            raise UrlNotAllowedError(
-                f"host {host!r} resolves to a non-public address ({', '.join(blocked)})"
-            )
+    # An operator's explicit allow-list may name internal hosts; nothing else may. Which address
+    # is not said: the service must not answer DNS questions for its callers.
+    if not listed and not all(is_public_address(a) for a in addresses):
+        raise UrlNotAllowedError(f"host {host!r} is not a public address")
     if not addresses:
         raise UrlFetchFailedError(f"host {host!r} has no address")
     return scheme, host, port, addresses[0]

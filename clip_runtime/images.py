@@ -23,12 +23,16 @@ from clip_runtime.errors import (
     ImageTooSmallError,
     InvalidImageError,
     UnsupportedImageFormatError,
+    UrlNotAllowedError,
 )
+from clip_runtime.memory import DecodeBudget
 
 # MPO is the multi-picture JPEG that many cameras write; its first frame is a plain JPEG.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+# A URI scheme (``file:``, ``ftp:``, ...): never base64, whose alphabet has no colon.
+_URI_SCHEME = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]{0,31}):", re.IGNORECASE)
 
 # Our own pixel limit runs first, from the header; Pillow's bomb check is then redundant and
 # would raise for sizes our setting allows.
@@ -40,6 +44,17 @@ class ImageLimits:
     max_image_bytes: int
     max_image_pixels: int
     min_image_side: int
+    budget: DecodeBudget | None = None  # None: decodes are not counted (CLI, tests)
+
+
+def decode_cost(image: Image.Image, encoded_bytes: int) -> int:
+    """Bytes a decode of ``image`` claims at its peak, from the header alone: the encoded bytes,
+    the decoded frame, one 4-byte intermediate (RGBA/L conversion) and the RGB result (Pillow
+    stores RGB in 4 bytes a pixel)."""
+    pixels = image.size[0] * image.size[1]
+    mode = image.mode
+    frame = 1 if mode in {"1", "L", "P"} else 2 if mode.startswith("I;16") else 4
+    return encoded_bytes + pixels * (frame + 4 + 4)
 
 
 def is_url(value: str) -> bool:
@@ -59,6 +74,10 @@ def decode_image_field(value: str, max_image_bytes: int) -> bytes:
         payload = payload[match.end() :]
     elif is_url(payload):
         raise InvalidImageError("image URLs are fetched by the caller of decode_image_field")
+    elif (scheme := _URI_SCHEME.match(payload)) and scheme.group("scheme").lower() != "data":
+        raise UrlNotAllowedError(
+            f"URL scheme {scheme.group('scheme').lower()!r} is not allowed; use http(s)"
+        )
     payload = _WHITESPACE.sub("", payload)
     if not payload:
         raise InvalidImageError("image is empty")
@@ -77,9 +96,14 @@ def decode_image_field(value: str, max_image_bytes: int) -> bytes:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB with alpha composited on white (not dropped to black) and 16-bit depth scaled down."""
-    if image.mode in {"I;16", "I;16L", "I;16B", "I;16N", "I"}:
-        wide = np.asarray(image, dtype=np.int64)
-        shift = 8 if image.mode.startswith("I;16") or wide.max(initial=0) > 255 else 0
+    # In the pixels' own width (uint16/int32), not int64: a 40 MP 16-bit frame is 80 MB, and
+    # widening it cost 320 MB per temporary.
+    if image.mode.startswith("I;16"):
+        narrow = (np.asarray(image) >> 8).astype(np.uint8)
+        image = Image.fromarray(narrow, mode="L")
+    elif image.mode == "I":
+        wide = np.asarray(image)
+        shift = 8 if wide.max(initial=0) > 255 else 0
         image = Image.fromarray((np.clip(wide, 0, 65535) >> shift).astype(np.uint8), mode="L")
     elif image.mode == "F":
         image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
@@ -111,6 +135,11 @@ def _known_unsupported_format(data: bytes) -> str | None:
 
 def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Decode bytes to an upright RGB image, refusing oversized input before full decoding."""
+    return decode_pixels(open_header(data, limits))
+
+
+def open_header(data: bytes, limits: ImageLimits) -> Image.Image:
+    """The image with only its header read; every limit that the header can answer checked."""
     if len(data) > limits.max_image_bytes:
         raise ImageTooLargeError(f"image is larger than {limits.max_image_bytes} bytes")
     try:
@@ -139,6 +168,11 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise ImageTooSmallError(
             f"image is {width}x{height}; both sides must be at least {limits.min_image_side} px"
         )
+    return image
+
+
+def decode_pixels(image: Image.Image) -> Image.Image:
+    """The pixels of an image from ``open_header``, as upright RGB."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -186,17 +220,16 @@ class ImagePreprocessor:
         return array
 
     def from_bytes(self, data: bytes) -> np.ndarray:
-        return self.crop(open_image(data, self.limits))
+        image = open_header(data, self.limits)
+        if self.limits.budget is None:
+            return self.crop(decode_pixels(image))
+        with self.limits.budget.reserve(decode_cost(image, len(data))):
+            return self.crop(decode_pixels(image))
 
-    def to_model_input(self, crops: list[np.ndarray], device: torch.device) -> torch.Tensor:
-        """Stack crops, move them as uint8 (4x less to copy), then scale and normalise there."""
-        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
-        if device.type == "cuda":
-            batch = batch.pin_memory().to(device, non_blocking=True)
-        else:
-            batch = batch.to(device)
-        # ToTensor's arithmetic, in float32, then the tag's Normalize (not in place).
-        return self.normalize(batch.to(torch.float32).div(255))
+    def to_pixels(self, crops: torch.Tensor) -> torch.Tensor:
+        """A uint8 NCHW batch of crops (on any device) -> the model's input: ToTensor's
+        scaling and the tag's Normalize, in float32, where the batch is."""
+        return self.normalize(crops.to(torch.float32).div(255))
 
 
 def _size(value: int | list[int] | tuple[int, int]) -> int | tuple[int, int]:

@@ -18,8 +18,11 @@ import torch
 from safetensors.torch import save_file
 
 from clip_runtime.errors import ModelStoreError
+from clip_runtime.registry import store_name
 
 WeightsSource = Literal["pretrained", "checkpoint", "random-init"]
+# "clip": softmax over logit_scale * cos; "siglip": sigmoid(logit_scale * cos + logit_bias).
+Family = Literal["clip", "siglip"]
 
 METADATA_FILE = "clip_model.json"
 OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
@@ -27,9 +30,20 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 FORMAT_VERSION = 1
 
 
-def store_name(architecture: str) -> str:
-    """The fixed model store name of an architecture: ``ViT-B-32`` -> ``clip-vit-b-32``."""
-    return "clip-" + architecture.lower().replace("/", "-")
+__all__ = [
+    "ModelEntry",
+    "embed_dim",
+    "family_of",
+    "read_entry",
+    "store_name",
+    "verify_weights",
+    "write_entry",
+]
+
+
+def family_of(model: torch.nn.Module) -> Family:
+    """SigLIP models carry a learnt ``logit_bias`` (their sigmoid loss); CLIP models do not."""
+    return "siglip" if getattr(model, "logit_bias", None) is not None else "clip"
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,11 @@ class ModelEntry:
     seed: int | None = None
     checkpoint_name: str | None = None
     format_version: int = FORMAT_VERSION
+    # Added with the model registry; entries saved before it are CLIP models with open_clip's
+    # own tokenizer, which these defaults say.
+    name: str | None = None  # the served name it was saved as
+    family: Family = "clip"
+    tokenizer: str = "open_clip"  # "open_clip" (BPE, in the package) or the HF tokenizer's source
 
     @property
     def is_untrained(self) -> bool:
@@ -57,6 +76,7 @@ class ModelEntry:
             "pretrained": self.pretrained or "none",
             "weights_source": self.weights_source,
             "weights_sha256": self.weights_sha256,
+            "family": self.family,
         }
 
 
@@ -80,6 +100,9 @@ def write_entry(
     preprocess_from: str | None = None,
     seed: int | None = None,
     checkpoint_name: str | None = None,
+    name: str | None = None,
+    family: Family = "clip",
+    tokenizer: str = "open_clip",
 ) -> ModelEntry:
     """Write weights (safetensors, never pickle) and both JSON files into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,9 +121,17 @@ def write_entry(
         preprocess_from=preprocess_from,
         seed=seed,
         checkpoint_name=checkpoint_name,
+        name=name,
+        family=family,
+        tokenizer=tokenizer,
     )
     (folder / METADATA_FILE).write_text(json.dumps(asdict(entry), indent=2))
     return entry
+
+
+def embed_dim(folder: Path) -> int:
+    """The embedding size every open_clip config states (CLIP and custom-text towers alike)."""
+    return int(json.loads((folder / OPEN_CLIP_CONFIG_FILE).read_text())["model_cfg"]["embed_dim"])
 
 
 def read_entry(folder: Path) -> ModelEntry:

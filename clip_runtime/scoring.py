@@ -8,6 +8,7 @@ w = 2.5, and RefCLIP-S(c, R, v) = H-Mean(CLIP-S(c, v), max(max_{r in R} cos(c, r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -46,3 +47,25 @@ def softmax_probabilities(values: np.ndarray, logit_scale: float) -> np.ndarray:
     logits = logits - logits.max()
     weights = np.exp(logits)
     return weights / weights.sum()
+
+
+def sigmoid_probabilities(values: np.ndarray, logit_scale: float, logit_bias: float) -> np.ndarray:
+    """SigLIP's per-pair probabilities: sigmoid(logit_scale * cos + logit_bias), each in [0, 1]
+    on its own (they need not sum to 1), computed stably."""
+    logits = logit_scale * np.asarray(values, dtype=np.float64) + logit_bias
+    return np.exp(-np.logaddexp(0.0, -logits))
+
+
+def rank_probabilities(
+    values: np.ndarray,
+    family: Literal["clip", "siglip"],
+    logit_scale: float,
+    logit_bias: float | None = None,
+) -> np.ndarray:
+    """Candidates' probabilities the way the model's family was trained: softmax over the
+    candidates for CLIP, an independent sigmoid per candidate for SigLIP."""
+    if family == "siglip":
+        if logit_bias is None:
+            raise ValueError("SigLIP probabilities need the model's logit_bias")
+        return sigmoid_probabilities(values, logit_scale, logit_bias)
+    return softmax_probabilities(np.asarray(values, dtype=np.float64), logit_scale)

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-KNOWN_MODELS: tuple[str, ...] = ("ViT-B-32", "ViT-L-14")
+from clip_runtime.registry import DEFAULT_MODELS
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
@@ -23,8 +23,9 @@ class ClipSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLIP_", extra="ignore")
 
     models: Annotated[list[str], NoDecode] = Field(
-        default=list(KNOWN_MODELS),
-        description="Comma-separated models to serve; each must be saved in the model store.",
+        default=list(DEFAULT_MODELS),
+        description="Comma-separated models to serve, by the name they were saved as "
+        "(`ViT-B-32`, `ARCH:TAG`, `hf-hub:ORG/NAME`); each must be saved in the model store.",
     )
     default_model: str = Field(
         default="ViT-B-32",
@@ -90,6 +91,26 @@ class ClipSettings(BaseSettings):
         default=10_000, ge=1, description="Longest caption accepted, in characters."
     )
 
+    # -- hostile-input hardening (issue 15) --
+    decode_memory_budget_bytes: int = Field(
+        default=768 * 1024 * 1024,
+        ge=1,
+        description="Memory that image decodes in flight may claim per HTTP worker, estimated "
+        "from each header before decoding (encoded bytes + 9 to 12 bytes a pixel). "
+        "One image larger than the budget still decodes alone.",
+    )
+    decode_budget_wait_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="How long a decode waits for budget before its request gets 503 `overloaded`.",
+    )
+    auth_docs: Literal["open", "protected"] = Field(
+        default="open",
+        description="With API keys: `open` leaves the API documentation (`/`, `/docs.json`, "
+        "`/schema.json`, `/evaluator/docs`, `/evaluator/demo`) readable without a key; "
+        "`protected` requires the key there too.",
+    )
+
     max_in_flight: int = Field(
         default=64,
         ge=1,
@@ -112,6 +133,7 @@ class ClipSettings(BaseSettings):
     url_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default=[],
         description="Comma-separated hosts URLs may name (`.example.com` includes subdomains); "
+        "a bare host admits ports 80 and 443 only, `host:port` (or `[v6]:port`) that port only; "
         "empty: any public host. Listed hosts may resolve to private addresses.",
     )
     url_connect_timeout_s: float = Field(default=3.0, gt=0, description="URL connect timeout.")
@@ -142,6 +164,14 @@ class ClipSettings(BaseSettings):
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("url_allowed_hosts")
+    @classmethod
+    def _ports_are_numbers(cls, value: list[str]) -> list[str]:
+        from clip_runtime.fetch import host_is_allow_listed
+
+        host_is_allow_listed("", 0, tuple(value))  # raises ValueError for a bad port, at start
         return value
 
     @field_validator("api_keys", mode="before")

@@ -45,22 +45,25 @@ def tensor_decode_enabled(mode: TensorDecodeMode, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
+def handles_preprocessing(preprocess_cfg: dict[str, Any]) -> bool:
+    """This path reproduces open_clip's "shortest" resize only; its other modes pad or squash
+    (SigLIP's webli tags squash), and those models keep the PIL path."""
+    return preprocess_cfg.get("resize_mode", "shortest") == "shortest"
+
+
 class TensorPreprocessor:
     """Encoded JPEGs -> the model's normalised NCHW float32 input, batched on ``device``."""
 
     def __init__(
         self, preprocess_cfg: dict[str, Any], limits: ImageLimits, device: torch.device
     ) -> None:
-        resize_mode = preprocess_cfg.get("resize_mode", "shortest")
-        if resize_mode != "shortest":  # open_clip's other modes pad or squash; not implemented
-            raise ValueError(f"tensor decode supports resize_mode 'shortest', not {resize_mode!r}")
+        if not handles_preprocessing(preprocess_cfg):
+            raise ValueError(f"tensor decode supports resize_mode 'shortest': {preprocess_cfg}")
         size = preprocess_cfg["size"]
         self.size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[assignment]
         self.interpolation = _INTERPOLATION[preprocess_cfg.get("interpolation", "bicubic")]
         self.limits = limits
         self.device = device
-        self._mean = torch.tensor(preprocess_cfg["mean"], device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(preprocess_cfg["std"], device=device).view(1, 3, 1, 1)
 
     def supports(self, data: bytes) -> bool:
         """True when this path decodes ``data`` as the PIL path would (header only, no pixels)."""
@@ -130,10 +133,3 @@ class TensorPreprocessor:
             # the same kind of value.
             out[indices] = cropped.round_().clamp_(0, 255).to(torch.uint8)
         return out
-
-    def normalize(self, crops: torch.Tensor) -> torch.Tensor:
-        """ToTensor's /255 and the tag's mean/std, float32, batched."""
-        return (crops.to(torch.float32) / 255 - self._mean) / self._std
-
-    def to_model_input(self, images: list[bytes]) -> torch.Tensor:
-        return self.normalize(self.crop(self.decode(images)))

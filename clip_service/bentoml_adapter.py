@@ -1,29 +1,17 @@
-"""The one place that reaches into BentoML's private internals (pinned: bentoml==1.4.40).
+"""Every reach into BentoML's private API, in one place (BentoML is pinned to 1.4.40 for it).
 
-Why: in BentoML 1.4.40 the client behind ``bentoml.depends(Scorer)``
-(``_bentoml_impl.client.proxy2.SessionManager``) replaces its aiohttp session after every
-``max_requests`` (100) calls or ``max_age`` (300 s) and *awaits ``close()`` on the old one while
-other calls are still running on it*: those calls fail with ``ServerDisconnectedError``
-(BentoML issue #5540; the proposed fix, PR #5698, is not merged). Under any concurrency above one,
-a burst of model calls failed every 100 calls.
+- ``setup_tracing``: BentoML's tracer-provider slot (``BentoMLContainer``) gets an OTLP/HTTP
+  exporter when only the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, and a missing
+  exporter is reported instead of crash-looping the workers while they hold the port.
+- ``bound_request_metric_paths``: BentoML's request metrics labelled by known routes only.
+- ``metrics_text``: the multiprocess-aggregated Prometheus text of BentoML's ``/metrics``.
+- ``install_bentoml_fixes``: the dependency client to the model worker keeps in-flight calls
+  alive across its session refreshes and reports an unreachable worker as not ready, and circus
+  restarts a dead worker within a second (details at "The model worker's client" below);
+  ``call_with_reconnect`` retries an idempotent model call once on a dropped connection.
 
-``install_dependency_session_fix()`` keeps BentoML's refresh policy but retires the old session
-instead of closing it under its callers: it is closed once every call that could be using it
-has ended — after the session's own total timeout, which bounds every request made on it (or
-when the client itself is closed). ``call_with_reconnect`` retries an idempotent model call once
-when the connection itself failed (a kept-alive connection the worker had just closed, a worker
-restart): the second attempt gets a fresh connection.
-
-``install_dependency_session_fix()`` also replaces the client's ``is_ready``: BentoML's catches
-only ``ServerTimeoutError``, so a total timeout or a refused or dropped connection to a dead
-worker escaped from the front end's ``/readyz`` handler before any answer was sent, and BentoML's
-``TimeoutMiddleware`` then held the probe open until the traffic timeout (600 s here) instead
-of answering 503. The replacement answers "not ready" for any connection failure or timeout.
-
-``install_fast_worker_restart()``: BentoML starts its circus arbiter with ``check_delay=10``, the
-period at which circus notices a dead worker and starts another one (circus has no SIGCHLD
-handler), so a crashed model worker stayed dead for up to 10 s before its restart even began.
-It sets that period to ``WORKER_CHECK_DELAY_S`` in the ``bentoml serve`` process.
+``tests/test_bentoml_adapter.py`` checks that each private name used here still exists, so a
+BentoML upgrade fails there first, loudly, rather than in production.
 """
 
 from __future__ import annotations
@@ -31,14 +19,182 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import aiohttp
 import bentoml
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
-logger = logging.getLogger("clip_service")
+from clip_service.observability import TRACING_EXCLUDED_URLS, UNKNOWN_PATH
+
+logger = logging.getLogger("clip_service.bentoml_adapter")
+
+# What this module uses of BentoML's private API: (module, attribute path).
+PRIVATE_API: tuple[tuple[str, str], ...] = (
+    ("bentoml._internal.configuration.containers", "BentoMLContainer.tracer_provider"),
+    ("bentoml._internal.configuration.containers", "BentoMLContainer.tracing_excluded_urls"),
+    ("bentoml._internal.configuration.containers", "BentoMLContainer.config"),
+    ("bentoml._internal.configuration.containers", "BentoMLContainer.metrics_client"),
+    ("bentoml._internal.server.http.instruments", "RunnerTrafficMetricsMiddleware"),
+    ("_bentoml_impl.client.proxy2", "SessionManager.get_session"),
+    ("_bentoml_impl.client.proxy2", "SessionManager._should_refresh"),
+    ("_bentoml_impl.client.proxy2", "SessionManager._make_client"),
+    ("_bentoml_impl.client.proxy2", "AsyncClient.is_ready"),
+    ("bentoml._internal.utils.circus", "Arbiter.start"),
+    ("circus.controller", "Controller.start"),
+)
+
+
+def metrics_text() -> tuple[bytes, str]:
+    """BentoML's Prometheus exposition (every worker's multiprocess files summed) and its
+    content type: the same text as BentoML's own ``/metrics``. Blocking: call it in a thread."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    client = BentoMLContainer.metrics_client.get()
+    return client.generate_latest(), client.CONTENT_TYPE_LATEST
+
+
+def setup_tracing() -> bool:
+    """Install the tracer provider BentoML's middleware and our spans use; True when tracing.
+
+    BentoML's own ``tracing`` config wins when set. Otherwise the standard OTEL_EXPORTER_OTLP_*
+    variables turn on OTLP/HTTP export; the SDK reads the endpoint, headers, OTEL_TRACES_SAMPLER
+    and OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES itself. Runs at service import; exporters
+    are imported here so that a missing one is reported once, clearly, and never crashes.
+    """
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+    from opentelemetry.util.http import ExcludeList
+    from simple_di import providers
+
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    configured = BentoMLContainer.config.tracing.exporter_type.get()
+    if configured:
+        try:
+            provider = BentoMLContainer.tracer_provider.get()
+        except ImportError as error:
+            logger.error(
+                "TRACING DISABLED: BentoML tracing.exporter_type=%s but its exporter cannot be "
+                "imported (%s). Serving without tracing.",
+                configured,
+                error,
+            )
+            BentoMLContainer.tracer_provider.set(TracerProvider(sampler=ALWAYS_OFF))
+            return False
+        trace.set_tracer_provider(provider)
+    elif endpoint:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as error:
+            logger.error(
+                "TRACING DISABLED: OTEL_EXPORTER_OTLP_ENDPOINT=%s is set but the OTLP/HTTP "
+                "exporter cannot be imported (%s); install "
+                "opentelemetry-exporter-otlp-proto-http==1.45.1. Serving without tracing.",
+                endpoint,
+                error,
+            )
+            return False
+
+        def build() -> TracerProvider:
+            # Called when BentoML builds the app, once the worker knows which service it runs.
+            from bentoml import server_context
+            from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            name = server_context.service_name or "clip-score"
+            attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: name}
+            provider = TracerProvider(resource=Resource.create(attributes))
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            trace.set_tracer_provider(provider)
+            return provider
+
+        BentoMLContainer.tracer_provider = providers.SingletonFactory(build)
+    else:
+        return False
+    if not BentoMLContainer.config.tracing.excluded_urls.get():
+        BentoMLContainer.tracing_excluded_urls.set(ExcludeList(list(TRACING_EXCLUDED_URLS)))
+    logger.info("tracing on (%s)", configured or f"otlp/http to {endpoint}")
+    return True
+
+
+def bound_request_metric_paths(known_paths: set[str]) -> None:
+    """Label BentoML's request metrics with the path only for routes the service has (and give
+    each request a fresh trace context, see below).
+
+    BentoML 1.4.40 (pinned) labels them with the raw request path, so every scanned URL would
+    add series forever. Its middleware class is looked up when each app is built, so replacing
+    it here (service import, before the app exists) takes effect in every worker.
+    """
+    from bentoml._internal.server.http import instruments
+
+    base = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(base, "bounded_paths", False):
+        return
+
+    class _RestorePath:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if "clip.path" in scope:
+                scope = {**scope, "path": scope["clip.path"]}
+            await self.app(scope, receive, send)
+
+    class BoundedTrafficMetricsMiddleware(base):  # type: ignore[misc, valid-type]
+        bounded_paths = True
+
+        def __init__(self, app: Any, **options: Any) -> None:
+            super().__init__(_RestorePath(app), **options)
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            path = scope.get("path", "")
+            if scope["type"] == "http" and path not in known_paths and path != "/metrics":
+                scope = {**scope, "path": UNKNOWN_PATH, "clip.path": path}
+            # Outermost middleware: start each request from an empty trace context. Uvicorn runs
+            # a keep-alive connection's next request in a context copied from the previous one,
+            # whose server span would otherwise become the new request's parent.
+            token = otel_context.attach(otel_context.Context())
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                otel_context.detach(token)
+
+    instruments.RunnerTrafficMetricsMiddleware = BoundedTrafficMetricsMiddleware
+
+
+# -- The model worker's client (and its restart) ---------------------------------------------
+#
+# Why: in BentoML 1.4.40 the client behind ``bentoml.depends(Scorer)``
+# (``_bentoml_impl.client.proxy2.SessionManager``) replaces its aiohttp session after every
+# ``max_requests`` (100) calls or ``max_age`` (300 s) and *awaits ``close()`` on the old one while
+# other calls are still running on it*: those calls fail with ``ServerDisconnectedError``
+# (BentoML issue #5540; the proposed fix, PR #5698, is not merged). Under any concurrency above one,
+# a burst of model calls failed every 100 calls.
+#
+# ``install_dependency_session_fix()`` keeps BentoML's refresh policy but retires the old session
+# instead of closing it under its callers: it is closed once every call that could be using it
+# has ended — after the session's own total timeout, which bounds every request made on it (or
+# when the client itself is closed). ``call_with_reconnect`` retries an idempotent model call once
+# when the connection itself failed (a kept-alive connection the worker had just closed, a worker
+# restart): the second attempt gets a fresh connection.
+#
+# ``install_dependency_session_fix()`` also replaces the client's ``is_ready``: BentoML's catches
+# only ``ServerTimeoutError``, so a total timeout or a refused or dropped connection to a dead
+# worker escaped from the front end's ``/readyz`` handler before any answer was sent, and BentoML's
+# ``TimeoutMiddleware`` then held the probe open until the traffic timeout (600 s here) instead
+# of answering 503. The replacement answers "not ready" for any connection failure or timeout.
+#
+# ``install_fast_worker_restart()``: BentoML starts its circus arbiter with ``check_delay=10``, the
+# period at which circus notices a dead worker and starts another one (circus has no SIGCHLD
+# handler), so a crashed model worker stayed dead for up to 10 s before its restart even began.
+# It sets that period to ``WORKER_CHECK_DELAY_S`` in the ``bentoml serve`` process.
 
 T = TypeVar("T")
 

@@ -1,9 +1,16 @@
-"""Save ViT-B-32 and ViT-L-14 to the BentoML model store as ``clip-vit-b-32`` and ``clip-vit-l-14``.
+"""Save open_clip models to the BentoML model store, each under a name derived from its spec.
 
-    python scripts/save_models.py                          # pretrained, default tags
+    python scripts/save_models.py                          # ViT-B-32 and ViT-L-14, default tags
     python scripts/save_models.py --models ViT-B-32 --pretrained openai
+    python scripts/save_models.py --models ViT-SO400M-14-SigLIP-384:webli
+    python scripts/save_models.py --models hf-hub:timm/ViT-B-16-SigLIP
     python scripts/save_models.py --models ViT-B-32 --checkpoint ./my_clip.safetensors
+    python scripts/save_models.py --models my-clip --config my-clip.json --checkpoint my.safetensors
     python scripts/save_models.py --random-init --seed 0   # offline, untrained (tests, demos)
+
+A spec is ``ARCH:TAG`` (any architecture and pretrained tag open_clip lists), ``hf-hub:ORG/NAME``,
+or an architecture alone (``ViT-B-32`` and ``ViT-L-14`` take their default tags). The spec is the
+served name (``CLIP_MODELS``); the store name is derived from it (``clip_runtime.registry``).
 
 Each entry holds safetensors weights, open_clip's config with the tag's preprocessing, and
 ``clip_model.json`` (source, tag, sha256); the same facts are the model's labels.
@@ -19,14 +26,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clip_runtime.settings import KNOWN_MODELS
+from clip_runtime.registry import DEFAULT_MODELS, ModelSpec
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=list(KNOWN_MODELS), choices=KNOWN_MODELS)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(DEFAULT_MODELS),
+        metavar="SPEC",
+        help="ARCH:TAG, hf-hub:ORG/NAME or ARCH (default: %(default)s)",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--pretrained", metavar="TAG", help="open_clip tag (default: each model's default)"
@@ -36,6 +49,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     source.add_argument("--random-init", action="store_true", help="untrained weights, offline")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="JSON",
+        help="an open_clip model config registering a custom architecture (named by the file's "
+        "stem) for --checkpoint or --random-init",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="DIR",
+        help="a Hugging Face tokenizer folder (save_pretrained) instead of the hub's, for models "
+        "whose config names one (SigLIP); copied into the entry",
+    )
     parser.add_argument(
         "--preprocess-tag",
         metavar="TAG",
@@ -53,8 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if (args.pretrained or args.checkpoint) and len(args.models) > 1:
-        sys.exit("--pretrained TAG and --checkpoint apply to one model: add --models NAME")
+    if (args.pretrained or args.checkpoint or args.tokenizer) and len(args.models) > 1:
+        sys.exit("--pretrained, --checkpoint and --tokenizer apply to one model: --models SPEC")
 
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -67,31 +94,34 @@ def main(argv: list[str] | None = None) -> int:
     import bentoml
 
     from clip_runtime.errors import ClipError
-    from clip_runtime.model_entry import store_name
-    from clip_runtime.sources import (
-        DEFAULT_TAGS,
-        save_checkpoint,
-        save_pretrained,
-        save_random_init,
-    )
+    from clip_runtime.registry import store_name
+    from clip_runtime.sources import save_spec
 
-    for architecture in args.models:
-        name = store_name(architecture)
-        if args.if_missing and _already_saved(name, architecture, args):
+    try:
+        if args.config:
+            import open_clip
+
+            open_clip.add_model_config(args.config)
+        specs = [_spec(text, args) for text in args.models]
+    except ClipError as error:
+        logging.error("%s", error.message)
+        return 2
+    for spec in specs:
+        name = store_name(spec.name)
+        if args.if_missing and _already_saved(name, spec, args):
             print(f"kept {name}:latest (already saved from the requested source)")
             continue
         try:
+            _refuse_name_clash(name, spec)
             with bentoml.models.create(name, module="clip_runtime") as stored:
-                folder = Path(stored.path)
-                if args.random_init:
-                    entry = save_random_init(folder, architecture, args.seed)
-                elif args.checkpoint:
-                    tag = args.preprocess_tag or DEFAULT_TAGS[architecture]
-                    entry = save_checkpoint(folder, architecture, args.checkpoint, tag)
-                else:
-                    entry = save_pretrained(
-                        folder, architecture, args.pretrained or DEFAULT_TAGS[architecture]
-                    )
+                entry = save_spec(
+                    Path(stored.path),
+                    spec,
+                    random_init=args.random_init,
+                    seed=args.seed,
+                    checkpoint=args.checkpoint,
+                    tokenizer_dir=args.tokenizer,
+                )
                 stored.info.labels.update(entry.labels())
                 stored.info.metadata.update(entry.labels())
         except ClipError as error:
@@ -99,18 +129,49 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         flag = "  (RANDOM-INIT: untrained, for tests and demos)" if entry.is_untrained else ""
         print(
-            f"saved {stored.tag}: {architecture} weights={entry.weights_source} "
-            f"pretrained={entry.pretrained} sha256={entry.weights_sha256[:12]}{flag}"
+            f"saved {stored.tag}: {spec.name} ({entry.family}) architecture={entry.architecture} "
+            f"weights={entry.weights_source} pretrained={entry.pretrained} "
+            f"sha256={entry.weights_sha256[:12]}{flag}"
         )
     return 0
 
 
-def _already_saved(name: str, architecture: str, args: argparse.Namespace) -> bool:
+def _spec(text: str, args: argparse.Namespace) -> ModelSpec:
+    """The spec a name asks for; --preprocess-tag sets the preprocessing of local weights."""
+    from dataclasses import replace
+
+    from clip_runtime.registry import parse_spec
+
+    spec = parse_spec(text, args.pretrained)
+    if args.preprocess_tag and (args.checkpoint or args.random_init):
+        spec = replace(spec, tag=args.preprocess_tag)
+    return spec
+
+
+def _refuse_name_clash(name: str, spec: ModelSpec) -> None:
+    """Two served names can share a store name (``A:b`` and ``A-b``); never let one replace the
+    other's entry silently."""
+    import bentoml
+
+    from clip_runtime.errors import ClipError, ModelStoreError
+    from clip_runtime.model_entry import read_entry
+
+    try:
+        saved = read_entry(Path(bentoml.models.get(f"{name}:latest").path))
+    except (bentoml.exceptions.NotFound, ClipError):
+        return
+    if saved.name is not None and saved.name != spec.name:
+        raise ModelStoreError(
+            f"store name {name} already holds {saved.name!r}; {spec.name!r} would replace it "
+            f"(delete it first: bentoml models delete {name})"
+        )
+
+
+def _already_saved(name: str, spec: ModelSpec, args: argparse.Namespace) -> bool:
     import bentoml
 
     from clip_runtime.errors import ClipError
     from clip_runtime.model_entry import read_entry
-    from clip_runtime.sources import DEFAULT_TAGS
 
     try:
         entry = read_entry(Path(bentoml.models.get(f"{name}:latest").path))
@@ -120,7 +181,7 @@ def _already_saved(name: str, architecture: str, args: argparse.Namespace) -> bo
         return entry.is_untrained and entry.seed == args.seed
     if args.checkpoint:
         return False  # a file path says nothing about whether its content changed
-    return entry.pretrained == (args.pretrained or DEFAULT_TAGS[architecture])
+    return not entry.is_untrained and entry.pretrained == (spec.tag or spec.architecture)
 
 
 if __name__ == "__main__":

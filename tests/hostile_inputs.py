@@ -62,6 +62,8 @@ class Case:
     data: dict[str, str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     item_codes: list[str | None] | None = None  # for batch answers with per-item errors
+    files_list: list[tuple[str, Any]] | None = None  # multipart parts, text ones as (None, value)
+    absent: tuple[str, ...] = ()  # must not appear in the answer (echoes, internals)
 
 
 def build_cases() -> list[Case]:
@@ -75,6 +77,9 @@ def build_cases() -> list[Case]:
     nested = ("[" * 5000 + "]" * 5000).encode()
     deep_object = ('{"image": ' * 3000 + '"x"' + "}" * 3000).encode()
     ten_k = {"items": [{"image": "AAAA", "text": "x"}] * 10_000}
+    deep_png = _encode(Image.new("I;16", (6300, 6300), 40_000), "PNG")  # ~80 KB, 80 MB decoded
+    no_boundary = {"content-type": "multipart/form-data"}
+    form_body = b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\na\r\n--b--\r\n'
     return [
         Case(
             "truncated JPEG",
@@ -141,8 +146,20 @@ def build_cases() -> list[Case]:
         Case("missing everything", 400, "invalid_request", {}),
         Case("missing text", 400, "invalid_request", {"image": good}),
         Case(
-            "unknown model", 422, "unknown_model", {"image": good, "text": "a", "model": "x" * 5000}
+            "unknown model is not echoed whole",
+            422,
+            "unknown_model",
+            {"image": good, "text": "a", "model": "x" * 5000},
+            absent=("x" * 100,),
         ),
+        Case(
+            "validation errors carry no pydantic URL or input",
+            400,
+            "invalid_request",
+            {"image": good, "text": "a", "scale": "y" * 5000},
+            absent=("pydantic.dev", "y" * 100),
+        ),
+        Case("16-bit 6300x6300 PNG", 200, None, {"image": _b64(deep_png), "text": "a"}),
         Case(
             "ICO image",
             415,
@@ -174,6 +191,13 @@ def build_cases() -> list[Case]:
             {"image": "http://127.0.0.1:1/x.jpg", "text": "a"},
         ),
         Case(
+            "URL refusal does not say what a name resolves to",
+            422,
+            "url_not_allowed",
+            {"image": "http://localhost:1/x.jpg", "text": "a"},
+            absent=("127.0.0.1", "::1"),
+        ),
+        Case(
             "URL to cloud metadata",
             422,
             "url_not_allowed",
@@ -191,11 +215,9 @@ def build_cases() -> list[Case]:
             "url_not_allowed",
             {"image": "http://user:pw@example.com/x.jpg", "text": "a"},
         ),
-        Case(
-            "file URL is not base64",
-            422,
-            "invalid_image",
-            {"image": "file:///etc/passwd", "text": "a"},
+        *(
+            Case(f"{url.split(':')[0]} URL", 422, "url_not_allowed", {"image": url, "text": "a"})
+            for url in ("file:///etc/passwd", "gopher://127.0.0.1:70/_x", "ftp://example.com/a")
         ),
         Case("10k-item batch", 413, "too_many_items", ten_k, path=BATCH),
         Case("batch items is a string", 400, "invalid_request", {"items": "abc"}, path=BATCH),
@@ -223,6 +245,35 @@ def build_cases() -> list[Case]:
             data={"text": "a"},
         ),
         Case(
+            "upload with the image as a text value (BentoML would fetch it as a URL)",
+            400,
+            "invalid_request",
+            path=UPLOAD,
+            files_list=[("image", (None, "http://127.0.0.1:1/x.jpg")), ("text", (None, "a"))],
+        ),
+        Case(
+            "upload without a multipart boundary",
+            400,
+            "invalid_request",
+            path=UPLOAD,
+            content=form_body,
+            headers=no_boundary,
+        ),
+        Case(
+            "JSON endpoint sent multipart without a boundary",
+            400,
+            "invalid_request",
+            content=form_body,
+            headers=no_boundary,
+        ),
+        Case(
+            "upload with 1,001 form fields",
+            400,
+            "invalid_request",
+            path=UPLOAD,
+            files_list=[(f"f{i}", (None, "v")) for i in range(1001)],
+        ),
+        Case(
             "upload without a caption",
             400,
             "invalid_request",
@@ -247,9 +298,9 @@ def check(client: httpx.Client, case: Case) -> str | None:
         headers.setdefault("content-type", "application/json")
     response = client.post(
         case.path,
-        json=case.json if case.content is None and case.files is None else None,
+        json=case.json if case.content is None and not (case.files or case.files_list) else None,
         content=case.content,
-        files=case.files,
+        files=case.files or case.files_list,
         data=case.data,
         headers=headers,
     )
@@ -257,6 +308,9 @@ def check(client: httpx.Client, case: Case) -> str | None:
         return f"status {response.status_code}, expected {case.status}: {response.text[:300]}"
     if "Traceback" in response.text:
         return "a stack trace reached the client"
+    leaked = [text[:20] for text in case.absent if text in response.text]
+    if leaked:
+        return f"the answer contains {leaked}: {response.text[:200]}"
     body = response.json()
     if case.code is not None:
         error = body.get("error") or {}

@@ -1,6 +1,8 @@
-"""The BentoML dependency-client adapter: it fits the installed BentoML, and it fixes the bug.
+"""``clip_service.bentoml_adapter`` against the installed BentoML: every private name it relies
+on still exists (an upgrade that moves one fails here, by name, instead of in a running
+service), and its fixes of BentoML 1.4.40's dependency client do what they say.
 
-The bug (BentoML 1.4.40, issue #5540): the dependency client's SessionManager closes its aiohttp
+The session bug (BentoML issue #5540): the dependency client's SessionManager closes its aiohttp
 session every 100 calls while other calls are still running on it. Here against a local aiohttp
 server with a slow endpoint, with BentoML's own methods and with the adapter's.
 """
@@ -8,8 +10,10 @@ server with a slow endpoint, with BentoML's own methods and with the adapter's.
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import reduce
 from typing import Any
 
 import aiohttp
@@ -20,6 +24,7 @@ from aiohttp import web
 
 from clip_service.bentoml_adapter import (
     PATCHED_BENTOML_VERSION,
+    PRIVATE_API,
     BentoMLChangedError,
     apply_readiness_fix,
     apply_session_fix,
@@ -30,6 +35,16 @@ from clip_service.bentoml_adapter import (
     install_dependency_session_fix,
     install_fast_worker_restart,
 )
+
+
+@pytest.mark.parametrize(("module", "path"), PRIVATE_API)
+def test_private_api_still_exists(module: str, path: str) -> None:
+    """A BentoML upgrade that moves a private name fails here, by name."""
+    found = reduce(getattr, path.split("."), importlib.import_module(module))
+    assert found is not None
+
+
+# -- the dependency client's sessions ------------------------------------------------------------
 
 CALLS = 250  # BentoML refreshes after 100 calls: two refreshes with calls in flight
 SLOW_S = 0.3

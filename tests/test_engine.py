@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import open_clip
 import pytest
 import torch
 
-from clip_runtime import ClipEngine, ClipSettings, ScoreJob
+from clip_runtime import ClipEngine, ClipSettings, Job, JobOutcome
 from clip_runtime.errors import EmptyTextError, InvalidImageError, UnknownModelError
 from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
@@ -25,13 +24,17 @@ def load(folder: Path, cache: int = 16) -> ClipModel:
     return ClipModel("test", folder, torch.device("cpu"), torch.float32, LIMITS, cache)
 
 
+def score(model: ClipModel, crops: list[np.ndarray], texts: list[str]) -> list[JobOutcome]:
+    return model.run(crops, texts, [False] * len(crops))
+
+
 @pytest.mark.parametrize("model_dir", ["tiny_model_dir", "b32_model_dir"])
 def test_scores_match_open_clip(model_dir: str, request: pytest.FixtureRequest) -> None:
     folder = request.getfixturevalue(model_dir)
     images = [jpeg_bytes(seed) for seed in range(3)]
     model = load(folder)
     crops = [model.preprocessor.from_bytes(data) for data in images]
-    ours = [pair.cosine for pair in model.score(crops, CAPTIONS)]
+    ours = [pair.cosine for pair in score(model, crops, CAPTIONS)]
     expected = reference_cosines(folder, images, CAPTIONS)
     np.testing.assert_allclose(ours, expected, atol=2e-6)
     assert len(set(np.round(ours, 6))) == 3  # distinct pairs give distinct scores
@@ -40,20 +43,21 @@ def test_scores_match_open_clip(model_dir: str, request: pytest.FixtureRequest) 
 def test_batch_equals_single_and_is_deterministic(tiny_model_dir: Path) -> None:
     model = load(tiny_model_dir)
     crops = [model.preprocessor.from_bytes(jpeg_bytes(seed)) for seed in range(3)]
-    together = [pair.cosine for pair in model.score(crops, CAPTIONS)]
+    together = [pair.cosine for pair in score(model, crops, CAPTIONS)]
     alone = [
-        model.score([crop], [text])[0].cosine for crop, text in zip(crops, CAPTIONS, strict=True)
+        score(model, [crop], [text])[0].cosine for crop, text in zip(crops, CAPTIONS, strict=True)
     ]
     np.testing.assert_allclose(together, alone, atol=1e-6)
-    again = [pair.cosine for pair in load(tiny_model_dir).score(crops, CAPTIONS)]
+    again = [pair.cosine for pair in score(load(tiny_model_dir), crops, CAPTIONS)]
     assert again == together
 
 
 def test_score_scale_is_torchmetrics(tiny_model_dir: Path) -> None:
     model = load(tiny_model_dir)
     crops = [model.preprocessor.from_bytes(jpeg_bytes(seed)) for seed in range(8)]
-    pairs = model.score(crops, [f"caption number {i}" for i in range(8)])
+    pairs = score(model, crops, [f"caption number {i}" for i in range(8)])
     for pair in pairs:
+        assert pair.cosine is not None
         assert pair.score == pytest.approx(100 * max(pair.cosine, 0.0))
         assert -1.0 <= pair.cosine <= 1.0
 
@@ -82,7 +86,7 @@ def test_long_captions_truncate_keeping_end_of_text(tiny_model_dir: Path) -> Non
     tokens = tokenizer([long])[0]
     assert tokens[-1].item() == tokenizer.eot_token_id  # open_clip keeps EOT; slicing would not
     crop = model.preprocessor.from_bytes(jpeg_bytes(1))
-    (pair,) = model.score([crop], [long])
+    (pair,) = score(model, [crop], [long])
     assert pair.text_truncated
 
 
@@ -90,22 +94,29 @@ def test_engine_groups_models_and_keeps_order(tiny_model_dir: Path) -> None:
     settings = ClipSettings(models=["ViT-B-32", "other"], max_batch_size=2)
     engine = ClipEngine(settings, {"ViT-B-32": tiny_model_dir, "other": tiny_model_dir})
     crop = engine.models["ViT-B-32"].preprocessor.from_bytes(jpeg_bytes(2))
-    jobs = [ScoreJob("ViT-B-32" if i % 2 else "other", crop, f"text {i}") for i in range(5)]
-    scores, reports = engine.score_jobs(jobs)
-    alone = [engine.models[job.model].score([crop], [job.text])[0].cosine for job in jobs]
-    np.testing.assert_allclose([s.cosine for s in scores], alone, atol=1e-6)
+    jobs = [Job("ViT-B-32" if i % 2 else "other", crop, f"text {i}") for i in range(5)]
+    outcomes, reports = engine.run(jobs)
+    alone = [score(engine.models[job.model], [crop], [str(job.text)])[0].cosine for job in jobs]
+    np.testing.assert_allclose([o.cosine for o in outcomes], alone, atol=1e-6)
     assert reports["other"].items == 3 and reports["ViT-B-32"].items == 2
 
 
-def test_score_pairs_keeps_per_item_errors(tiny_model_dir: Path) -> None:
+def test_run_decodes_encoded_images_and_keeps_per_job_errors(tiny_model_dir: Path) -> None:
     engine = ClipEngine(ClipSettings(models=["ViT-B-32"]), {"ViT-B-32": tiny_model_dir})
-    with ThreadPoolExecutor(2) as pool:
-        results = engine.score_pairs(
-            None, [(jpeg_bytes(0), "ok"), (b"not an image", "x"), (jpeg_bytes(0), "  ")], pool
-        )
-    assert isinstance(results[1], InvalidImageError)
-    assert isinstance(results[2], EmptyTextError)
-    assert -1 <= results[0].cosine <= 1
+    model = engine.models["ViT-B-32"]
+    jobs = [
+        Job("ViT-B-32", jpeg_bytes(0), "ok"),
+        Job("ViT-B-32", b"not an image", "x"),
+        Job("ViT-B-32", jpeg_bytes(0), "  "),
+        Job("ViT-B-32", model.preprocessor.from_bytes(jpeg_bytes(0)), "ok"),
+        Job("ViT-B-32", text="only a text"),
+    ]
+    results, _ = engine.run(jobs)
+    assert isinstance(results[1].error, InvalidImageError)
+    assert isinstance(results[2].error, EmptyTextError)
+    assert results[0].error is None and results[0].cosine is not None
+    assert results[0].cosine == pytest.approx(results[3].cosine, abs=1e-6)  # bytes == crop
+    assert results[4].cosine is None and results[4].text_vector is not None
     with pytest.raises(UnknownModelError, match="served models"):
         engine.model("ViT-H-14")
 

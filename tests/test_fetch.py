@@ -73,28 +73,43 @@ def test_public_addresses(address: str) -> None:
 
 
 def test_allow_list_matching() -> None:
-    assert host_is_allow_listed("img.example.com", (".example.com",))
-    assert host_is_allow_listed("example.com", (".example.com",))
-    assert not host_is_allow_listed("badexample.com", (".example.com",))
-    assert host_is_allow_listed("cdn.test", ("CDN.test",))
-    assert not host_is_allow_listed("a.cdn.test", ("cdn.test",))
+    assert host_is_allow_listed("img.example.com", 443, (".example.com",))
+    assert host_is_allow_listed("example.com", 80, (".example.com",))
+    assert not host_is_allow_listed("badexample.com", 443, (".example.com",))
+    assert host_is_allow_listed("cdn.test", 443, ("CDN.test",))
+    assert not host_is_allow_listed("a.cdn.test", 443, ("cdn.test",))
+
+
+def test_allow_list_ports() -> None:
+    """A bare host admits the default ports only; ``host:port`` that port only."""
+    assert not host_is_allow_listed("cdn.test", 8080, ("cdn.test",))
+    assert host_is_allow_listed("cdn.test", 8080, ("cdn.test:8080",))
+    assert not host_is_allow_listed("cdn.test", 443, ("cdn.test:8080",))
+    assert host_is_allow_listed("a.cdn.test", 8443, (".cdn.test:8443",))
+    assert host_is_allow_listed("::1", 9000, ("[::1]:9000",))
+    assert not host_is_allow_listed("::1", 9001, ("[::1]:9000",))
+    with pytest.raises(ValueError, match="bad port"):
+        host_is_allow_listed("cdn.test", 80, ("cdn.test:http",))
 
 
 def test_loopback_is_refused_without_allow_list(server: LocalServer) -> None:
     for host in ("127.0.0.1", "localhost", "[::ffff:127.0.0.1]"):
-        with pytest.raises(UrlNotAllowedError, match="non-public"):
+        with pytest.raises(UrlNotAllowedError, match="not a public address") as refused:
             get(server.url("/cat.jpg", host), policy())
+        assert str(refused.value) == f"host {host.strip('[]')!r} is not a public address"
     assert server.hosts_seen == []  # refused before any connection
 
 
 def test_allow_listed_host_is_fetched_at_the_checked_address(server: LocalServer) -> None:
-    assert get(server.url("/cat.jpg", "localhost"), policy("localhost")) == JPEG
+    assert get(server.url("/cat.jpg", "localhost"), policy(f"localhost:{server.port}")) == JPEG
     assert server.hosts_seen == [f"localhost:{server.port}"]  # Host kept, IP connected
 
 
 def test_hosts_outside_the_allow_list_are_refused(server: LocalServer) -> None:
     with pytest.raises(UrlNotAllowedError, match="allow-list"):
         get(server.url("/cat.jpg"), policy("images.example.com"))
+    with pytest.raises(UrlNotAllowedError, match="allow-list"):  # right host, other port
+        get(server.url("/cat.jpg"), policy("127.0.0.1"))
 
 
 @pytest.mark.parametrize(
@@ -117,7 +132,7 @@ def test_redirect_chain_ending_at_a_private_address_is_refused(
     monkeypatch.setattr(fetch, "is_public_address", lambda a: str(a) == "127.0.0.1")
     server.routes["/hop1"] = (302, {"Location": "/hop2"}, b"")
     server.routes["/hop2"] = (307, {"Location": server.url("/cat.jpg", "127.0.0.2")}, b"")
-    with pytest.raises(UrlNotAllowedError, match=r"127\.0\.0\.2"):
+    with pytest.raises(UrlNotAllowedError, match=r"'127\.0\.0\.2' is not a public"):
         get(server.url("/hop1"), policy())
     assert len(server.hosts_seen) == 2  # the private hop was never connected to
     server.routes["/ok"] = (301, {"Location": "/cat.jpg"}, b"")
@@ -137,7 +152,7 @@ def test_too_many_redirects(server: LocalServer, monkeypatch: pytest.MonkeyPatch
 def test_byte_cap_while_streaming(server: LocalServer) -> None:
     server.routes["/endless"] = endless_body
     server.routes["/declared"] = (200, {"Content-Length": "999999999"}, b"")
-    allowed = policy("127.0.0.1", max_bytes=200_000)
+    allowed = policy(f"127.0.0.1:{server.port}", max_bytes=200_000)
     with pytest.raises(ImageTooLargeError):
         get(server.url("/endless"), allowed)
     with pytest.raises(ImageTooLargeError):
@@ -146,7 +161,7 @@ def test_byte_cap_while_streaming(server: LocalServer) -> None:
 
 def test_timeouts_and_http_errors(server: LocalServer) -> None:
     server.routes["/slow"] = slow_body
-    allowed = policy("127.0.0.1")
+    allowed = policy(f"127.0.0.1:{server.port}")
     with pytest.raises(UrlFetchFailedError):
         get(server.url("/slow"), allowed)
     with pytest.raises(UrlFetchFailedError, match="404"):

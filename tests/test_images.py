@@ -170,7 +170,8 @@ def test_split_transform_equals_open_clip_transform(model: str, tag: str) -> Non
         is_train=False,
     )
     image = photo_like(5, 300, 180)  # wide: must be cropped, never squashed
-    ours = pre.to_model_input([pre.crop(image)], torch.device("cpu"))[0]
+    crop = torch.from_numpy(pre.crop(image).copy()).permute(2, 0, 1)
+    ours = pre.to_pixels(crop.unsqueeze(0))[0]
     assert torch.equal(ours, reference(image))
 
 

@@ -23,7 +23,8 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-from clip_runtime.settings import KNOWN_MODELS, ClipSettings
+from clip_runtime.registry import DEFAULT_MODELS
+from clip_runtime.settings import ClipSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = ROOT / "deploy" / "k8s"
@@ -221,7 +222,7 @@ def test_pod_environment_is_valid_service_settings(
     for name, value in clip_env.items():
         monkeypatch.setenv(name, value)
     settings = ClipSettings()  # raises on a value the service would refuse at start
-    assert set(settings.models) <= set(KNOWN_MODELS)
+    assert set(settings.models) <= set(DEFAULT_MODELS)
     assert settings.device == "cuda"  # fail on a pod without a GPU rather than serve on CPU
     assert settings.decode_workers <= float(_container(manifests)["resources"]["requests"]["cpu"])
 

@@ -17,8 +17,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-import observability
 from clip_runtime.model import BatchReport
+from clip_service import observability
 from tests.integration.test_tracing import SHIM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout)
-import observability
+from clip_service import bentoml_adapter
 from bentoml._internal.configuration.containers import BentoMLContainer as C
-on = observability.setup_tracing()
+on = bentoml_adapter.setup_tracing()
 print("ON" if on else "OFF")
 provider = C.tracer_provider.get()
 print("SAMPLER", provider.sampler.get_description())

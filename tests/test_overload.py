@@ -9,7 +9,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from clip_runtime.errors import OverloadedError
-from clip_runtime.overload import InFlightLimitMiddleware, PairQueue
+from clip_service.admission import InFlightLimitMiddleware, PairQueue
 
 
 def test_pair_queue_refuses_beyond_its_limit_and_frees_on_release() -> None:

@@ -8,14 +8,13 @@ bicubic vs torch's float bicubic; ~0.2% of values differ at all), i.e. at most 2
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from clip_runtime import ClipEngine, ClipSettings
+from clip_runtime import ClipEngine, ClipSettings, Job
 from clip_runtime.errors import EmptyTextError, InvalidImageError
 from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
@@ -45,13 +44,9 @@ def test_tensor_path_matches_pil_path(model_dir: str, request: pytest.FixtureReq
     levels = (pil_uint8.int() - tensor_uint8.int()).abs().max().item()
     assert levels <= MAX_UINT8_LEVELS
 
-    pil_pixels = model.preprocessor.to_model_input(pil_crops, CPU)
-    tensor_pixels = tensor.normalize(tensor_uint8)
-    std_min = min(model.entry.preprocess_cfg["std"])
-    assert (pil_pixels - tensor_pixels).abs().max().item() <= MAX_UINT8_LEVELS / 255 / std_min
-
-    pil_cos = [pair.cosine for pair in model.score(pil_crops, TEXTS)]
-    tensor_cos = [pair.cosine for pair in model.score_pixels(tensor_pixels, TEXTS)]
+    keep = [False] * len(TEXTS)
+    pil_cos = [pair.cosine for pair in model.run(pil_crops, TEXTS, keep)]
+    tensor_cos = [pair.cosine for pair in model.run(list(tensor_uint8), TEXTS, keep)]
     np.testing.assert_allclose(tensor_cos, pil_cos, atol=MAX_COSINE_DIFF)
 
 
@@ -93,18 +88,18 @@ def test_engine_tensor_path_keeps_order_errors_and_fallbacks(tiny_model_dir: Pat
     slow = ClipEngine(ClipSettings(models=["ViT-B-32"], gpu_decode="off"), folders)
     assert fast.tensor_preprocessors and not slow.tensor_preprocessors
     png = encode(photo_like(4, 90, 70), "PNG")  # falls back to the PIL path
-    pairs = [
-        (IMAGES[0], "a"),
-        (b"not an image", "b"),
-        (png, "c"),
-        (IMAGES[1], "   "),
-        (IMAGES[6], "e"),
+    jobs = [
+        Job("ViT-B-32", IMAGES[0], "a"),
+        Job("ViT-B-32", b"not an image", "b"),
+        Job("ViT-B-32", png, "c"),
+        Job("ViT-B-32", IMAGES[1], "   "),
+        Job("ViT-B-32", IMAGES[6], "e"),
     ]
-    with ThreadPoolExecutor(2) as pool:
-        got = fast.score_pairs(None, pairs, pool)
-        want = slow.score_pairs(None, pairs, pool)
-    assert isinstance(got[1], InvalidImageError)
-    assert isinstance(got[3], EmptyTextError)
+    got, _ = fast.run(jobs)
+    want, _ = slow.run(jobs)
+    assert isinstance(got[1].error, InvalidImageError)
+    assert isinstance(got[3].error, EmptyTextError)
     for index in (0, 2, 4):
-        assert abs(got[index].cosine - want[index].cosine) <= MAX_COSINE_DIFF  # type: ignore[union-attr]
-    assert got[2].cosine == pytest.approx(want[2].cosine, abs=1e-6)  # type: ignore[union-attr]
+        assert got[index].cosine is not None and want[index].cosine is not None
+        assert abs(got[index].cosine - want[index].cosine) <= MAX_COSINE_DIFF
+    assert got[2].cosine == pytest.approx(want[2].cosine, abs=1e-6)

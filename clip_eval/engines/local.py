@@ -15,7 +15,7 @@ from clip_eval.datasets import DatasetSpec
 from clip_eval.errors import UsageError
 from clip_eval.images import ImageLoader, LoaderConfig
 from clip_eval.records import Outcome, Pair
-from clip_runtime import ClipEngine, ClipError, ClipSettings
+from clip_runtime import ClipEngine, ClipError, ClipSettings, Job
 from clip_runtime.model_entry import read_entry, store_name
 
 
@@ -74,7 +74,7 @@ class LocalConfig:
 
 
 class LocalScorer:
-    """Loaded models plus two pools: I/O (files, URLs) and decoding (CPU-bound, one per core)."""
+    """Loaded models plus an I/O pool (files, URLs); the engine decodes in its own pool."""
 
     def __init__(self, config: LocalConfig) -> None:
         self.config = config
@@ -83,13 +83,10 @@ class LocalScorer:
         self.engine = ClipEngine(self.settings, config.model_dirs)
         self.loader = ImageLoader(config.loader)
         self.io_pool = ThreadPoolExecutor(config.io_workers, thread_name_prefix="clip-eval-io")
-        self.decode_pool = ThreadPoolExecutor(
-            self.settings.decode_workers, thread_name_prefix="clip-eval-decode"
-        )
 
     def close(self) -> None:
         self.io_pool.shutdown(wait=False, cancel_futures=True)
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
         self.loader.close()
 
     def load(self, pairs: Sequence[Pair]) -> list[Future[tuple[bytes, str] | ClipError]]:
@@ -100,19 +97,23 @@ class LocalScorer:
         self, loaded: Sequence[Future[tuple[bytes, str] | ClipError]]
     ) -> list[Outcome]:
         ready = [future.result() for future in loaded]
-        good = [item for item in ready if not isinstance(item, ClipError)]
-        by_model = {
-            model: iter(self.engine.score_pairs(model, good, self.decode_pool))
+        jobs = [
+            Job(model, image=item[0], text=item[1])
+            for item in ready
+            if not isinstance(item, ClipError)
             for model in self.models
-        }
+        ]
+        results = iter(self.engine.run(jobs)[0])
         outcomes: list[Outcome] = []
         for item in ready:
             for model in self.models:
-                result = item if isinstance(item, ClipError) else next(by_model[model])
+                result = item if isinstance(item, ClipError) else next(results)
                 if isinstance(result, ClipError):
                     outcomes.append(Outcome.failed(model, result))
+                elif result.error is not None:
+                    outcomes.append(Outcome.failed(model, result.error))
                 else:
-                    outcomes.append(Outcome.scored(model, result.cosine, result.score))
+                    outcomes.append(Outcome.scored(model, result.cosine or 0.0, result.score))
         return outcomes
 
     def score(self, pairs: Sequence[Pair]) -> list[Outcome]:

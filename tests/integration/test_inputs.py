@@ -60,7 +60,7 @@ def locked_server(
         {
             "CLIP_MODELS": "ViT-B-32",
             "CLIP_API_KEYS": ",".join(KEYS),
-            "CLIP_URL_ALLOWED_HOSTS": "127.0.0.1",
+            "CLIP_URL_ALLOWED_HOSTS": f"127.0.0.1:{images_host.port}",  # a bare host: 80/443
         },
     )
     process.start()
@@ -74,6 +74,16 @@ def test_api_keys(locked_server: ServerProcess) -> None:
         missing = client.post(SINGLE, json=body)
         wrong = client.post(SINGLE, json=body, headers={"Authorization": "Bearer nope"})
         basic = client.post(SINGLE, json=body, headers={"Authorization": f"Basic {KEYS[0]}"})
+        # Right then wrong (or wrong then right): which one counts would be a guess; refuse.
+        two = client.post(
+            SINGLE,
+            json=body,
+            headers=[("Authorization", f"Bearer {KEYS[0]}"), ("Authorization", "Bearer nope")],
+        )
+        assert two.status_code == 400 and two.json()["error"]["code"] == "invalid_request"
+        # CLIP_AUTH_DOCS=open (the default): every documentation page reads without a key.
+        for doc_path in ("/", "/docs.json", "/schema.json", "/evaluator/docs", "/evaluator/demo"):
+            assert client.get(doc_path, follow_redirects=False).status_code in (200, 307), doc_path
         for refused in (missing, wrong, basic):
             assert refused.status_code == 401
             assert refused.json()["error"]["code"] == "unauthorized"

@@ -13,13 +13,7 @@ from http import HTTPStatus
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clip_runtime.errors import OverloadedError
-
-
-def overloaded_body(message: str, request_id: str | None) -> bytes:
-    error = {"code": OverloadedError.code, "message": message}
-    if request_id is not None:
-        error["request_id"] = request_id
-    return json.dumps({"error": error}).encode()
+from clip_service.errors import error_body
 
 
 class PairQueue:
@@ -62,10 +56,8 @@ class InFlightLimitMiddleware:
             return
         if self.in_flight >= self.limit:
             request_id = scope.get("state", {}).get("request_id")
-            body = overloaded_body(
-                f"{self.in_flight} requests in flight (limit {self.limit}); retry later",
-                request_id,
-            )
+            message = f"{self.in_flight} requests in flight (limit {self.limit}); retry later"
+            body = json.dumps(error_body(OverloadedError.code, message, request_id)).encode()
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

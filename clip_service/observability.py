@@ -1,16 +1,14 @@
-"""Metrics, traces and structured logs for the BentoML services (service.py).
+"""Metrics, traces and structured logs of the BentoML services.
 
 Metrics: one set per process (``service_metrics``), created after BentoML has set
 PROMETHEUS_MULTIPROC_DIR, so every worker writes its own files and ``/metrics`` sums them.
-Tracing: ``setup_tracing`` gives BentoML's tracer-provider slot an OTLP/HTTP exporter when only
-the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, and refuses to crash when an exporter
-cannot be imported (BentoML 1.4 would crash-loop its workers while holding the port).
+Spans: per request stage, and one per model batch linked to the requests it served. How tracing
+is switched on inside BentoML lives in ``bentoml_adapter``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from clip_runtime.settings import get_settings
 
 if TYPE_CHECKING:
     from clip_runtime.model import BatchReport, ClipModel
@@ -97,6 +97,20 @@ def service_metrics() -> ServiceMetrics:
             multiprocess_mode="mostrecent",
         ),
     )
+
+
+def record_error(model: str | None, code: str) -> None:
+    """An error answered. A requested name that is not served is client input: one label
+    ("unknown") for all of them, so that scanning model names adds no series."""
+    settings = get_settings()
+    name = model or settings.default_model
+    metrics = service_metrics()
+    metrics.errors.labels(code).inc()
+    metrics.pairs.labels(name if name in settings.models else "unknown", "error").inc()
+
+
+def record_pairs_scored(model: str, count: int = 1) -> None:
+    service_metrics().pairs.labels(model, "ok").inc(count)
 
 
 def record_gpu_memory(device: Any) -> None:
@@ -217,123 +231,6 @@ def record_model_info(models: Iterable[ClipModel]) -> None:
         labels = (info.architecture, info.pretrained or "", info.weights_source)
         gauge.labels(info.name, *labels, info.device, info.dtype).set(1)
         record_gpu_memory(model.device)
-
-
-# -- tracing set-up -----------------------------------------------------------------------------
-
-
-def setup_tracing() -> bool:
-    """Install the tracer provider BentoML's middleware and our spans use; True when tracing.
-
-    BentoML's own ``tracing`` config wins when set. Otherwise the standard OTEL_EXPORTER_OTLP_*
-    variables turn on OTLP/HTTP export; the SDK reads the endpoint, headers, OTEL_TRACES_SAMPLER
-    and OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES itself. Runs at service import; exporters
-    are imported here so that a missing one is reported once, clearly, and never crashes.
-    """
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-    from opentelemetry.util.http import ExcludeList
-    from simple_di import providers
-
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
-    configured = BentoMLContainer.config.tracing.exporter_type.get()
-    if configured:
-        try:
-            provider = BentoMLContainer.tracer_provider.get()
-        except ImportError as error:
-            logger.error(
-                "TRACING DISABLED: BentoML tracing.exporter_type=%s but its exporter cannot be "
-                "imported (%s). Serving without tracing.",
-                configured,
-                error,
-            )
-            BentoMLContainer.tracer_provider.set(TracerProvider(sampler=ALWAYS_OFF))
-            return False
-        trace.set_tracer_provider(provider)
-    elif endpoint:
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError as error:
-            logger.error(
-                "TRACING DISABLED: OTEL_EXPORTER_OTLP_ENDPOINT=%s is set but the OTLP/HTTP "
-                "exporter cannot be imported (%s); install "
-                "opentelemetry-exporter-otlp-proto-http==1.45.1. Serving without tracing.",
-                endpoint,
-                error,
-            )
-            return False
-
-        def build() -> TracerProvider:
-            # Called when BentoML builds the app, once the worker knows which service it runs.
-            from bentoml import server_context
-            from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-            name = server_context.service_name or "clip-score"
-            attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: name}
-            provider = TracerProvider(resource=Resource.create(attributes))
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-            trace.set_tracer_provider(provider)
-            return provider
-
-        BentoMLContainer.tracer_provider = providers.SingletonFactory(build)
-    else:
-        return False
-    if not BentoMLContainer.config.tracing.excluded_urls.get():
-        BentoMLContainer.tracing_excluded_urls.set(ExcludeList(list(TRACING_EXCLUDED_URLS)))
-    logger.info("tracing on (%s)", configured or f"otlp/http to {endpoint}")
-    return True
-
-
-# -- bounded request metrics --------------------------------------------------------------------
-
-
-def bound_request_metric_paths(known_paths: set[str]) -> None:
-    """Label BentoML's request metrics with the path only for routes the service has (and give
-    each request a fresh trace context, see below).
-
-    BentoML 1.4.40 (pinned) labels them with the raw request path, so every scanned URL would
-    add series forever. Its middleware class is looked up when each app is built, so replacing
-    it here (service import, before the app exists) takes effect in every worker.
-    """
-    from bentoml._internal.server.http import instruments
-
-    base = instruments.RunnerTrafficMetricsMiddleware
-    if getattr(base, "bounded_paths", False):
-        return
-
-    class _RestorePath:
-        def __init__(self, app: Any) -> None:
-            self.app = app
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            if "clip.path" in scope:
-                scope = {**scope, "path": scope["clip.path"]}
-            await self.app(scope, receive, send)
-
-    class BoundedTrafficMetricsMiddleware(base):  # type: ignore[misc, valid-type]
-        bounded_paths = True
-
-        def __init__(self, app: Any, **options: Any) -> None:
-            super().__init__(_RestorePath(app), **options)
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            path = scope.get("path", "")
-            if scope["type"] == "http" and path not in known_paths and path != "/metrics":
-                scope = {**scope, "path": UNKNOWN_PATH, "clip.path": path}
-            # Outermost middleware: start each request from an empty trace context. Uvicorn runs
-            # a keep-alive connection's next request in a context copied from the previous one,
-            # whose server span would otherwise become the new request's parent.
-            token = otel_context.attach(otel_context.Context())
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                otel_context.detach(token)
-
-    instruments.RunnerTrafficMetricsMiddleware = BoundedTrafficMetricsMiddleware
 
 
 # -- logs ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""HTTP concerns that sit in front of every API: request ids, the request body limit, and one error
-envelope for errors the framework raises itself (validation, overload, crashes) as well as ours.
+"""HTTP concerns that sit in front of every API: request ids, the request body limit, form checks,
+auth, and one error envelope for errors the framework raises itself (validation, overload,
+crashes) as well as ours.
 
 Error envelope: ``{"error": {"code": str, "message": str, "request_id": str, "detail"?: list}}``.
 """
@@ -16,11 +17,18 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-logger = logging.getLogger("clip_service.http")
+from clip_service.errors import error_body
+from clip_service.multipart_guard import MultipartRefused, check_form, is_multipart
+
+logger = logging.getLogger("clip_service.middleware")
 
 REQUEST_ID_HEADER = "x-request-id"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 GENERIC_5XX = "internal error; quote the request_id when reporting it"
+# API documentation pages: open, or behind the API key with CLIP_AUTH_DOCS=protected.
+DOC_PATHS = ("/", "/docs.json", "/schema.json", "/evaluator/docs", "/evaluator/demo")
+# What a validation error item keeps: not pydantic's docs URL (it names the version) nor the input.
+_DETAIL_KEYS = ("type", "loc", "msg")
 
 # Codes for errors the framework raises before or around our handlers, by HTTP status.
 FRAMEWORK_CODES: dict[int, str] = {
@@ -38,13 +46,6 @@ FRAMEWORK_CODES: dict[int, str] = {
 }
 
 
-def error_body(code: str, message: str, request_id: str | None = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if request_id is not None:
-        error["request_id"] = request_id
-    return {"error": error}
-
-
 def _request_id(scope: Scope) -> str:
     for name, value in scope.get("headers", []):
         if name == REQUEST_ID_HEADER.encode():
@@ -54,14 +55,26 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-def _content_length(scope: Scope) -> int | None:
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
     for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+        if name == wanted:
+            return bytes(value)
     return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
+def _public_detail(detail: list[Any]) -> list[Any]:
+    return [
+        {key: item[key] for key in _DETAIL_KEYS if key in item} if isinstance(item, dict) else item
+        for item in detail
+    ]
 
 
 def _rewrite_error(status: int, body: bytes, request_id: str) -> bytes:
@@ -84,17 +97,22 @@ def _rewrite_error(status: int, body: bytes, request_id: str) -> bytes:
         message = GENERIC_5XX
     envelope = error_body(code, message, request_id)
     if isinstance(parsed, dict) and isinstance(parsed.get("detail"), list):
-        envelope["error"]["detail"] = parsed["detail"]
+        envelope["error"]["detail"] = _public_detail(parsed["detail"])
     return json.dumps(envelope).encode()
 
 
 def _bearer_token(scope: Scope) -> bytes | None:
-    for name, value in scope.get("headers", []):
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                return token.strip()
+    value = _header(scope, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(b" ")
+    if scheme.lower() == b"bearer" and token.strip():
+        return token.strip()
     return None
+
+
+def _authorization_count(scope: Scope) -> int:
+    return sum(name == b"authorization" for name, _ in scope.get("headers", []))
 
 
 def key_matches(token: bytes | None, keys: tuple[bytes, ...]) -> bool:
@@ -105,9 +123,55 @@ def key_matches(token: bytes | None, keys: tuple[bytes, ...]) -> bool:
     return matched and token is not None
 
 
+# BentoML logs every failed API call here, client mistakes included, at ERROR with a traceback
+# whose exception text quotes the request body (``log_exception``, bentoml._internal).
+BENTOML_API_ERROR_LOGGER = "bentoml._internal.server.http_app"
+
+
+class ClientErrorLogFilter(logging.Filter):
+    """Turns BentoML's ERROR-with-traceback for a client mistake (a validation error or a 4xx
+    BentoML exception) into one WARNING line without traceback or payload."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.exc_info:
+            return True
+        exc = record.exc_info[1]
+        status = _client_error_status(exc)
+        if status is None:
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        path, method = (*args, "?", "?")[:2]
+        record.msg = "client error %s on %s [%s]: %s"
+        record.args = (status, path, method, type(exc).__name__)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def _client_error_status(exc: BaseException | None) -> int | None:
+    from bentoml.exceptions import BentoMLException
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return int(HTTPStatus.BAD_REQUEST)
+    if isinstance(exc, BentoMLException) and int(exc.error_code) < 500:
+        return int(exc.error_code)
+    return None
+
+
+def quiet_client_error_logs() -> None:
+    api_logger = logging.getLogger(BENTOML_API_ERROR_LOGGER)
+    if not any(isinstance(f, ClientErrorLogFilter) for f in api_logger.filters):
+        api_logger.addFilter(ClientErrorLogFilter())
+
+
 class RequestGuardMiddleware:
-    """Pure ASGI middleware (no body buffering on success paths): request id, optional bearer
-    auth, body size limit, and the error envelope under ``error_prefix``."""
+    """Pure ASGI middleware (no body buffering on success paths, except forms, which are checked
+    whole): request id, optional bearer auth, body size limit, form checks, and the error
+    envelope under ``error_prefix``.
+
+    ``file_fields``: route -> form fields that must be file parts (``file_fields_by_route``).
+    ``protect_docs``: with API keys, ``DOC_PATHS`` need a key too."""
 
     def __init__(
         self,
@@ -117,6 +181,8 @@ class RequestGuardMiddleware:
         open_paths: tuple[str, ...] = (),
         error_prefix: str = "/evaluator/",
         retry_after_s: int = 1,
+        file_fields: dict[str, frozenset[str]] | None = None,
+        protect_docs: bool = False,
     ) -> None:
         self.app = app
         self.retry_after = str(retry_after_s).encode()
@@ -124,11 +190,16 @@ class RequestGuardMiddleware:
         self.api_keys = tuple(key.encode() for key in api_keys)
         self.open_paths = frozenset(path.rstrip("/") or "/" for path in open_paths)
         self.error_prefix = error_prefix
+        self.file_fields = file_fields or {}
+        self.protect_docs = protect_docs
+        quiet_client_error_logs()
 
     def _needs_key(self, path: str) -> bool:
         if not self.api_keys:
             return False
         normalized = path.rstrip("/") or "/"
+        if normalized in DOC_PATHS:
+            return self.protect_docs
         protected = normalized.startswith(self.error_prefix.rstrip("/"))
         return protected and normalized not in self.open_paths
 
@@ -153,6 +224,12 @@ class RequestGuardMiddleware:
             )
             await send({"type": "http.response.body", "body": body})
 
+        if self._needs_key(scope["path"]) and _authorization_count(scope) > 1:
+            # Proxies and frameworks disagree on which of two headers counts: refuse both.
+            await reply(
+                HTTPStatus.BAD_REQUEST, "invalid_request", "send one Authorization header only"
+            )
+            return
         if self._needs_key(scope["path"]) and not key_matches(_bearer_token(scope), self.api_keys):
             # Keys are never logged; only the fact of a refusal is.
             logger.info("401 for %s (request %s)", scope["path"], request_id)
@@ -230,8 +307,23 @@ class RequestGuardMiddleware:
                 return
             await send(message)
 
+        app_receive = limited_receive
+        content_type = _header(scope, b"content-type") or b""
+        if rewrite and is_multipart(content_type):
+            try:
+                body = await _read_body(limited_receive)
+                check_form(content_type, body, self.file_fields.get(scope["path"], frozenset()))
+            except _BodyTooLarge:
+                await reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request_too_large", too_large)
+                return
+            except MultipartRefused as refused:
+                logger.info("400 for %s (request %s): %s", scope["path"], request_id, refused)
+                await reply(HTTPStatus.BAD_REQUEST, "invalid_request", str(refused))
+                return
+            app_receive = _replay(body, receive)
+
         try:
-            await self.app(scope, limited_receive, guarded_send)
+            await self.app(scope, app_receive, guarded_send)
         except _BodyTooLarge:
             if not replaced:  # the app let the error escape before it answered
                 await reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request_too_large", too_large)
@@ -239,3 +331,29 @@ class RequestGuardMiddleware:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client went away; the app sees an empty body and the disconnect
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands the app the already-read body, then the client's later messages."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed

@@ -1,0 +1,31 @@
+"""How many tokens a model's own tokenizer makes of a caption before it cuts it to the context
+length, for the ``text_truncated`` flag.
+
+The one place that reads open_clip tokenizers' attributes (``encode``, ``clean_fn``,
+``tokenizer_mode``, the wrapped Hugging Face ``tokenizer``); ``tests/test_tokens.py`` checks the
+count against the token tensors open_clip itself produces, so it fails when they change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# open_clip's BPE tokenizer wraps a caption in start- and end-of-text tokens.
+_SIMPLE_SPECIAL_TOKENS = 2
+# "clips" mode adds BOS, EOS and a class token around the caption's tokens.
+_CLIPS_SPECIAL_TOKENS = 3
+
+
+def token_count(tokenizer: Any, text: str) -> int:
+    """Tokens of ``text`` with the special tokens the tokenizer adds, before truncation."""
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+
+    if isinstance(tokenizer, SimpleTokenizer):
+        return len(tokenizer.encode(text)) + _SIMPLE_SPECIAL_TOKENS
+    if isinstance(tokenizer, HFTokenizer):
+        cleaned = tokenizer.clean_fn(text)
+        if tokenizer.tokenizer_mode == "clips":
+            ids = tokenizer.tokenizer(cleaned, add_special_tokens=False)["input_ids"]
+            return len(ids) + _CLIPS_SPECIAL_TOKENS
+        return len(tokenizer.tokenizer(cleaned)["input_ids"])
+    raise TypeError(f"no token count for open_clip tokenizer {type(tokenizer).__name__}")

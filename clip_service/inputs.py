@@ -1,0 +1,123 @@
+"""Wire inputs -> engine jobs, in the HTTP front end: validate texts, fetch URLs, decode and crop
+images in a thread pool (decoding never blocks the event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from clip_runtime import Job, Preprocessing, check_text
+from clip_runtime import errors as E
+from clip_runtime.errors import ClipError
+from clip_runtime.fetch import FetchPolicy, fetch_image_bytes
+from clip_runtime.images import decode_image_field, is_url
+from clip_runtime.settings import ClipSettings
+from clip_service.observability import stage
+
+T = TypeVar("T")
+
+
+@dataclass
+class PreparedPair:
+    """A pair to score and its reference captions (RefCLIPScore), all for one model batch."""
+
+    job: Job
+    references: list[Job]
+
+
+def at_index(error: ClipError, field: str, index: int) -> ClipError:
+    """The same error (same code), saying which element of a list was at fault."""
+    located = copy.copy(error)
+    located.message = f"{field}[{index}]: {error.message}"
+    return located
+
+
+class JobBuilder:
+    def __init__(
+        self, settings: ClipSettings, preprocessing: Preprocessing, fetch_policy: FetchPolicy
+    ) -> None:
+        self.settings = settings
+        self.preprocessing = preprocessing
+        self.fetch_policy = fetch_policy
+
+    async def _in_pool(self, function: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.preprocessing.pool, function, *args)
+
+    def _crop_field(self, model: str, image: str) -> Job:
+        data = decode_image_field(image, self.settings.max_image_bytes)
+        return Job(model, image=self.preprocessing.crop(model, data))
+
+    def _crop_bytes(self, model: str, data: bytes) -> Job:
+        return Job(model, image=self.preprocessing.crop(model, data))
+
+    async def image_job(self, model: str, image: str | bytes | None) -> Job:
+        """An image-only job: URL fetch (async) or base64 decode, then crop in the pool."""
+        if image is None:
+            raise E.InvalidRequestError("image is missing")
+        if isinstance(image, str) and is_url(image):
+            with stage(model, "fetch"):
+                image = await fetch_image_bytes(image.strip(), self.fetch_policy)
+        with stage(model, "decode"):  # pool queueing included: it is part of the wait
+            if isinstance(image, bytes):
+                return await self._in_pool(self._crop_bytes, model, image)
+            return await self._in_pool(self._crop_field, model, image)
+
+    def text_job(self, model: str, text: str | None, what: str = "text") -> Job:
+        if text is None:
+            raise E.InvalidRequestError(f"{what} is missing")
+        return Job(model, text=check_text(self.settings, text))
+
+    async def pair(
+        self,
+        model: str,
+        image: str | bytes | None,
+        text: str | None,
+        references: list[str] | None = None,
+    ) -> PreparedPair:
+        """One pair (and its references), validated, its image cropped."""
+        caption = self.text_job(model, text)
+        reference_jobs = [self.text_job(model, r, "reference") for r in references or []]
+        if references is not None and not reference_jobs:
+            raise E.InvalidRequestError("references is empty")
+        if len(reference_jobs) > self.settings.max_candidates:
+            raise E.TooManyItemsError(f"at most {self.settings.max_candidates} references per pair")
+        job = await self.image_job(model, image)
+        job.text, job.keep_vectors = caption.text, bool(reference_jobs)
+        return PreparedPair(job, reference_jobs)
+
+    async def image_jobs(self, model: str, images: list[str], field: str) -> list[Job]:
+        """Image-only jobs; the first bad image fails the request, naming its index."""
+        self.check_count(len(images), field)
+        prepared = await asyncio.gather(
+            *(self.image_job(model, image) for image in images), return_exceptions=True
+        )
+        jobs = []
+        for index, job in enumerate(prepared):
+            if isinstance(job, ClipError):
+                raise at_index(job, field, index)
+            if isinstance(job, BaseException):
+                raise job
+            jobs.append(job)
+        return jobs
+
+    def text_jobs(self, model: str, texts: list[str], field: str) -> list[Job]:
+        self.check_count(len(texts), field)
+        jobs = []
+        for index, text in enumerate(texts):
+            try:
+                jobs.append(self.text_job(model, text))
+            except ClipError as error:
+                raise at_index(error, field, index) from error
+        return jobs
+
+    def check_count(self, count: int, field: str) -> None:
+        if count > self.settings.max_batch_items:
+            raise E.TooManyItemsError(
+                f"{count} {field}; at most {self.settings.max_batch_items} per request"
+            )
+        if count == 0:
+            raise E.InvalidRequestError(f"{field} is empty")

@@ -1,0 +1,128 @@
+"""Wire types: what the HTTP API accepts and answers (the OpenAPI document is generated from
+them). Optional scores appear only when asked for, so plain answers keep the plain contract."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Scale = Literal["torchmetrics", "paper"]
+
+
+def _absent(value: object) -> bool:
+    return value is None
+
+
+class ItemError(BaseModel):
+    code: str
+    message: str
+
+
+class SingleResult(BaseModel):
+    score: float = Field(description="100 * max(cosine, 0), torchmetrics' CLIPScore scale")
+    cosine: float = Field(description="cosine of the L2-normalised image and text embeddings")
+    model: str
+    pretrained: str | None = Field(description="open_clip tag; null for non-pretrained weights")
+    weights: str = Field(description="pretrained | checkpoint | random-init (untrained!)")
+    text_truncated: bool = Field(description="the caption had more tokens than the context")
+    clip_s: float | None = Field(
+        default=None,
+        exclude_if=_absent,
+        description='with scale="paper": Hessel et al.\'s 2.5 * max(cos, 0)',
+    )
+    ref_clip_score: float | None = Field(
+        default=None,
+        exclude_if=_absent,
+        description="with references: RefCLIPScore (Hessel et al. 2021)",
+    )
+
+
+class BatchItem(BaseModel):
+    image: str | None = Field(default=None, description="base64, data: URI or http(s) URL")
+    text: str | None = None
+    references: list[str] | None = Field(default=None, description="reference captions")
+
+
+class BatchItemResult(BaseModel):
+    index: int
+    score: float | None
+    cosine: float | None
+    text_truncated: bool
+    error: ItemError | None
+    clip_s: float | None = Field(default=None, exclude_if=_absent)
+    ref_clip_score: float | None = Field(default=None, exclude_if=_absent)
+
+
+class BatchResult(BaseModel):
+    model: str
+    pretrained: str | None
+    weights: str
+    results: list[BatchItemResult]
+    succeeded: int
+    failed: int
+
+
+class RankCandidate(BaseModel):
+    index: int
+    cosine: float
+    score: float
+    probability: float = Field(
+        description="CLIP: softmax(logit_scale * cosine) over the candidates; SigLIP: "
+        "sigmoid(logit_scale * cosine + logit_bias) per candidate"
+    )
+
+
+class RankResult(BaseModel):
+    model: str
+    pretrained: str | None
+    weights: str
+    ranked: Literal["texts", "images"]
+    logit_scale: float
+    results: list[RankCandidate] = Field(description="in request order")
+    best: int = Field(description="index of the most similar candidate")
+
+
+class EmbeddingsResult(BaseModel):
+    model: str
+    pretrained: str | None
+    weights: str
+    dim: int
+    embeddings: list[list[float]] = Field(description="L2-normalised float32, request order")
+    text_truncated: list[bool] | None = Field(
+        default=None, exclude_if=_absent, description="text embeddings: per text"
+    )
+
+
+class ModelStatus(BaseModel):
+    """A served model as the model worker reports it (internal API)."""
+
+    name: str
+    architecture: str
+    pretrained: str | None
+    weights: str
+    untrained: bool
+    device: str
+    dtype: str
+    ready: bool
+    embed_dim: int
+    logit_scale: float
+    family: Literal["clip", "siglip"] = "clip"
+    logit_bias: float | None = None
+
+
+class ModelHealth(BaseModel):
+    name: str
+    architecture: str
+    pretrained: str | None
+    weights: str
+    untrained: bool
+    device: str | None
+    dtype: str | None
+    ready: bool
+
+
+class HealthResult(BaseModel):
+    status: Literal["ok", "unavailable"]
+    default_model: str
+    models: list[ModelHealth]

@@ -1,0 +1,96 @@
+"""The model worker (`clip-scorer`): holds the weights and exposes one batchable API per served
+model, so BentoML's adaptive batching merges concurrent requests and the items of batch requests
+into shared forward passes. (A batchable API called from inside its own service skips the
+batcher, hence a service apart from the HTTP front end.)"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import bentoml
+
+from clip_runtime import ClipEngine, Job, JobOutcome, get_settings
+from clip_service.observability import BatchObservation, configure_logging, record_model_info
+from clip_service.schemas import ModelStatus
+from clip_service.shutdown import stop_after_siblings_on_sigterm
+from clip_service.store import add_store_references, batch_api_name, model_folders
+
+logger = logging.getLogger("clip_service.worker")
+settings = get_settings()
+
+# Above the HTTP workers' bounded drain, so that the model worker outlives the requests that
+# were accepted before a SIGTERM.
+DRAIN_CAP_S = 90
+
+
+class ScorerImpl:
+    def __init__(self) -> None:
+        configure_logging(settings.log_format)
+        self.engine = ClipEngine(settings, model_folders(self, settings))
+        self.engine.warm_up()
+        # Runs inside uvicorn's lifespan, after it installed its SIGTERM handler: wrap it so
+        # this worker outlives the HTTP workers' drain.
+        stop_after_siblings_on_sigterm(cap_s=DRAIN_CAP_S)
+        record_model_info(self.engine.models.values())
+        logger.info("Scorer ready: %s", ", ".join(self.engine.models))
+
+    def __is_ready__(self) -> bool:
+        return self.engine.ready
+
+    def run_batch(self, model: str, jobs: list[Job]) -> list[JobOutcome]:
+        """One adaptive batch of one model's jobs through the engine, observed."""
+        handoffs = [(job.sent_at, job.trace_context) for job in jobs]
+        with BatchObservation(model, handoffs, self.engine.models[model].device) as batch:
+            outcomes, reports = self.engine.run(jobs)
+            batch.finish(reports[model])
+        return outcomes
+
+    @bentoml.api
+    def describe(self) -> list[ModelStatus]:
+        """Served models and whether each has run its warm-up pass (internal)."""
+        return [
+            ModelStatus(
+                name=model.info.name,
+                architecture=model.info.architecture,
+                pretrained=model.info.pretrained,
+                weights=model.info.weights_source,
+                untrained=model.entry.is_untrained,
+                device=model.info.device,
+                dtype=model.info.dtype,
+                ready=self.engine.ready,
+                embed_dim=model.info.embed_dim,
+                logit_scale=model.logit_scale,
+                family=model.family,
+                logit_bias=model.logit_bias,
+            )
+            for model in self.engine.models.values()
+        ]
+
+
+def _batch_api(model: str) -> Callable[[ScorerImpl, list[Job]], list[JobOutcome]]:
+    def score(self: ScorerImpl, jobs: list[Job]) -> list[JobOutcome]:
+        """Jobs of one model (internal, batched)."""
+        return self.run_batch(model, jobs)
+
+    score.__name__ = score.__qualname__ = batch_api_name(model)  # BentoML names APIs by this
+    return score
+
+
+add_store_references(ScorerImpl, settings)
+for _model in settings.models:
+    setattr(
+        ScorerImpl,
+        batch_api_name(_model),
+        bentoml.api(
+            batchable=True,
+            max_batch_size=settings.max_batch_size,
+            max_latency_ms=settings.max_latency_ms,
+        )(_batch_api(_model)),
+    )
+
+Scorer = bentoml.service(
+    name="clip-scorer",
+    workers=1,  # one process owns the accelerator; batches are what use it well
+    traffic={"timeout": 600},
+)(ScorerImpl)

@@ -1,0 +1,76 @@
+"""One error path: a handler raises, ``api_errors`` answers with the envelope and the status of
+the one table, sets BentoML's context status, and counts the error."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import bentoml
+import pytest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from clip_runtime import errors as E
+from clip_service.errors import ERROR_STATUS, ClientGoneError, api_errors, http_status
+from clip_service.observability import service_metrics
+
+T = TypeVar("T")
+
+
+class Handlers:
+    @api_errors
+    async def fails(self, ctx: bentoml.Context, model: str | None = None) -> dict[str, int]:
+        raise E.OverloadedError("the model queue is full; retry later")
+
+    @api_errors
+    async def works(self, ctx: bentoml.Context, model: str | None = None) -> dict[str, int]:
+        return {"ok": 1}
+
+
+def counted(code: str) -> float:
+    return service_metrics().errors.labels(code)._value.get()
+
+
+async def in_request(call: Callable[[bentoml.Context], Awaitable[T]]) -> tuple[T, int]:
+    """Run ``call`` the way BentoML runs a handler: inside its request context."""
+    ctx = bentoml.Context()
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": []})
+    with ctx.in_request(request):
+        result = await call(ctx)
+        return result, ctx.response.status_code
+
+
+def test_raised_domain_error_becomes_the_envelope_with_its_status() -> None:
+    before = counted("overloaded")
+    response, status = asyncio.run(
+        in_request(lambda ctx: Handlers().fails(ctx=ctx, model="ViT-B-32"))
+    )
+    assert isinstance(response, Response)
+    assert response.status_code == 503 and status == 503
+    assert json.loads(response.body) == {
+        "error": {"code": "overloaded", "message": "the model queue is full; retry later"}
+    }
+    assert counted("overloaded") == before + 1
+
+
+def test_success_passes_through_and_signature_is_kept_for_bentoml() -> None:
+    assert asyncio.run(in_request(lambda ctx: Handlers().works(ctx=ctx))) == ({"ok": 1}, 200)
+    # BentoML builds the API's input and output schema from the wrapped signature.
+    signature = inspect.signature(Handlers.fails)
+    assert list(signature.parameters) == ["self", "ctx", "model"]
+    assert "dict[str, int]" in str(signature.return_annotation)
+
+
+@pytest.mark.parametrize("error", sorted(ERROR_STATUS, key=lambda e: e.code))
+def test_every_mapped_error_has_a_4xx_or_503_status(error: type[E.ClipError]) -> None:
+    status = http_status(error("x"))
+    assert 400 <= status < 500 or status == 503
+
+
+def test_client_gone_is_499_and_unknown_errors_are_500() -> None:
+    assert http_status(ClientGoneError()) == 499
+    assert http_status(E.ModelStoreError("broken store")) == 500
