@@ -214,3 +214,22 @@ def test_any_valid_image_size_gives_a_model_sized_crop(width: int, height: int, 
 def test_arbitrary_text_fields_decode_or_raise_invalid_image(value: str) -> None:
     with contextlib.suppress(InvalidImageError, ImageTooLargeError):
         decode_image_field(value, 1_000_000)
+
+
+def test_plain_base64_skips_the_whitespace_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import clip_runtime.images as images
+
+    data = jpeg_bytes(3, 40, 30)
+    wrapped = base64.encodebytes(data).decode()  # line breaks every 76 characters
+    urlsafe = base64.urlsafe_b64encode(data).decode().rstrip("=")
+    assert decode_image_field(wrapped, 1_000_000) == data
+    assert decode_image_field(urlsafe, 1_000_000) == data
+
+    class NoRegexPass:
+        def sub(self, *args: object) -> str:
+            raise AssertionError("the whitespace regex ran on plain base64")
+
+    monkeypatch.setattr(images, "_WHITESPACE", NoRegexPass())
+    assert decode_image_field(base64.b64encode(data).decode(), 1_000_000) == data
+    data_uri = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    assert decode_image_field(data_uri, 1_000_000) == data
