@@ -44,6 +44,7 @@ from clip_runtime.scoring import (
 )
 from clip_runtime.settings import KNOWN_MODELS
 from clip_runtime.shutdown import stop_after_siblings_on_sigterm
+from clip_service.image import BENTO_IMAGE
 from http_layer import RequestGuardMiddleware, error_body
 from observability import (
     BatchObservation,
@@ -828,6 +829,7 @@ class EvaluatorImpl:
 Evaluator = bentoml.service(
     name="clip-evaluator",
     traffic={"timeout": 600},
+    image=BENTO_IMAGE,
 )(bentoml.asgi_app(evaluator_routes, path="/evaluator")(_with_served_models(EvaluatorImpl)))
 Evaluator.add_asgi_middleware(
     RequestGuardMiddleware,
