@@ -11,6 +11,7 @@ import httpx
 import pytest
 import yaml
 
+from clip_runtime import errors as clip_errors
 from tests.images import b64, jpeg_bytes
 from tests.integration.server import ROOT, ServerProcess
 from tests.integration.test_service import metric
@@ -24,6 +25,11 @@ DASHBOARD = ROOT / "deploy" / "observability" / "grafana" / "dashboards" / "clip
 ALERTS = ROOT / "deploy" / "observability" / "alerts.yml"
 # Series Prometheus makes itself (not the service's).
 PROMETHEUS_OWN = {"up"}
+ERROR_CODES = {
+    error.code
+    for error in vars(clip_errors).values()
+    if isinstance(error, type) and issubclass(error, clip_errors.ClipError)
+}
 # Only exported where the scorer runs on CUDA (the test servers run on the CPU).
 CUDA_ONLY = {"clip_gpu_memory_bytes"}
 
@@ -137,8 +143,10 @@ def dashboard_metric_names(dashboard: dict) -> set[str]:
 
 
 def exposed_after_traffic(client: httpx.Client) -> tuple[set[str], str]:
-    """The metric names /metrics exposes after one scored request, and its text."""
+    """The metric names /metrics exposes after one scored and one refused request, and its
+    text (whichever tests ran before)."""
     assert client.post(SINGLE, json={"image": b64(jpeg_bytes(3)), "text": "dash"}).is_success
+    assert client.post(SINGLE, json={"image": "bm9wZQ==", "text": "dash"}).status_code == 422
     text = client.get("/metrics").text
     names = {
         re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line[:1] != "#"
@@ -181,7 +189,17 @@ def test_alert_rules_and_the_autoscaling_metric_exist(client: httpx.Client) -> N
         assert names, rule["alert"]
         missing = names - exposed - PROMETHEUS_OWN
         assert not missing, f"{rule['alert']} uses metrics /metrics does not have: {missing}"
-        assert_matchers_select_series(rule["alert"], rule["expr"], text)
+        # Label names must exist on the metric; values may be the very condition watched for
+        # (code="overloaded" appears only under overload), so codes must be the service's own.
+        for name, matchers in re.findall(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}", rule["expr"]):
+            if name in PROMETHEUS_OWN:  # its labels come from the scrape config (job)
+                continue
+            for label, value in re.findall(r'(\w+)\s*(?:=~|!=|=)\s*"([^"]*)"', matchers):
+                assert re.search(rf"^{name}\{{[^}}]*\b{label}=", text, re.MULTILINE), (
+                    f"{rule['alert']}: {name} has no label {label}"
+                )
+                if label == "code":
+                    assert value in ERROR_CODES, value
         used |= names
     assert {
         "bentoml_service_request_total",  # error rate
