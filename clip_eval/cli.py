@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -95,10 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     remote = parser.add_argument_group("--engine remote and --compare-modes")
     remote.add_argument("--url", help="the service, e.g. http://localhost:3000")
     remote.add_argument(
+        "--api-key",
+        default=os.environ.get("CLIP_API_KEY") or None,
+        help="the service's API key, sent as 'Authorization: Bearer KEY' "
+        "(default: the CLIP_API_KEY environment variable)",
+    )
+    remote.add_argument(
         "--concurrency", type=_positive_int, default=4, help="requests in flight (4)"
     )
     remote.add_argument(
-        "--retries", type=int, default=5, help="retries of a request on 429/502/503/504 (5)"
+        "--retries",
+        type=int,
+        default=5,
+        help="retries of a request on 429/502/503/504, after its Retry-After (5)",
     )
     remote.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     remote.add_argument(
@@ -182,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             timeout_s=args.timeout,
             ready_timeout_s=args.ready_timeout,
+            api_key=args.api_key,
         )
         print(comparison.format())
         return 0
@@ -251,6 +262,7 @@ def build_engine(args: argparse.Namespace, models: tuple[str, ...], loader: Load
                 ready_timeout_s=args.ready_timeout,
                 io_workers=args.io_workers,
                 retry=RetryPolicy(attempts=args.retries + 1),
+                api_key=args.api_key,
             )
         )
     from clip_eval.engines.local import LocalConfig, LocalEngine, resolve_model_dirs

@@ -75,12 +75,23 @@ def compare_modes(
     concurrency: int = 4,
     timeout_s: float = 300.0,
     ready_timeout_s: float = 60.0,
+    api_key: str | None = None,
 ) -> Comparison:
     items, skipped = _load_items(dataset, loader, pairs)
     if not items:
         raise UsageError(f"no loadable pair among the first {pairs} rows of {dataset.path}")
     return asyncio.run(
-        _compare(url, items, skipped, model, batch_size, concurrency, timeout_s, ready_timeout_s)
+        _compare(
+            url,
+            items,
+            skipped,
+            model,
+            batch_size,
+            concurrency,
+            timeout_s,
+            ready_timeout_s,
+            api_key,
+        )
     )
 
 
@@ -111,8 +122,9 @@ async def _compare(
     concurrency: int,
     timeout_s: float,
     ready_timeout_s: float,
+    api_key: str | None,
 ) -> Comparison:
-    client = await open_client(url, timeout_s, ready_timeout_s)
+    client = await open_client(url, timeout_s, ready_timeout_s, api_key)
     try:
         # One untimed call of each endpoint: neither mode pays for first-call setup.
         await client.evaluate_single(**items[0], model=model)

@@ -25,7 +25,7 @@ from clip_eval.errors import (
 )
 from clip_eval.records import Pair, is_missing
 from clip_runtime.errors import ClipError, ImageTooLargeError, InvalidRequestError
-from clip_runtime.images import decode_image_field
+from clip_runtime.image_field import decode_image_field
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 # Base64 without a data: prefix; paths short enough to be paths are tried as files first.

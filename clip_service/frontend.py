@@ -33,6 +33,7 @@ from clip_runtime.scoring import (
 from clip_service.admission import InFlightLimitMiddleware, PairQueue
 from clip_service.bentoml_adapter import call_with_reconnect, metrics_text
 from clip_service.errors import ClientGoneError, api_errors
+from clip_service.image import BENTO_IMAGE
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
 from clip_service.middleware import RequestGuardMiddleware
 from clip_service.multipart_guard import file_fields_by_route
@@ -442,6 +443,7 @@ add_store_references(EvaluatorImpl, settings)
 Evaluator = bentoml.service(
     name="clip-evaluator",
     traffic={"timeout": 600},
+    image=BENTO_IMAGE,  # the Bento's container image (the entry service's is the Bento's)
 )(bentoml.asgi_app(evaluator_routes, path="/evaluator")(EvaluatorImpl))
 Evaluator.add_asgi_middleware(
     RequestGuardMiddleware,

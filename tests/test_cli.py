@@ -14,10 +14,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,7 +28,13 @@ from PIL import Image
 
 from clip_eval import cli
 from clip_eval.engines.local import LocalScorer
-from clip_eval.engines.remote import BatchRequester, RetryPolicy
+from clip_eval.engines.remote import (
+    BatchRequester,
+    RetryPolicy,
+    generated_client,
+    parse_retry_after,
+    record_retry_after,
+)
 from clip_eval.errors import ClipEvalError
 from clip_eval.images import ImageLoader, LoaderConfig
 from clip_eval.output import OutputFile, state_path
@@ -462,6 +470,65 @@ def test_remote_splits_a_batch_the_service_finds_too_large() -> None:
     results = asyncio.run(BatchRequester(call, FAST).results(ITEMS, "ViT-B-32"))
     assert [r["cosine"] for r in results] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
     assert calls == [5, 2, 3, 1, 2]  # halves until each fits, order kept
+
+
+def test_remote_waits_as_long_as_retry_after_says() -> None:
+    """A 503 with ``Retry-After: 1`` delays the retry by a second although the backoff would
+    wait 0.02 s: the answer goes through an httpx client carrying the engine's response hook,
+    as the generated client's requests do."""
+    answers = [httpx.Response(503, headers={"retry-after": "1"}), httpx.Response(200)]
+    transport = httpx.MockTransport(lambda request: answers.pop(0))
+    sent: list[float] = []
+
+    async def evaluate_batch(items: list[dict[str, str]], model: str) -> dict[str, Any]:
+        async with httpx.AsyncClient(
+            transport=transport, event_hooks={"response": [record_retry_after]}
+        ) as http:
+            sent.append(time.monotonic())
+            response = await http.post("http://service/evaluator/v1/evaluation/batch")
+        if response.status_code != 200:
+            raise BentoMLException("busy", error_code=HTTPStatus(response.status_code))
+        return {"results": [{"index": i, "score": 1.0, "cosine": 0.01} for i in range(len(items))]}
+
+    results = asyncio.run(BatchRequester(evaluate_batch, FAST).results(ITEMS, "ViT-B-32"))
+    assert len(results) == len(ITEMS)
+    assert len(sent) == 2
+    assert 1.0 <= sent[1] - sent[0] < 5.0
+
+
+def test_retry_after_header_forms() -> None:
+    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("Wed, 01 Jan 2025 12:00:07 GMT", now) == 7.0
+    assert parse_retry_after("Wed, 01 Jan 2025 11:00:00 GMT", now) == 0.0  # already past
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+def test_generated_client_sends_the_key_and_records_retry_after() -> None:
+    """What the engine assumes of BentoML's AsyncHTTPClient: ``.client`` is the httpx client its
+    calls go through, and ``token`` becomes the bearer header (no request is sent here)."""
+    client = generated_client("http://127.0.0.1:9", 5.0, "secret-key")
+    assert isinstance(client.client, httpx.AsyncClient)
+    assert record_retry_after in client.client.event_hooks["response"]
+    assert client.client.headers["authorization"] == "Bearer secret-key"
+    keyless = generated_client("http://127.0.0.1:9", 5.0, None)
+    assert "authorization" not in keyless.client.headers
+
+
+def test_remote_says_how_to_pass_a_refused_key() -> None:
+    call, calls = fake_service([401])
+    with pytest.raises(ClipEvalError, match=r"refused the API key.*--api-key or.*CLIP_API_KEY"):
+        asyncio.run(BatchRequester(call, FAST).results(ITEMS, "ViT-B-32"))
+    assert calls == [5]
+
+
+def test_api_key_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIP_API_KEY", "from-env")
+    assert cli.build_parser().parse_args(["x.csv"]).api_key == "from-env"
+    assert cli.build_parser().parse_args(["x.csv", "--api-key", "k"]).api_key == "k"
+    monkeypatch.delenv("CLIP_API_KEY")
+    assert cli.build_parser().parse_args(["x.csv"]).api_key is None
 
 
 def test_console_script_entry_point(capsys: pytest.CaptureFixture[str]) -> None:

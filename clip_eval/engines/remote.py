@@ -1,9 +1,11 @@
 """The remote engine: the running service's batch endpoint through BentoML's generated client.
 
 Up to ``concurrency`` batch requests are in flight; results come back in input order. Overload
-answers (429, 503, and gateway 502/504) and dropped connections are retried with exponential
-backoff and jitter (tenacity); a batch the service finds too large (413) is split in halves.
-Any other refusal of a whole request stops the run: it would fail every batch the same way.
+answers (429, 503, and gateway 502/504) and dropped connections are retried (tenacity), never
+sooner than the answer's ``Retry-After`` and otherwise with exponential backoff and jitter; a
+batch the service finds too large (413) is split in halves. Any other refusal of a whole request
+stops the run: it would fail every batch the same way. An API key goes as ``Authorization:
+Bearer``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from typing import Any
 
@@ -29,6 +34,7 @@ from tenacity import (
     stop_after_delay,
     wait_exponential_jitter,
 )
+from tenacity.wait import wait_base
 
 from clip_eval.datasets import DatasetSpec
 from clip_eval.errors import ClipEvalError
@@ -40,6 +46,46 @@ logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
+# The Retry-After of the retryable answer the current task got last. BentoML's generated client
+# raises exceptions without the response headers, so a response hook on its httpx client records
+# the header here; each asyncio task (one batch request) has its own copy of the context.
+_retry_after_s: ContextVar[float | None] = ContextVar("clip_eval_retry_after_s", default=None)
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delay-seconds or an HTTP date (RFC 9110)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+async def record_retry_after(response: httpx.Response) -> None:
+    """httpx response hook: remember what a retryable answer asks the client to wait."""
+    if response.status_code in RETRY_STATUSES:
+        _retry_after_s.set(parse_retry_after(response.headers.get("retry-after")))
+
+
+class wait_retry_after(wait_base):
+    """The answer's ``Retry-After`` when it sent one and it is longer than ``fallback``'s wait;
+    else ``fallback`` (backoff with jitter, so retries of many clients spread out)."""
+
+    def __init__(self, fallback: wait_base) -> None:
+        self.fallback = fallback
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        backoff = self.fallback(retry_state)
+        hinted = _retry_after_s.get()
+        return backoff if hinted is None else max(hinted, backoff)
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -48,9 +94,10 @@ class RetryPolicy:
     max_wait_s: float = 30.0
 
     def retrying(self) -> AsyncRetrying:
+        backoff = wait_exponential_jitter(initial=self.initial_wait_s, max=self.max_wait_s)
         return AsyncRetrying(
             stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential_jitter(initial=self.initial_wait_s, max=self.max_wait_s),
+            wait=wait_retry_after(backoff),
             retry=retry_if_exception(is_retryable),
             before_sleep=_log_retry,
             reraise=True,
@@ -100,17 +147,32 @@ class RemoteConfig:
     ready_timeout_s: float = 60.0
     io_workers: int = 16
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    api_key: str | None = field(default=None, repr=False)
 
 
-async def open_client(url: str, timeout_s: float, ready_timeout_s: float) -> Any:
-    """BentoML's generated async client, once the service says it is ready."""
+def generated_client(url: str, timeout_s: float, api_key: str | None) -> Any:
+    """BentoML's generated async client, with the API key as its bearer token and the
+    Retry-After hook on the httpx client it sends with (``.client``, a tested assumption)."""
     import bentoml
 
+    # server_ready_timeout=0: readiness is checked by wait_ready, with backoff (the client's own
+    # check polls /readyz in a tight loop). token="": without a key, BentoML would send
+    # BENTO_CLOUD_API_KEY from the environment, a credential meant for BentoCloud.
+    client = bentoml.AsyncHTTPClient(
+        url, timeout=timeout_s, server_ready_timeout=0, token=api_key or ""
+    )
+    transport: httpx.AsyncClient = client.client
+    transport.event_hooks["response"].append(record_retry_after)
+    return client
+
+
+async def open_client(
+    url: str, timeout_s: float, ready_timeout_s: float, api_key: str | None = None
+) -> Any:
+    """BentoML's generated async client, once the service says it is ready."""
     await wait_ready(url, ready_timeout_s)
     try:
-        # server_ready_timeout=0: readiness is checked above, with backoff (the client's own
-        # check polls /readyz in a tight loop).
-        client = bentoml.AsyncHTTPClient(url, timeout=timeout_s, server_ready_timeout=0)
+        client = generated_client(url, timeout_s, api_key)
         return await client.__aenter__()
     except (BentoMLException, httpx.HTTPError) as error:
         raise ClipEvalError(f"cannot use the service at {url}: {_brief(error)}") from error
@@ -162,9 +224,15 @@ class BatchRequester:
         try:
             async for attempt in self.retry.retrying():
                 with attempt:
+                    _retry_after_s.set(None)  # only this attempt's answer counts
                     response = await self.call(items=items, model=model)
         except BentoMLException as error:
             status = int(error.error_code)
+            if status == HTTPStatus.UNAUTHORIZED:
+                raise ClipEvalError(
+                    f"the service refused the API key ({_brief(error)}): pass the key with "
+                    "--api-key or the CLIP_API_KEY environment variable"
+                ) from error
             if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
                 if len(items) > 1:  # over the service's item or byte limit: halve until it fits
                     half = len(items) // 2
@@ -213,7 +281,12 @@ class RemoteEngine:
         client = None
         try:
             client = loop.run_until_complete(
-                open_client(self.config.url, self.config.timeout_s, self.config.ready_timeout_s)
+                open_client(
+                    self.config.url,
+                    self.config.timeout_s,
+                    self.config.ready_timeout_s,
+                    self.config.api_key,
+                )
             )
             requester = BatchRequester(client.evaluate_batch, self.config.retry)
             for pairs in dataset.iter_pairs(self.config.batch_size, skip):

@@ -139,3 +139,21 @@ class ServerProcess:
                     worker.kill()
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait(10)
+
+
+def run_load_test(
+    url: str, reports: Path, name: str, *options: str, users: int = 3, run_time: str = "20s"
+) -> subprocess.CompletedProcess[str]:
+    """`python -m load_tests.run` against ``url`` as a user runs it (CLIP_API_KEY unset unless
+    ``options`` pass --api-key)."""
+    env = {k: v for k, v in os.environ.items() if k != "CLIP_API_KEY"}
+    command = [sys.executable, "-m", "load_tests.run", "--url", url, "--reports", str(reports)]
+    command += ["--name", name, "--users", str(users), "--spawn-rate", str(users)]
+    return subprocess.run(
+        [*command, "--run-time", run_time, *options],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
