@@ -66,11 +66,11 @@ def make_dataset(folder: Path, fmt: str = "csv", url: str | None = None) -> Data
     (images_dir / "broken.jpg").write_bytes(b"this is not an image")
     add("img/missing.jpg", "no such file", error="image_not_found")
     add("img/0.jpg", "", error="empty_text")
-    add("ftp://example.com/a.jpg", "not http", error="unsupported_image_source")
+    add("ftp://example.com/a.jpg", "not http", error="url_not_allowed")
     add("img/broken.jpg", "corrupt", error="invalid_image")
     if url is not None:
         add(f"{url}/img/3.jpg", "fetched over http", images[3])
-        add(f"{url}/img/none.jpg", "a 404", error="image_fetch_failed")
+        add(f"{url}/img/none.jpg", "a 404", error="url_fetch_failed")
 
     frame = pd.DataFrame(rows)
     path = folder / f"pairs.{fmt}"
@@ -152,3 +152,8 @@ def cli_env(**extra: str) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         **extra,
     }
+
+
+def allow_host(url: str) -> list[str]:
+    """The flag that lets clip-eval fetch from a test server on loopback (refused otherwise)."""
+    return ["--url-allowed-host", url.split("://", 1)[1].split("/", 1)[0]]

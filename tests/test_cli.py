@@ -36,6 +36,7 @@ from clip_eval.summary import summarize
 from clip_runtime.errors import ClipError
 from tests.cli_helpers import (
     Dataset,
+    allow_host,
     check_output,
     cli_command,
     cli_env,
@@ -106,8 +107,7 @@ def test_local_engine_scores_every_row(
         output,
         "--batch-size",
         "4",
-        "--reference-column",
-        "refs",
+        *allow_host(url),
         *tiny_args(tiny_model_dir),
     )
     assert code == 0
@@ -187,7 +187,8 @@ def test_killed_run_loses_nothing_and_resumes(
             image=[f"{url}/{image}" if image.startswith("img/") else image for image in images]
         )
         write_table(frame, dataset.path)
-        errors = {**dataset.errors, images.index("img/missing.jpg"): "image_fetch_failed"}
+        errors = {**dataset.errors, images.index("img/missing.jpg"): "url_fetch_failed"}
+        args = [*args, *allow_host(url)]
         dataset = Dataset(dataset.path, frame, dataset.images, errors)
         process = subprocess.Popen(
             cli_command(str(dataset.path), *args),
@@ -280,8 +281,8 @@ def test_rows_and_outcomes_are_lined_up_whatever_the_batch_sizes() -> None:
     written = []
     for start, stop in [(0, 1), (1, 6), (6, 7), (7, 14)]:  # 1, 5, 1 and 7 outcomes
         written.extend(aligner.add(outcomes[start:stop]))
-    assert [done for _, done in written] == [3, 3, 1]  # every row once, only when complete
-    rows = pd.concat([rows for rows, _ in written], ignore_index=True)
+    assert [done for _, done, _ in written] == [3, 3, 1]  # every row once, only when complete
+    rows = pd.concat([rows for rows, _, _ in written], ignore_index=True)
     assert list(rows["id"]) == [i for i in range(7) for _ in range(2)]
     assert list(rows["model"]) == ["A", "B"] * 7
     assert list(rows["cosine"]) == pytest.approx([i / 10 for i in range(7) for _ in range(2)])
@@ -354,7 +355,9 @@ def test_image_references(tmp_path: Path, image_server: tuple[str, Path]) -> Non
     data = jpeg_bytes(1, 64, 64)
     (served / "one.jpg").write_bytes(data)
     (tmp_path / "one.jpg").write_bytes(data)
-    loader = ImageLoader(LoaderConfig(image_root=tmp_path, max_image_bytes=len(data)))
+    host = url.removeprefix("http://")
+    config = LoaderConfig(image_root=tmp_path, max_image_bytes=len(data), url_allowed_hosts=(host,))
+    loader = ImageLoader(config)
     b64 = base64.b64encode(data).decode()
     assert loader.load("one.jpg") == data
     assert loader.load(str(tmp_path / "one.jpg")) == data
@@ -371,14 +374,25 @@ def test_image_references(tmp_path: Path, image_server: tuple[str, Path]) -> Non
         return caught.value.code
 
     assert code("two.jpg") == "image_not_found"
-    assert code(f"{url}/two.jpg") == "image_fetch_failed"
-    assert code("http://127.0.0.1:9/x.jpg") == "image_fetch_failed"  # nothing listens there
-    assert code("file:///etc/passwd") == "unsupported_image_source"
-    assert code("s3://bucket/key.jpg") == "unsupported_image_source"
+    # The service's fetcher and codes: a 404, an allow-listed host with nothing listening.
+    assert code(f"{url}/two.jpg") == "url_fetch_failed"
+    dead = LoaderConfig(image_root=tmp_path, url_allowed_hosts=("127.0.0.1:9",))
+    assert code("http://127.0.0.1:9/x.jpg", dead) == "url_fetch_failed"
+    # Its SSRF guard: loopback, private and metadata addresses unless allow-listed.
+    open_config = LoaderConfig(image_root=tmp_path)
+    assert code(f"{url}/one.jpg", open_config) == "url_not_allowed"
+    assert code("http://169.254.169.254/latest/meta-data", open_config) == "url_not_allowed"
+    assert code("http://example.com/a.jpg") == "url_not_allowed"  # not in the allow-list
+    assert code("file:///etc/passwd") == "url_not_allowed"
+    assert code("s3://bucket/key.jpg") == "url_not_allowed"
+    off = LoaderConfig(image_root=tmp_path, allow_urls=False, url_allowed_hosts=(host,))
+    assert code(f"{url}/one.jpg", off) == "url_not_allowed"
     assert code("") == "invalid_request"
     assert code(None) == "invalid_request"
     assert code(float("nan")) == "invalid_request"
-    small = LoaderConfig(image_root=tmp_path, max_image_bytes=len(data) - 1)
+    small = LoaderConfig(
+        image_root=tmp_path, max_image_bytes=len(data) - 1, url_allowed_hosts=(host,)
+    )
     assert code("one.jpg", small) == "image_too_large"
     assert code(f"{url}/one.jpg", small) == "image_too_large"
     assert code(str(tmp_path)) == "image_unreadable"  # a folder
