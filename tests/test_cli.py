@@ -31,7 +31,7 @@ from clip_eval.errors import ClipEvalError
 from clip_eval.images import ImageLoader, LoaderConfig
 from clip_eval.output import OutputFile, state_path
 from clip_eval.pipeline import RowAligner
-from clip_eval.records import RESULT_COLUMNS, Outcome
+from clip_eval.records import Outcome, result_columns
 from clip_eval.summary import summarize
 from clip_runtime.errors import ClipError
 from tests.cli_helpers import (
@@ -139,9 +139,11 @@ def test_resume_after_interrupt_rescores_nothing(
     real_append = OutputFile.append
     appends = 0
 
-    def append_then_interrupt(self: OutputFile, rows: pd.DataFrame, input_rows: int) -> None:
+    def append_then_interrupt(
+        self: OutputFile, rows: pd.DataFrame, input_rows: int, embeddings: Any = None
+    ) -> None:
         nonlocal appends
-        real_append(self, rows, input_rows)
+        real_append(self, rows, input_rows, embeddings)
         appends += 1
         if appends == 2:  # what Ctrl-C does between two batches
             raise KeyboardInterrupt
@@ -300,7 +302,7 @@ def test_empty_input_gives_an_empty_table_with_the_columns(
     assert run_cli(tmp_path / "in.csv", "-o", output, *tiny_args(tiny_model_dir)) == 0
     frame = read_table(output)
     assert frame.empty
-    assert list(frame.columns) == ["image", "caption", "id", *RESULT_COLUMNS]
+    assert list(frame.columns) == ["image", "caption", "id", *result_columns(False, False, False)]
 
 
 # -- clear errors ------------------------------------------------------------------------------

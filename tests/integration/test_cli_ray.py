@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -38,8 +39,10 @@ def test_ray_engine_scores_and_resumes(
     # The first 6 rows locally, then an interruption (as Ctrl-C between two batches).
     real_append = OutputFile.append
 
-    def append_then_interrupt(self: OutputFile, rows: pd.DataFrame, input_rows: int) -> None:
-        real_append(self, rows, input_rows)
+    def append_then_interrupt(
+        self: OutputFile, rows: pd.DataFrame, input_rows: int, embeddings: Any = None
+    ) -> None:
+        real_append(self, rows, input_rows, embeddings)
         if self.rows_done >= 6:
             raise KeyboardInterrupt
 
