@@ -79,6 +79,15 @@ def make_dataset(folder: Path, fmt: str = "csv", url: str | None = None) -> Data
     return Dataset(path, frame, images, errors)
 
 
+# The flags that score the columns add_second_columns writes.
+OPTIONAL_SCORES = [
+    "--reference-column",
+    "refs",
+    "--image-column-2",
+    "image2",
+    "--text-column-2",
+    "text2",
+]
 OTHER_TEXTS = ["a kitten asleep", "a bus", "soup in a bowl", "dogs running", "a cat", "a plan"]
 
 

@@ -16,7 +16,13 @@ from clip_eval.embeddings import EmbeddingsFile, embeddings_format, embeddings_t
 from clip_eval.records import Outcome
 from clip_runtime.errors import EmptyTextError
 from clip_runtime.scoring import clip_score, ref_clip_score
-from tests.cli_helpers import OTHER_TEXTS, add_second_columns, read_table, reference_features
+from tests.cli_helpers import (
+    OPTIONAL_SCORES,
+    OTHER_TEXTS,
+    add_second_columns,
+    read_table,
+    reference_features,
+)
 
 
 def test_reference_similarity_and_embeddings_match_open_clip(
@@ -30,12 +36,7 @@ def test_reference_similarity_and_embeddings_match_open_clip(
         str(output),
         "--batch-size",
         "4",
-        "--reference-column",
-        "refs",
-        "--image-column-2",
-        "image2",
-        "--text-column-2",
-        "text2",
+        *OPTIONAL_SCORES,
         "--embeddings-out",
         str(vectors),
         "--model",

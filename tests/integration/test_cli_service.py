@@ -15,6 +15,7 @@ import pytest
 from clip_eval import cli
 from tests.cli_helpers import (
     CAPTIONS,
+    OPTIONAL_SCORES,
     add_second_columns,
     check_output,
     cli_command,
@@ -38,14 +39,7 @@ def test_remote_scores_equal_local_scores(
     """Scores, RefCLIPScore, image-image and text-text similarity and the embeddings: the remote
     engine (batch and embeddings endpoints) and the local engine give the same numbers."""
     dataset, good = add_second_columns(tmp_path / "data", "jsonl")
-    optional = [
-        "--reference-column",
-        "refs",
-        "--image-column-2",
-        "image2",
-        "--text-column-2",
-        "text2",
-    ]
+    optional = OPTIONAL_SCORES
     remote = tmp_path / "remote.csv"
     code = cli.main(
         [
