@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_runtime.fetch import host_is_allow_listed
     from clip_runtime.settings import ClipSettings
 
     models: tuple[str, ...] = tuple(dict.fromkeys(args.models or ["ViT-B-32"]))
@@ -200,6 +201,10 @@ def run(args: argparse.Namespace) -> int:
         url_allowed_hosts=tuple(args.url_allowed_hosts or settings.url_allowed_hosts),
         url_max_redirects=settings.url_max_redirects,
     )
+    try:  # the service's own check of the entries, before any fetch
+        host_is_allow_listed("", 0, loader.url_allowed_hosts)
+    except ValueError as error:
+        raise UsageError(f"--url-allowed-host: {error}") from error
 
     if args.compare_modes:
         from clip_eval.compare import compare_modes

@@ -331,6 +331,9 @@ def test_clear_errors_for_files_columns_and_state(
     assert "--plot: folder does not exist" in error_of(
         dataset.path, "-o", out, "--plot", tmp_path / "no" / "h.png", *tiny
     )
+    assert "--url-allowed-host: allow-list entry" in error_of(
+        dataset.path, "-o", out, "--url-allowed-host", "cdn.example.com:http", *tiny
+    )
     assert "not a CLIP model entry" in error_of(
         dataset.path, "-o", out, "--model-dir", tmp_path, "--quiet"
     )
