@@ -11,7 +11,6 @@ Bearer``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 from collections import deque
@@ -25,6 +24,7 @@ from http import HTTPStatus
 from typing import Any
 
 import httpx
+import numpy as np
 from bentoml.exceptions import BentoMLException
 from tenacity import (
     AsyncRetrying,
@@ -37,9 +37,10 @@ from tenacity import (
 from tenacity.wait import wait_base
 
 from clip_eval.datasets import DatasetSpec
-from clip_eval.errors import ClipEvalError
+from clip_eval.errors import ClipEvalError, ServiceItemError
 from clip_eval.images import ImageLoader, LoaderConfig
-from clip_eval.records import Outcome, Pair
+from clip_eval.records import LoadedPair, Outcome, Pair
+from clip_eval.wire import batch_item, encode_image
 from clip_runtime.errors import ClipError
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class RemoteConfig:
     io_workers: int = 16
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     api_key: str | None = field(default=None, repr=False)
+    keep_vectors: bool = False  # fetch the pairs' embeddings (--embeddings-out)
 
 
 def generated_client(url: str, timeout_s: float, api_key: str | None) -> Any:
@@ -214,56 +216,108 @@ BatchCall = Callable[..., Awaitable[dict[str, Any]]]
 
 
 class BatchRequester:
-    """Per-item results of one batch for one model, with retries and 413 splitting."""
+    """Per-item answers for one model, with retries. A batch the service finds too large (413)
+    is split in halves; so is an embeddings request with a bad item (the embeddings endpoints
+    fail a request whole), until the bad item stands alone and fails alone."""
 
-    def __init__(self, call: BatchCall, retry: RetryPolicy) -> None:
+    def __init__(
+        self, call: BatchCall, retry: RetryPolicy, embed: dict[str, BatchCall] | None = None
+    ) -> None:
         self.call = call
         self.retry = retry
+        self.embed = embed or {}  # "images"/"texts" -> the embeddings endpoint's method
 
-    async def results(self, items: list[dict[str, str]], model: str) -> list[dict[str, Any]]:
+    async def _send(self, call: BatchCall, **arguments: Any) -> dict[str, Any]:
+        """The answer, or the service's refusal (``BentoMLException``) of this request."""
         try:
             async for attempt in self.retry.retrying():
                 with attempt:
                     _retry_after_s.set(None)  # only this attempt's answer counts
-                    response = await self.call(items=items, model=model)
+                    response = await call(**arguments)
         except BentoMLException as error:
-            status = int(error.error_code)
-            if status == HTTPStatus.UNAUTHORIZED:
+            if int(error.error_code) == HTTPStatus.UNAUTHORIZED:
                 raise ClipEvalError(
                     f"the service refused the API key ({_brief(error)}): pass the key with "
                     "--api-key or the CLIP_API_KEY environment variable"
                 ) from error
-            if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
-                if len(items) > 1:  # over the service's item or byte limit: halve until it fits
-                    half = len(items) // 2
-                    return [
-                        *await self.results(items[:half], model),
-                        *await self.results(items[half:], model),
-                    ]
-                code, message = error_envelope(error)
-                return [{"error": {"code": code, "message": message}}]
             if is_retryable(error):
                 raise ClipEvalError(
                     f"the service is still overloaded or unavailable after "
                     f"{self.retry.attempts} attempts ({_brief(error)}); rerun with --resume"
                 ) from error
-            raise ClipEvalError(f"the service refused a batch: {_brief(error)}") from error
+            raise
         except httpx.TransportError as error:
             raise ClipEvalError(
                 f"cannot reach the service after {self.retry.attempts} attempts "
                 f"({_brief(error)}); rerun with --resume"
             ) from error
+        return response
+
+    async def results(self, items: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+        try:
+            response = await self._send(self.call, items=items, model=model)
+        except BentoMLException as error:
+            if int(error.error_code) != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+                raise ClipEvalError(f"the service refused a batch: {_brief(error)}") from error
+            if len(items) > 1:  # over the service's item or byte limit: halve until it fits
+                half = len(items) // 2
+                return [
+                    *await self.results(items[:half], model),
+                    *await self.results(items[half:], model),
+                ]
+            code, message = error_envelope(error)
+            return [{"error": {"code": code, "message": message}}]
         results = response["results"]
         if len(results) != len(items):
             raise ClipEvalError(f"the service answered {len(results)} results for {len(items)}")
         return results
 
+    async def embeddings(
+        self, field: str, values: list[str], model: str
+    ) -> list[np.ndarray | ClipError]:
+        """``field`` (``images`` or ``texts``) through its embeddings endpoint, one embedding or
+        the service's error per value."""
+        if not values:
+            return []
+        try:
+            response = await self._send(self.embed[field], **{field: values}, model=model)
+        except BentoMLException as error:
+            if int(error.error_code) >= 500:
+                raise ClipEvalError(f"the service failed embeddings: {_brief(error)}") from error
+            if len(values) > 1:
+                half = len(values) // 2
+                return [
+                    *await self.embeddings(field, values[:half], model),
+                    *await self.embeddings(field, values[half:], model),
+                ]
+            return [ServiceItemError(*error_envelope(error))]
+        vectors = response["embeddings"]
+        if len(vectors) != len(values):
+            raise ClipEvalError(f"the service answered {len(vectors)} embeddings for {len(values)}")
+        return [np.asarray(vector, dtype=np.float32) for vector in vectors]
 
-def outcome_of(model: str, result: dict[str, Any]) -> Outcome:
+
+def outcome_of(
+    model: str,
+    result: dict[str, Any],
+    vectors: dict[str, np.ndarray | ClipError | None],
+    keep_vectors: bool = False,
+) -> Outcome:
+    """A row's outcome from its batch result and the embeddings fetched for it."""
     error = result.get("error")
     if error:
         return Outcome(model, error=error["code"], error_message=error["message"])
-    return Outcome.scored(model, float(result["cosine"]), float(result["score"]))
+    for vector in vectors.values():
+        if isinstance(vector, ClipError):
+            return Outcome.failed(model, vector)
+    ref_score = result.get("ref_clip_score")
+    return Outcome.with_vectors(
+        model,
+        float(result["cosine"]),
+        ref_clip_score=None if ref_score is None else float(ref_score),
+        keep_vectors=keep_vectors,
+        **{name: vector for name, vector in vectors.items() if not isinstance(vector, ClipError)},
+    )
 
 
 class RemoteEngine:
@@ -288,7 +342,8 @@ class RemoteEngine:
                     self.config.api_key,
                 )
             )
-            requester = BatchRequester(client.evaluate_batch, self.config.retry)
+            embed = {"images": client.embed_images, "texts": client.embed_texts}
+            requester = BatchRequester(client.evaluate_batch, self.config.retry, embed)
             for pairs in dataset.iter_pairs(self.config.batch_size, skip):
                 batch = self._score_batch(requester, loader, io_pool, pairs)
                 pending.append(loop.create_task(batch))
@@ -319,18 +374,22 @@ class RemoteEngine:
         ready = await asyncio.gather(
             *(loop.run_in_executor(io_pool, loader.load_pair, pair) for pair in pairs)
         )
-        items = [
-            {"image": base64.b64encode(item[0]).decode("ascii"), "text": item[1]}
-            for item in ready
-            if not isinstance(item, ClipError)
-        ]
+        good = [item for item in ready if not isinstance(item, ClipError)]
+        items = [batch_item(item.image, item.caption, item.references) for item in good]
         per_model = (
             await asyncio.gather(*(requester.results(items, model) for model in self.models))
             if items
             else [[] for _ in self.models]
         )
+        vectors = await asyncio.gather(
+            *(
+                self._vectors(requester, good, results, model)
+                for model, results in zip(self.models, per_model, strict=True)
+            )
+        )
         answers = {
-            model: iter(results) for model, results in zip(self.models, per_model, strict=True)
+            model: iter(zip(results, model_vectors, strict=True))
+            for model, results, model_vectors in zip(self.models, per_model, vectors, strict=True)
         }
         outcomes: list[Outcome] = []
         for item in ready:
@@ -338,5 +397,42 @@ class RemoteEngine:
                 if isinstance(item, ClipError):
                     outcomes.append(Outcome.failed(model, item))
                 else:
-                    outcomes.append(outcome_of(model, next(answers[model])))
+                    result, vectors = next(answers[model])
+                    outcomes.append(outcome_of(model, result, vectors, self.config.keep_vectors))
         return outcomes
+
+    async def _vectors(
+        self,
+        requester: BatchRequester,
+        good: Sequence[LoadedPair],
+        results: Sequence[dict[str, Any]],
+        model: str,
+    ) -> list[dict[str, np.ndarray | ClipError | None]]:
+        """Per pair, the embeddings its row needs (its own when written out, its second image's
+        and text's when compared), from the embeddings endpoints: only of the pairs the batch
+        scored, images only when some are compared or written, texts likewise."""
+        keep = self.config.keep_vectors
+        images: list[tuple[int, str, bytes]] = []  # (pair, name, image)
+        texts: list[tuple[int, str, str]] = []
+        for index, item in enumerate(good):
+            if results[index].get("error"):
+                continue
+            if keep or item.image_2 is not None:
+                images.append((index, "image", item.image))
+            if item.image_2 is not None:
+                images.append((index, "image_2", item.image_2))
+            if keep or item.text_2 is not None:
+                texts.append((index, "caption", item.caption))
+            if item.text_2 is not None:
+                texts.append((index, "text_2", item.text_2))
+        image_vectors, text_vectors = await asyncio.gather(
+            requester.embeddings("images", [encode_image(v) for _, _, v in images], model),
+            requester.embeddings("texts", [v for _, _, v in texts], model),
+        )
+        found: list[dict[str, np.ndarray | ClipError | None]] = [{} for _ in good]
+        for (index, name, _), vector in [
+            *zip(images, image_vectors, strict=True),
+            *zip(texts, text_vectors, strict=True),
+        ]:
+            found[index][name] = vector
+        return found
