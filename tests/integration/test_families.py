@@ -34,7 +34,8 @@ CAPTIONS = ["a photo of a cat", "a diagram of a bridge", "two dogs on a beach at
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """This module's one server (the `client` fixture talks to it): both tiny models."""
     root = tmp_path_factory.mktemp("families")
     home = root / "home"
     tokenizer = write_offline_tokenizer(root / "tokenizer")
@@ -48,12 +49,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(served: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=served.url, timeout=300) as http:
-        yield http
 
 
 def folder_of(server: ServerProcess, name: str) -> Path:
@@ -107,7 +102,7 @@ def test_api_docs_list_the_served_models(client: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_single_matches_open_clip(client: httpx.Client, served: ServerProcess, name: str) -> None:
+def test_single_matches_open_clip(client: httpx.Client, server: ServerProcess, name: str) -> None:
     image = jpeg_bytes(5, 96, 80)
     response = client.post(
         "/evaluator/v1/evaluation/single",
@@ -115,7 +110,7 @@ def test_single_matches_open_clip(client: httpx.Client, served: ServerProcess, n
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    (expected,) = reference_cosines(folder_of(served, name), [image], CAPTIONS[:1])
+    (expected,) = reference_cosines(folder_of(server, name), [image], CAPTIONS[:1])
     assert body["cosine"] == pytest.approx(expected, abs=2e-5)
     assert body["score"] == pytest.approx(100 * max(body["cosine"], 0.0))
     assert (body["model"], body["weights"], body["text_truncated"]) == (name, "random-init", False)
@@ -123,7 +118,7 @@ def test_single_matches_open_clip(client: httpx.Client, served: ServerProcess, n
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_rank_probabilities_follow_the_family(
-    client: httpx.Client, served: ServerProcess, name: str
+    client: httpx.Client, server: ServerProcess, name: str
 ) -> None:
     image = jpeg_bytes(6, 80, 96)
     response = client.post(
@@ -132,7 +127,7 @@ def test_rank_probabilities_follow_the_family(
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    reference = open_clip_reference(folder_of(served, name), image, CAPTIONS)
+    reference = open_clip_reference(folder_of(server, name), image, CAPTIONS)
     results = sorted(body["results"], key=lambda result: result["index"])
     cosines = [result["cosine"] for result in results]
     probabilities = [result["probability"] for result in results]
@@ -147,12 +142,12 @@ def test_rank_probabilities_follow_the_family(
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_truncation_flag_uses_the_models_own_tokenizer(
-    client: httpx.Client, served: ServerProcess, name: str
+    client: httpx.Client, server: ServerProcess, name: str
 ) -> None:
     """Exactly the context fits and one more word is flagged, counted with each model's own
     tokenizer (CLIP BPE: 77 tokens; the SigLIP stand-in: 64), so the same 70-word caption is
     truncated for SigLIP only."""
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder_of(served, name)}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder_of(server, name)}")
     context = tokenizer.context_length
     assert context == {"clip": 77, "siglip": 64}[FAMILIES[name]]
     fitting = " ".join(["cat"] * (context - token_count(tokenizer, "")))
