@@ -31,7 +31,7 @@ from clip_runtime.scoring import (
     ref_clip_score,
 )
 from clip_service.admission import InFlightLimitMiddleware, PairQueue
-from clip_service.bentoml_adapter import metrics_text
+from clip_service.bentoml_adapter import call_with_reconnect, metrics_text
 from clip_service.errors import ClientGoneError, api_errors
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
 from clip_service.middleware import RequestGuardMiddleware
@@ -110,7 +110,8 @@ class EvaluatorImpl:
                 for job in jobs:  # for the queue-wait metric and the batch span's links
                     job.sent_at, job.trace_context = time.time(), current_traceparent()
                 batch_api = getattr(self.scorer.to_async, batch_api_name(name))
-                outcomes: list[JobOutcome] = await batch_api(jobs)
+                # Idempotent: one retry when the connection (not the model) failed.
+                outcomes: list[JobOutcome] = await call_with_reconnect(lambda: batch_api(jobs))
         except bentoml.exceptions.ServiceUnavailable as exc:
             # The batcher cancels what cannot meet max_latency_ms: that is overload too.
             raise E.OverloadedError("the model queue is full; retry later") from exc
@@ -142,7 +143,7 @@ class EvaluatorImpl:
 
     async def _model_status(self, name: str) -> ModelStatus:
         if name not in self._statuses:
-            for status in await self.scorer.to_async.describe():
+            for status in await call_with_reconnect(self.scorer.to_async.describe):
                 parsed = ModelStatus.model_validate(status)
                 self._statuses[parsed.name] = parsed
         return self._statuses[name]
