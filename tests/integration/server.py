@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -25,8 +26,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def save_random_init_models(bentoml_home: Path, models: list[str], seed: int = 0) -> None:
-    """The project's own script, exactly as a user runs it, into ``bentoml_home``."""
+def save_random_init_models(
+    bentoml_home: Path, models: list[str], seed: int = 0, options: Sequence[str] = ()
+) -> None:
+    """The project's own script, exactly as a user runs it, into ``bentoml_home``; ``options``
+    are more of its arguments (``--config``, ``--tokenizer``)."""
     subprocess.run(
         [
             sys.executable,
@@ -36,6 +40,7 @@ def save_random_init_models(bentoml_home: Path, models: list[str], seed: int = 0
             "--random-init",
             "--seed",
             str(seed),
+            *options,
         ],
         env={**os.environ, "BENTOML_HOME": str(bentoml_home)},
         check=True,

@@ -127,7 +127,11 @@ def _expect_refusal(home: Path, tmp_path: Path, needle: str) -> None:
 
 
 def test_missing_model_entry_refuses_to_start(tmp_path: Path) -> None:
-    _expect_refusal(tmp_path / "empty-home", tmp_path, "is not in the BentoML model store")
+    _expect_refusal(
+        tmp_path / "empty-home",
+        tmp_path,
+        "Save it with `python scripts/save_models.py --models ViT-B-32`",
+    )
 
 
 def test_corrupt_weights_refuse_to_start(bentoml_home: Path, tmp_path: Path) -> None:
