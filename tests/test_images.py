@@ -217,7 +217,7 @@ def test_arbitrary_text_fields_decode_or_raise_invalid_image(value: str) -> None
 
 
 def test_plain_base64_skips_the_whitespace_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    import clip_runtime.images as images
+    import clip_runtime.image_field as image_field
 
     data = jpeg_bytes(3, 40, 30)
     wrapped = base64.encodebytes(data).decode()  # line breaks every 76 characters
@@ -229,7 +229,7 @@ def test_plain_base64_skips_the_whitespace_pass(monkeypatch: pytest.MonkeyPatch)
         def sub(self, *args: object) -> str:
             raise AssertionError("the whitespace regex ran on plain base64")
 
-    monkeypatch.setattr(images, "_WHITESPACE", NoRegexPass())
+    monkeypatch.setattr(image_field, "_WHITESPACE", NoRegexPass())
     assert decode_image_field(base64.b64encode(data).decode(), 1_000_000) == data
     data_uri = "data:image/jpeg;base64," + base64.b64encode(data).decode()
     assert decode_image_field(data_uri, 1_000_000) == data
