@@ -8,12 +8,14 @@ request-header deadline are installed here, at import, before BentoML builds any
 from clip_runtime.settings import get_settings
 from clip_service.bentoml_adapter import (
     bound_request_metric_paths,
+    install_bentoml_fixes,
     limit_header_time,
     setup_tracing,
 )
 from clip_service.frontend import ROUTES, Evaluator
 from clip_service.worker import Scorer
 
+install_bentoml_fixes()  # before the arbiter starts and any Scorer client exists
 setup_tracing()
 limit_header_time(get_settings().header_timeout_s)
 bound_request_metric_paths(set(ROUTES))

@@ -1,8 +1,11 @@
 """CLIP-score engine: settings, model loading, image and text processing, scoring.
 
-Knows nothing of BentoML or HTTP; the service, the CLI and the benchmarks all drive it. The
-names that need torch (``ClipEngine``, ``ClipModel``, ...) are imported on first use, so that the
-HTTP front end, which imports this package, starts without torch.
+Knows nothing of BentoML or HTTP; the service, the CLI and the benchmarks all drive it.
+
+The names below are imported on first use (PEP 562): ``clip_runtime.errors``,
+``clip_runtime.settings``, ``clip_runtime.image_field`` and ``clip_runtime.preprocessing`` stay
+importable without torch, which ``clip-eval --engine remote`` and the HTTP front end (which must
+accept connections, and answer probes, before torch is imported) rely on.
 """
 
 from __future__ import annotations
@@ -10,28 +13,28 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from clip_runtime.errors import ClipError
-from clip_runtime.jobs import Job, JobOutcome
-from clip_runtime.preprocessing import Preprocessing, check_text, resolve_model_name
-from clip_runtime.settings import ClipSettings, get_settings
-
 if TYPE_CHECKING:
     from clip_runtime.engine import ClipEngine
+    from clip_runtime.errors import ClipError
+    from clip_runtime.jobs import Job, JobOutcome
     from clip_runtime.model import BatchReport, ClipModel, ModelInfo
+    from clip_runtime.preprocessing import Preprocessing, check_text, resolve_model_name
+    from clip_runtime.settings import ClipSettings, get_settings
 
-_LAZY = {
-    "ClipEngine": "clip_runtime.engine",
-    "BatchReport": "clip_runtime.model",
-    "ClipModel": "clip_runtime.model",
-    "ModelInfo": "clip_runtime.model",
+_HOMES = {
+    "ClipEngine": "engine",
+    "Preprocessing": "preprocessing",
+    "check_text": "preprocessing",
+    "resolve_model_name": "preprocessing",
+    "ClipError": "errors",
+    "Job": "jobs",
+    "JobOutcome": "jobs",
+    "BatchReport": "model",
+    "ClipModel": "model",
+    "ModelInfo": "model",
+    "ClipSettings": "settings",
+    "get_settings": "settings",
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'clip_runtime' has no attribute {name!r}")
-
 
 __all__ = [
     "BatchReport",
@@ -47,3 +50,10 @@ __all__ = [
     "get_settings",
     "resolve_model_name",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'clip_runtime' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"clip_runtime.{home}"), name)

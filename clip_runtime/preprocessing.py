@@ -10,11 +10,14 @@ worker is up; ``Preprocessing.ready`` says when.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
 from clip_runtime.errors import (
     EmptyTextError,
@@ -24,10 +27,14 @@ from clip_runtime.errors import (
     UnknownModelError,
 )
 from clip_runtime.fetch import FetchPolicy
-from clip_runtime.images import ImageLimits, ImagePreprocessor
+from clip_runtime.images import ImageLimits, ImagePreprocessor, open_header
+from clip_runtime.jobs import ImageInput
 from clip_runtime.memory import DecodeBudget, Reservation
 from clip_runtime.model_entry import ModelEntry, read_entry
 from clip_runtime.settings import ClipSettings
+
+if TYPE_CHECKING:
+    from clip_runtime.tokens import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +81,23 @@ def check_text(settings: ClipSettings, text: str) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class _Transforms:
+    """What the front end builds in the background: it imports torch and open_clip."""
+
+    preprocessors: dict[str, ImagePreprocessor]
+    tokenizers: dict[str, TextTokenizer]
+    forwarded: set[str]  # models whose JPEGs go to the model worker encoded
+    decodes_like_pillow: Callable[[Image.Image], bool]
+
+
 class Preprocessing:
-    """Per-model image preprocessing and a decode pool sized to the machine (no weights).
+    """The front end's half: per-model image checks and crops, tokenisers, and a decode pool
+    sized to the machine (no weights).
 
     Model entries are read at once (a missing or malformed one fails here, at start); the
-    open_clip transforms are built in the decode pool, so that construction returns in
-    milliseconds and the caller can answer probes while torch is imported.
+    open_clip transforms and tokenisers (torch) are built in the decode pool, so construction
+    returns in milliseconds and the caller can answer probes while torch is imported.
     """
 
     def __init__(self, settings: ClipSettings, folders: Mapping[str, Path]) -> None:
@@ -89,32 +107,38 @@ class Preprocessing:
         }
         self.limits = image_limits(settings)
         self.pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="clip-decode")
-        self._preprocessors: Future[dict[str, ImagePreprocessor]] = self.pool.submit(
-            self._build, self.limits
-        )
-        self._preprocessors.add_done_callback(_log_build_failure)
+        self._transforms: Future[_Transforms] = self.pool.submit(self._build, dict(folders))
+        self._transforms.add_done_callback(_log_build_failure)
 
-    def _build(self, limits: ImageLimits) -> dict[str, ImagePreprocessor]:
-        return {
-            name: ImagePreprocessor(entry.preprocess_cfg, limits)
-            for name, entry in self.entries.items()
-        }
+    def _build(self, folders: dict[str, Path]) -> _Transforms:
+        from clip_runtime.engine import device_decoded_models
+        from clip_runtime.tensor_decode import decodes_like_pillow
+        from clip_runtime.tokens import TextTokenizer
+
+        return _Transforms(
+            preprocessors={
+                name: ImagePreprocessor(entry.preprocess_cfg, self.limits)
+                for name, entry in self.entries.items()
+            },
+            tokenizers={name: TextTokenizer(folders[name]) for name in self.settings.models},
+            forwarded=device_decoded_models(self.settings, self.entries),
+            decodes_like_pillow=decodes_like_pillow,
+        )
 
     @property
     def ready(self) -> bool:
-        """True once every model's transform is built (never, if building failed)."""
-        done = self._preprocessors.done()
-        return done and self._preprocessors.exception() is None
-
-    @property
-    def preprocessors(self) -> dict[str, ImagePreprocessor]:
-        """The transforms by model; waits for them (and re-raises a failure to build them)."""
-        return self._preprocessors.result()
+        """True once every model's transforms are built (never, if building failed)."""
+        return self._transforms.done() and self._transforms.exception() is None
 
     def check_ready(self) -> None:
         """Refuse work with 503 ``service_unavailable`` until the transforms are built."""
         if not self.ready:
             raise ModelNotReadyError("image preprocessing is still starting; retry later")
+
+    @property
+    def preprocessors(self) -> dict[str, ImagePreprocessor]:
+        """The transforms by model; waits for them (and re-raises a failure to build them)."""
+        return self._transforms.result().preprocessors
 
     def claim(self) -> Reservation:
         """An empty claim on this process's decode budget, for an image still arriving."""
@@ -123,14 +147,25 @@ class Preprocessing:
             raise RuntimeError("image_limits always sets a decode budget")
         return budget.reservation()
 
-    def crop(self, model: str, data: bytes, claim: Reservation | None = None) -> np.ndarray:
-        return self.preprocessors[model].from_bytes(data, claim)
+    def image(self, model: str, data: bytes, claim: Reservation | None = None) -> ImageInput:
+        """What the model worker gets for an image: the encoded JPEG when it decodes JPEGs on its
+        device and this one decodes there as Pillow would (every header limit checked here),
+        else the crop, made here (counted in ``claim`` when the caller holds one)."""
+        transforms = self._transforms.result()
+        preprocessor = transforms.preprocessors[model]
+        header = open_header(data, preprocessor.limits)
+        if model in transforms.forwarded and transforms.decodes_like_pillow(header):
+            return data
+        return preprocessor.from_header(header, data, claim)
+
+    def tokenize(self, model: str, text: str) -> tuple[np.ndarray, bool]:
+        return self._transforms.result().tokenizers[model].tokenize(text)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _log_build_failure(future: Future[dict[str, ImagePreprocessor]]) -> None:
+def _log_build_failure(future: Future[_Transforms]) -> None:
     error = future.exception()
     if error is not None:
         logger.error("image preprocessing could not be built: %s", error, exc_info=error)
