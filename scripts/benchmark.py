@@ -52,8 +52,8 @@ from clip_runtime.images import ImageLimits  # noqa: E402
 from clip_runtime.model import ClipModel  # noqa: E402
 from clip_runtime.model_entry import store_name  # noqa: E402
 from clip_runtime.tensor_decode import TensorPreprocessor  # noqa: E402
-from tests.images import jpeg_bytes  # noqa: E402
-from tests.integration.server import (  # noqa: E402
+from clip_testkit.images import jpeg_bytes  # noqa: E402
+from clip_testkit.server import (  # noqa: E402
     ServerProcess,
     model_folder,
     save_random_init_models,

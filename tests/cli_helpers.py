@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.images import encode, jpeg_bytes, photo_like
+from clip_testkit.images import encode, jpeg_bytes, photo_like
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from types import ModuleType
 import torch
 
 from clip_runtime import ClipEngine, ClipSettings
-from tests.images import jpeg_bytes
+from clip_testkit.images import jpeg_bytes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 

@@ -34,6 +34,7 @@ from clip_eval.pipeline import RowAligner
 from clip_eval.records import RESULT_COLUMNS, Outcome
 from clip_eval.summary import summarize
 from clip_runtime.errors import ClipError
+from clip_testkit.images import jpeg_bytes
 from tests.cli_helpers import (
     Dataset,
     check_output,
@@ -43,7 +44,6 @@ from tests.cli_helpers import (
     read_table,
     write_table,
 )
-from tests.images import jpeg_bytes
 
 
 @contextlib.contextmanager

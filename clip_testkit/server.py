@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 GRACEFUL_SHUTDOWN_S = 20
 
 
@@ -78,7 +78,8 @@ class ServerProcess:
         }
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 300) -> ServerProcess:
+    def launch(self) -> ServerProcess:
+        """Start `bentoml serve` and return at once (see ``wait_ready``)."""
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [
@@ -102,18 +103,42 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # so stop() can signal the whole process group
         )
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout_s: float = 300) -> ServerProcess:
+        """Return once /readyz says 200; raise (with the log) when the server exits or times out."""
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
+            if self.is_ready():
+                return self
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.log()}")
+
+    def start(self, timeout_s: float = 300) -> ServerProcess:
+        return self.launch().wait_ready(timeout_s)
+
+    def wait_for_log(self, needle: str, timeout_s: float = 120) -> bool:
+        """Poll the log until it holds ``needle`` (True), or the server turns ready, exits, or
+        ``timeout_s`` passes (False): a refusal is seen as soon as it is logged."""
+        assert self.process is not None, "launch() first"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if needle in self.log_path.read_text(errors="replace"):
+                return True
+            if self.process.poll() is not None or self.is_ready():
+                return needle in self.log_path.read_text(errors="replace")
+            time.sleep(0.5)
+        return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
@@ -139,3 +164,15 @@ class ServerProcess:
                     worker.kill()
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait(10)
+
+
+def start_all(servers: list[ServerProcess], timeout_s: float = 300) -> list[ServerProcess]:
+    """Launch every server at once, then wait for each: their start-ups overlap."""
+    for server in servers:
+        server.launch()
+    try:
+        return [server.wait_ready(timeout_s) for server in servers]
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
