@@ -17,6 +17,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACEFUL_SHUTDOWN_S = 20
+CLOSE_GRACE_S = 5
 
 
 def free_port() -> int:
@@ -27,7 +28,7 @@ def free_port() -> int:
 
 def save_random_init_models(bentoml_home: Path, models: list[str], seed: int = 0) -> None:
     """The project's own script, exactly as a user runs it, into ``bentoml_home``."""
-    subprocess.run(
+    result = subprocess.run(
         [
             sys.executable,
             str(ROOT / "scripts" / "save_models.py"),
@@ -38,10 +39,12 @@ def save_random_init_models(bentoml_home: Path, models: list[str], seed: int = 0
             str(seed),
         ],
         env={**os.environ, "BENTOML_HOME": str(bentoml_home)},
-        check=True,
         capture_output=True,
+        text=True,
         timeout=600,
     )
+    if result.returncode != 0:
+        raise RuntimeError(f"save_models.py {models} failed:\n{result.stderr[-3000:]}")
 
 
 def model_folder(bentoml_home: Path, store_name: str) -> Path:
@@ -121,7 +124,7 @@ class ServerProcess:
             if self.is_ready():
                 return self
             time.sleep(0.5)
-        self.stop()
+        self.close()
         raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.log()}")
 
     def start(self, timeout_s: float = 300) -> ServerProcess:
@@ -149,6 +152,14 @@ class ServerProcess:
             return []
         return psutil.Process(self.process.pid).children(recursive=True)
 
+    def close(self) -> None:
+        """The end of a test's use of its server: SIGTERM, then SIGKILL after a few seconds.
+
+        Readiness probes sent while the model worker starts never get an answer (BentoML
+        1.4.40), so a graceful stop would always wait out uvicorn's whole graceful-shutdown
+        timeout for them; a test's server has nothing else left in flight."""
+        self.stop(timeout_s=CLOSE_GRACE_S)
+
     def stop(self, timeout_s: float = 30) -> int | None:
         """SIGTERM to the arbiter (it stops the workers gracefully); SIGKILL for all after
         ``timeout_s``, workers included, so that no orphan keeps a port or memory."""
@@ -174,5 +185,5 @@ def start_all(servers: list[ServerProcess], timeout_s: float = 300) -> list[Serv
         return [server.wait_ready(timeout_s) for server in servers]
     except BaseException:
         for server in servers:
-            server.stop()
+            server.close()
         raise

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from clip_eval import cli
+from clip_testkit.server import ServerProcess, model_folder
 from tests.cli_helpers import (
     CAPTIONS,
     check_output,
@@ -24,7 +25,6 @@ from tests.cli_helpers import (
     write_table,
 )
 from tests.integration.conftest import SERVER_ENV
-from tests.integration.server import ServerProcess, model_folder
 
 pytestmark = pytest.mark.integration
 

@@ -12,14 +12,14 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from clip_testkit.images import b64, jpeg_bytes
+from clip_testkit.routes import SINGLE
+from clip_testkit.server import ServerProcess
 from tests.hostile_inputs import build_cases, run
-from tests.images import b64, jpeg_bytes
-from tests.integration.server import ServerProcess
 from tests.local_http import LocalServer, local_server
 
 pytestmark = pytest.mark.integration
 
-SINGLE = "/evaluator/v1/evaluation/single"
 KEYS = ("first-key-0123456789", "second-key-abcdefghij")
 JPEG = jpeg_bytes(4, 200, 150)
 
@@ -65,7 +65,7 @@ def locked_server(
     )
     process.start()
     yield process
-    process.stop()
+    process.close()
 
 
 def test_api_keys(locked_server: ServerProcess) -> None:
