@@ -31,7 +31,7 @@ from clip_runtime.scoring import (
     ref_clip_score,
 )
 from clip_service.admission import InFlightLimitMiddleware, PairQueue
-from clip_service.bentoml_adapter import metrics_text
+from clip_service.bentoml_adapter import call_with_reconnect, metrics_text
 from clip_service.errors import ClientGoneError, api_errors
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
 from clip_service.middleware import RequestGuardMiddleware
@@ -108,7 +108,8 @@ class EvaluatorImpl:
                 for job in jobs:  # for the queue-wait metric and the batch span's links
                     job.sent_at, job.trace_context = time.time(), current_traceparent()
                 batch_api = getattr(self.scorer.to_async, batch_api_name(name))
-                outcomes: list[JobOutcome] = await batch_api(jobs)
+                # Idempotent: one retry when the connection (not the model) failed.
+                outcomes: list[JobOutcome] = await call_with_reconnect(lambda: batch_api(jobs))
         except bentoml.exceptions.ServiceUnavailable as exc:
             # The batcher cancels what cannot meet max_latency_ms: that is overload too.
             raise E.OverloadedError("the model queue is full; retry later") from exc
@@ -140,7 +141,7 @@ class EvaluatorImpl:
 
     async def _model_status(self, name: str) -> ModelStatus:
         if name not in self._statuses:
-            for status in await self.scorer.to_async.describe():
+            for status in await call_with_reconnect(self.scorer.to_async.describe):
                 parsed = ModelStatus.model_validate(status)
                 self._statuses[parsed.name] = parsed
         return self._statuses[name]
@@ -222,26 +223,27 @@ class EvaluatorImpl:
         """CLIP scores of many pairs, in request order; a bad item fails alone."""
         name = resolve_model_name(settings, model)
         self.jobs.check_count(len(items), "items")
-        prepared = await asyncio.gather(
+        gathered = await asyncio.gather(
             *(self.jobs.pair(name, item.image, item.text, item.references) for item in items),
             return_exceptions=True,
         )
-        for outcome in prepared:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, E.ClipError):
-                raise outcome
+        prepared: list[PreparedPair | E.ClipError] = []
+        for pair in gathered:  # a bad item fails alone; anything else is a bug: raise it
+            if isinstance(pair, BaseException) and not isinstance(pair, E.ClipError):
+                raise pair
+            prepared.append(pair)
         if await ctx.request.is_disconnected():
             raise ClientGoneError
         pairs = [pair for pair in prepared if isinstance(pair, PreparedPair)]
         scored = iter(await self._score_pairs(name, pairs))
         results: list[BatchItemResult] = []
         for index, item in enumerate(prepared):
-            if isinstance(item, PreparedPair):
-                outcome, ref_score = next(scored)
-                error = outcome.error
-            else:
-                outcome, ref_score, error = None, None, item
-            if error is not None or outcome is None:
-                results.append(self._failed_item(name, index, error))
+            if not isinstance(item, PreparedPair):
+                results.append(self._failed_item(name, index, item))
+                continue
+            outcome, ref_score = next(scored)
+            if outcome.error is not None:
+                results.append(self._failed_item(name, index, outcome.error))
                 continue
             record_pairs_scored(name)
             cosine = outcome.cosine or 0.0
@@ -266,9 +268,7 @@ class EvaluatorImpl:
         )
 
     @staticmethod
-    def _failed_item(name: str, index: int, error: E.ClipError | None) -> BatchItemResult:
-        if error is None:
-            error = E.ClipError("the model worker returned no outcome for this item")
+    def _failed_item(name: str, index: int, error: E.ClipError) -> BatchItemResult:
         record_error(name, error.code)
         return BatchItemResult(
             index=index,

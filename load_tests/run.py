@@ -5,7 +5,7 @@
 
 Writes ``reports/<name>.html`` and ``reports/<name>_stats.csv`` (Locust's own), prints p50/p95/p99
 per request name and the failure counts, and exits 1 when any failure appears (a status other
-than 200, an expected 4xx, or a shed 503/429 with Retry-After), 0 otherwise.
+than 200, an expected 4xx, or a shed: 503/429 ``overloaded`` with Retry-After), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if total == 0 or failures:
         print("FAIL: unexpected failures (or no requests)" if total else "FAIL: no requests")
         return 1
-    print("PASS: only 200s, expected 4xx and shed 503/429 with Retry-After")
+    print("PASS: only 200s, expected 4xx and shed 503/429 `overloaded` with Retry-After")
     return 0
 
 
