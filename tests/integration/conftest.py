@@ -22,6 +22,7 @@ SERVER_ENV = {
     "CLIP_MODELS": "ViT-B-32",
     "CLIP_MAX_REQUEST_BYTES": str(8 * 1024 * 1024),
     "CLIP_MAX_BATCH_ITEMS": "32",
+    "CLIP_RETRY_AFTER_S": "2",
 }
 
 
