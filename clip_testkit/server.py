@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -177,13 +178,14 @@ class ServerProcess:
             return self.process.wait(10)
 
 
-def start_all(servers: list[ServerProcess], timeout_s: float = 300) -> list[ServerProcess]:
-    """Launch every server at once, then wait for each: their start-ups overlap."""
-    for server in servers:
-        server.launch()
+@contextlib.contextmanager
+def launched_together(servers: list[ServerProcess]) -> Iterator[list[ServerProcess]]:
+    """Launch every server at once, so that their start-ups overlap (each test then waits for
+    its own with ``wait_ready``); close them all at the end."""
     try:
-        return [server.wait_ready(timeout_s) for server in servers]
-    except BaseException:
+        for server in servers:
+            server.launch()
+        yield servers
+    finally:
         for server in servers:
             server.close()
-        raise

@@ -21,7 +21,13 @@ import pytest
 
 from clip_testkit.images import b64, jpeg_bytes
 from clip_testkit.routes import BATCH, SINGLE
-from clip_testkit.server import GRACEFUL_SHUTDOWN_S, ROOT, ServerProcess, model_folder
+from clip_testkit.server import (
+    GRACEFUL_SHUTDOWN_S,
+    ROOT,
+    ServerProcess,
+    launched_together,
+    model_folder,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -69,11 +75,8 @@ def servers(
             corrupt_store(bentoml_home, folder / "corrupt-home"), folder / "corrupt.log", B32_ONLY
         ),
     )
-    for server in launched.all():
-        server.launch()
-    yield launched
-    for server in launched.all():
-        server.close()
+    with launched_together(launched.all()):
+        yield launched
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 from clip_testkit.images import b64, jpeg_bytes
 from clip_testkit.metrics import metric
 from clip_testkit.routes import BATCH, SINGLE
-from clip_testkit.server import ServerProcess
+from clip_testkit.server import ServerProcess, launched_together
 from tests.integration.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.integration
@@ -70,11 +70,8 @@ def servers(
             },
         ),
     )
-    for server in launched.all():
-        server.launch()
-    yield launched
-    for server in launched.all():
-        server.close()
+    with launched_together(launched.all()):
+        yield launched
 
 
 @pytest.fixture(scope="module")
