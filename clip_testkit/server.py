@@ -18,7 +18,6 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACEFUL_SHUTDOWN_S = 20
-CLOSE_GRACE_S = 5
 
 
 def free_port() -> int:
@@ -125,7 +124,7 @@ class ServerProcess:
             if self.is_ready():
                 return self
             time.sleep(0.5)
-        self.close()
+        self.stop()
         raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.log()}")
 
     def start(self, timeout_s: float = 300) -> ServerProcess:
@@ -153,14 +152,6 @@ class ServerProcess:
             return []
         return psutil.Process(self.process.pid).children(recursive=True)
 
-    def close(self) -> None:
-        """The end of a test's use of its server: SIGTERM, then SIGKILL after a few seconds.
-
-        Readiness probes sent while the model worker starts never get an answer (BentoML
-        1.4.40), so a graceful stop would always wait out uvicorn's whole graceful-shutdown
-        timeout for them; a test's server has nothing else left in flight."""
-        self.stop(timeout_s=CLOSE_GRACE_S)
-
     def stop(self, timeout_s: float = 30) -> int | None:
         """SIGTERM to the arbiter (it stops the workers gracefully); SIGKILL for all after
         ``timeout_s``, workers included, so that no orphan keeps a port or memory."""
@@ -181,11 +172,11 @@ class ServerProcess:
 @contextlib.contextmanager
 def launched_together(servers: list[ServerProcess]) -> Iterator[list[ServerProcess]]:
     """Launch every server at once, so that their start-ups overlap (each test then waits for
-    its own with ``wait_ready``); close them all at the end."""
+    its own with ``wait_ready``); stop them all at the end."""
     try:
         for server in servers:
             server.launch()
         yield servers
     finally:
         for server in servers:
-            server.close()
+            server.stop()

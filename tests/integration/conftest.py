@@ -40,7 +40,7 @@ def server(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     process.start()
     yield process
     still_running = process.process is not None and process.process.poll() is None
-    process.close()
+    process.stop()
     assert still_running, "a test stopped the shared server: such a test must start its own"
 
 

@@ -65,7 +65,7 @@ def locked_server(
     )
     process.start()
     yield process
-    process.close()
+    process.stop()
 
 
 def test_api_keys(locked_server: ServerProcess) -> None:

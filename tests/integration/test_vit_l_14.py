@@ -28,7 +28,7 @@ def both_models(l14_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     process.start()
     with httpx.Client(base_url=process.url, timeout=300) as http:
         yield http
-    process.close()
+    process.stop()
 
 
 def test_vit_l_14_scores_match_open_clip_next_to_vit_b_32(
