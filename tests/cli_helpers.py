@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import base64
-import io
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pandas as pd
 import pytest
-import torch
-from PIL import Image
 
 from clip_testkit.images import encode, jpeg_bytes, photo_like
+from clip_testkit.reference import reference_cosines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,20 +93,6 @@ def read_table(path: Path) -> pd.DataFrame:
     else:
         frame = pd.read_parquet(path)
     return frame.astype(object).where(frame.notna(), None)
-
-
-def reference_cosines(folder: Path, images: list[bytes], texts: list[str]) -> list[float]:
-    """open_clip end to end, its own way (its transform and tokenizer), fp32 on the CPU."""
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-    model.eval()
-    with torch.no_grad():
-        pixels = torch.stack(
-            [preprocess(Image.open(io.BytesIO(data)).convert("RGB")) for data in images]
-        )
-        image_features = model.encode_image(pixels, normalize=True)
-        text_features = model.encode_text(tokenizer(texts), normalize=True)
-    return (image_features * text_features).sum(-1).tolist()
 
 
 def check_output(

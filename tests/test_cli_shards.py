@@ -14,7 +14,7 @@ from PIL import Image
 
 from clip_eval import cli
 from clip_testkit.images import encode, jpeg_bytes, photo_like
-from tests.cli_helpers import reference_cosines
+from clip_testkit.reference import reference_cosines
 
 CAPTIONS = ["a photo of a cat", "a diagram of a bridge", "two dogs on a beach", "red and green"]
 

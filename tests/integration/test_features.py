@@ -8,12 +8,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
 
 from clip_testkit.images import b64, encode, jpeg_bytes, photo_like
+from clip_testkit.reference import reference_model
 from clip_testkit.routes import BATCH, EMBED_IMAGE, EMBED_TEXT, RANK, SINGLE
 from clip_testkit.server import ServerProcess, model_folder
 
@@ -42,9 +42,7 @@ def test_rank_texts_for_an_image(
     expected = [single_cosine(client, images[0], text) for text in CAPTIONS]
     got = [r["cosine"] for r in body["results"]]
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    model, _, _ = open_clip.create_model_and_transforms(
-        f"local-dir:{model_folder(bentoml_home, 'clip-vit-b-32')}"
-    )
+    model, _, _ = reference_model(model_folder(bentoml_home, "clip-vit-b-32"))
     logit_scale = float(model.logit_scale.detach().exp())
     assert body["logit_scale"] == pytest.approx(logit_scale, rel=1e-6)
     logits = logit_scale * np.array(got)
@@ -97,8 +95,7 @@ def test_embeddings_match_open_clip_and_the_scores(
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert text_body["text_truncated"] == [False, True]
     folder = model_folder(bentoml_home, "clip-vit-b-32")
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    model.eval()
+    model, preprocess, _ = reference_model(folder)
     with torch.no_grad():
         pixels = torch.stack([preprocess(Image.open(io.BytesIO(d))) for d in images[:2]])
         reference = model.encode_image(pixels, normalize=True).numpy()
