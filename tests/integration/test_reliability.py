@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,17 +21,17 @@ from clip_testkit.images import b64, jpeg_bytes
 from clip_testkit.routes import BATCH, SINGLE
 from clip_testkit.server import (
     GRACEFUL_SHUTDOWN_S,
-    ROOT,
     ServerProcess,
     launched_together,
     model_folder,
+    run_load_test,
 )
 
 pytestmark = pytest.mark.integration
 
 
 B32_ONLY = {"CLIP_MODELS": "ViT-B-32"}
-MISSING_ENTRY = "is not in the BentoML model store"
+MISSING_ENTRY = "Save it with `python scripts/save_models.py --models ViT-B-32`"
 CORRUPT_WEIGHTS = "does not match the recorded"
 
 
@@ -175,31 +173,9 @@ def test_corrupt_weights_refuse_to_start(servers: ModuleServers) -> None:
 
 
 def test_locust_smoke_run_passes(server: ServerProcess, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "load_tests.run",
-            "--url",
-            server.url,
-            "--users",
-            "3",
-            "--spawn-rate",
-            "3",
-            "--run-time",
-            "20s",
-            "--reports",
-            str(tmp_path),
-            "--name",
-            "smoke",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_load_test(server.url, tmp_path, "smoke")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout
     assert (tmp_path / "smoke.html").stat().st_size > 0
-    stats = (tmp_path / "smoke_stats.csv").read_text()
-    assert "single" in stats and "batch" in stats
+    stats = (tmp_path / "smoke.json").read_text()  # Locust's final statistics
+    assert '"single"' in stats and '"batch"' in stats
