@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clip_runtime.settings import ClipSettings  # noqa: E402
+from clip_testkit.images import b64, jpeg_bytes  # noqa: E402
+from clip_testkit.routes import SINGLE  # noqa: E402
+from clip_testkit.server import ServerProcess, save_random_init_models  # noqa: E402
 from load_tests.run import bentoml_home  # noqa: E402
 from load_tests.verdicts import error_code, is_deliberate_shed, is_worker_down_answer  # noqa: E402
-from tests.images import b64, jpeg_bytes  # noqa: E402
-from tests.integration.server import ServerProcess, save_random_init_models  # noqa: E402
 
-SINGLE = "/evaluator/v1/evaluation/single"
 IMAGES = [b64(jpeg_bytes(seed, 320, 240)) for seed in range(4)]
 CAPTIONS = ["a photo of a cat", "a red bus in the rain", "a bowl of soup"]
 

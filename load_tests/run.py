@@ -69,7 +69,7 @@ def bentoml_home() -> Path:
 def start_service(models: str, log_dir: Path) -> object:
     sys.path.insert(0, str(ROOT))
     from clip_runtime.model_entry import store_name
-    from tests.integration.server import ServerProcess, save_random_init_models
+    from clip_testkit.server import ServerProcess, save_random_init_models
 
     home = bentoml_home()
     wanted = models.split(",")

@@ -51,13 +51,13 @@ from clip_runtime.images import ImageLimits  # noqa: E402
 from clip_runtime.model import ClipModel  # noqa: E402
 from clip_runtime.model_entry import store_name  # noqa: E402
 from clip_runtime.tensor_decode import TensorPreprocessor  # noqa: E402
-from scripts.loadgen import UNIQUE_MARKER, LoadResult, run_load  # noqa: E402
-from tests.images import encode, jpeg_bytes, photo_like  # noqa: E402
-from tests.integration.server import (  # noqa: E402
+from clip_testkit.images import encode, jpeg_bytes, photo_like  # noqa: E402
+from clip_testkit.server import (  # noqa: E402
     ServerProcess,
     model_folder,
     save_random_init_models,
 )
+from scripts.loadgen import UNIQUE_MARKER, LoadResult, run_load  # noqa: E402
 
 PROMPTS = [f"a photo of a {thing}" for thing in ("cat", "dog", "bridge", "car", "tree", "cake")]
 PROMPTS += ["two people on a beach at sunset", "a diagram of a neural network"]

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-from tests.images import encode, jpeg_bytes, photo_like
+from clip_testkit.images import encode, jpeg_bytes, photo_like
+from clip_testkit.reference import reference_cosines, reference_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,9 +131,7 @@ def reference_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """open_clip end to end, its own way (its transform and tokenizer), fp32 on the CPU:
     L2-normalised image and text embeddings."""
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-    model.eval()
+    model, preprocess, tokenizer = reference_model(folder)
     with torch.no_grad():
         image_features = torch.zeros((0, 0))
         if images:
@@ -143,12 +141,6 @@ def reference_features(
             image_features = model.encode_image(pixels, normalize=True)
         text_features = model.encode_text(tokenizer(texts), normalize=True)
     return image_features.numpy(), text_features.numpy()
-
-
-def reference_cosines(folder: Path, images: list[bytes], texts: list[str]) -> list[float]:
-    """open_clip's cosines of image-caption pairs."""
-    image_features, text_features = reference_features(folder, images, texts)
-    return (image_features * text_features).sum(-1).tolist()
 
 
 def check_output(

@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingf
 
 import pytest
 
+from clip_testkit.server import model_folder, save_random_init_models
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = "clip-test-tiny"
 
@@ -28,13 +30,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def b32_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random-init ViT-B-32 (the real architecture and preprocessing), saved once per session."""
-    from clip_runtime.sources import save_random_init
+def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's model store: random-init ViT-B-32, saved once by the project's own script
+    (as a user runs it) for the unit tests and every server alike."""
+    home = tmp_path_factory.mktemp("bentoml_home")
+    save_random_init_models(home, ["ViT-B-32"])
+    return home
 
-    folder = tmp_path_factory.mktemp("b32") / "entry"
-    save_random_init(folder, "ViT-B-32", seed=0)
-    return folder
+
+@pytest.fixture(scope="session")
+def b32_model_dir(bentoml_home: Path) -> Path:
+    """Random-init ViT-B-32 (the real architecture and preprocessing): the store's entry."""
+    return model_folder(bentoml_home, "clip-vit-b-32")
 
 
 SIGLIP_TINY = "siglip-test-tiny"

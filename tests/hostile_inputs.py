@@ -22,9 +22,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-SINGLE = "/evaluator/v1/evaluation/single"
-BATCH = "/evaluator/v1/evaluation/batch"
-UPLOAD = "/evaluator/v1/evaluation/single/upload"
+from clip_testkit.routes import BATCH, SINGLE, UPLOAD
 
 
 def _encode(image: Image.Image, fmt: str, **options: Any) -> bytes:

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from clip_runtime import ClipEngine, ClipSettings
-from tests.images import jpeg_bytes
+from clip_testkit.images import jpeg_bytes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 

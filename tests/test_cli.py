@@ -42,6 +42,7 @@ from clip_eval.pipeline import RowAligner
 from clip_eval.records import Outcome, result_columns
 from clip_eval.summary import summarize
 from clip_runtime.errors import ClipError
+from clip_testkit.images import jpeg_bytes
 from tests.cli_helpers import (
     Dataset,
     allow_host,
@@ -52,7 +53,6 @@ from tests.cli_helpers import (
     read_table,
     write_table,
 )
-from tests.images import jpeg_bytes
 
 
 @contextlib.contextmanager

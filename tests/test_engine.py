@@ -15,8 +15,8 @@ from clip_runtime import ClipEngine, ClipSettings, Job, JobOutcome
 from clip_runtime.errors import EmptyTextError, InvalidImageError, UnknownModelError
 from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
-from tests.images import jpeg_bytes
-from tests.reference import reference_cosines
+from clip_testkit.images import jpeg_bytes
+from clip_testkit.reference import reference_cosines
 
 LIMITS = ImageLimits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, min_image_side=4)
 CAPTIONS = ["a photo of a cat", "a diagram of a bridge", "two dogs on a beach at sunset"]

@@ -11,7 +11,7 @@ import pytest
 from clip_runtime import fetch
 from clip_runtime.errors import ImageTooLargeError, UrlFetchFailedError, UrlNotAllowedError
 from clip_runtime.fetch import FetchPolicy, fetch_image_bytes, host_is_allow_listed
-from tests.images import jpeg_bytes
+from clip_testkit.images import jpeg_bytes
 from tests.local_http import LocalServer, endless_body, local_server, slow_body
 
 JPEG = jpeg_bytes(0, 32, 32)

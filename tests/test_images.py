@@ -24,7 +24,7 @@ from clip_runtime.errors import (
     UrlNotAllowedError,
 )
 from clip_runtime.images import ImageLimits, ImagePreprocessor, decode_image_field, open_image
-from tests.images import encode, jpeg_bytes, photo_like
+from clip_testkit.images import encode, jpeg_bytes, photo_like
 
 LIMITS = ImageLimits(max_image_bytes=5_000_000, max_image_pixels=4_000_000, min_image_side=4)
 L14_CFG = open_clip.get_pretrained_cfg("ViT-L-14", "laion2b_s32b_b82k")

@@ -23,7 +23,7 @@ from clip_runtime.images import (
 )
 from clip_runtime.memory import DecodeBudget
 from clip_runtime.model import ClipModel
-from tests.images import encode, photo_like
+from clip_testkit.images import encode, photo_like
 
 LIMITS = ImageLimits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, min_image_side=4)
 # (seed, size): reduced 1/4, reduced 1/2, just under the threshold (decoded whole).

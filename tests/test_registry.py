@@ -23,8 +23,8 @@ from clip_runtime.model_entry import WEIGHTS_FILE, read_entry
 from clip_runtime.registry import api_suffix, parse_spec, store_name
 from clip_runtime.sources import save_pretrained, save_random_init
 from clip_runtime.tokens import token_count
-from tests.images import jpeg_bytes
-from tests.reference import reference_cosines
+from clip_testkit.images import jpeg_bytes
+from clip_testkit.reference import reference_cosines
 
 LIMITS = ImageLimits(10_000_000, 50_000_000, 4)
 CAPTIONS = ["a photo of a cat", "a diagram of a bridge", "two dogs on a beach at sunset"]

@@ -20,7 +20,7 @@ from clip_runtime.errors import EmptyTextError, ImageTooSmallError, InvalidImage
 from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.tensor_decode import TensorPreprocessor, tensor_decode_enabled
-from tests.images import encode, jpeg_bytes, photo_like
+from clip_testkit.images import encode, jpeg_bytes, photo_like
 
 LIMITS = ImageLimits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, min_image_side=4)
 CPU = torch.device("cpu")

@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 
 from clip_eval import cli
+from clip_testkit.reference import reference_cosines
+from clip_testkit.server import ServerProcess, model_folder
 from tests.cli_helpers import (
     CAPTIONS,
     OPTIONAL_SCORES,
@@ -22,11 +24,9 @@ from tests.cli_helpers import (
     cli_env,
     make_dataset,
     read_table,
-    reference_cosines,
     write_table,
 )
 from tests.integration.conftest import SERVER_ENV
-from tests.integration.server import ServerProcess, model_folder
 
 pytestmark = pytest.mark.integration
 

@@ -4,6 +4,8 @@ Below the limits no request may fail because of how the front end talks to the m
 (BentoML 1.4.40 recycled that client's session every 100 calls under in-flight calls, see
 ``clip_service/bentoml_adapter.py``), and an unreachable model worker is a 503
 ``model_not_ready`` with Retry-After, not a 500, with ``/readyz`` answering 503.
+
+On the shared server (CLIP_RETRY_AFTER_S=2): the socket test puts the worker's socket back.
 """
 
 from __future__ import annotations
@@ -11,34 +13,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.images import b64, jpeg_bytes
-from tests.integration.server import ServerProcess
+from clip_testkit.images import b64, jpeg_bytes
+from clip_testkit.routes import SINGLE
+from clip_testkit.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 
-SINGLE = "/evaluator/v1/evaluation/single"
 REQUESTS = 400  # four session refreshes of BentoML's client (one per 100 model calls)
 CLIENTS = 8
 
 
-@pytest.fixture(scope="module")
-def b32_server(
-    bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    env = {"CLIP_MODELS": "ViT-B-32", "CLIP_RETRY_AFTER_S": "2"}
-    process = ServerProcess(bentoml_home, tmp_path_factory.mktemp("dep") / "serve.log", env)
-    process.start()
-    yield process
-    process.stop()
-
-
-def test_every_request_below_the_limits_is_answered_200(b32_server: ServerProcess) -> None:
+def test_every_request_below_the_limits_is_answered_200(server: ServerProcess) -> None:
     images = [b64(jpeg_bytes(seed, 64, 64)) for seed in range(4)]
 
     async def run() -> list[tuple[int, str]]:
@@ -46,7 +36,7 @@ def test_every_request_below_the_limits_is_answered_200(b32_server: ServerProces
         for index in range(REQUESTS):
             queue.put_nowait(index)
         outcomes: list[tuple[int, str]] = []
-        async with httpx.AsyncClient(base_url=b32_server.url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
 
             async def worker() -> None:
                 while not queue.empty():
@@ -77,21 +67,21 @@ def _scorer_socket(server: ServerProcess) -> Path:
 
 
 def test_an_unreachable_model_worker_is_503_model_not_ready_and_not_ready(
-    b32_server: ServerProcess, tmp_path: Path
+    server: ServerProcess, tmp_path: Path
 ) -> None:
     """The worker's socket is moved away: new connections are refused, as when nothing listens.
 
     Kept-alive connections to the worker would still work, so the check waits for them to
     expire first (uvicorn closes idle ones after 5 s)."""
-    socket_path = _scorer_socket(b32_server)
+    socket_path = _scorer_socket(server)
     hidden = socket_path.with_name("hidden-" + socket_path.name)
     time.sleep(6)
     socket_path.rename(hidden)
     try:
         body = {"image": b64(jpeg_bytes(1, 64, 64)), "text": "a cat"}
-        response = httpx.post(f"{b32_server.url}{SINGLE}", json=body, timeout=60)
+        response = httpx.post(f"{server.url}{SINGLE}", json=body, timeout=60)
         # BentoML 1.4.40 alone never answered this probe (see the adapter's is_ready).
-        readyz = httpx.get(f"{b32_server.url}/readyz", timeout=30)
+        readyz = httpx.get(f"{server.url}/readyz", timeout=30)
     finally:
         hidden.rename(socket_path)
     assert response.status_code == 503, response.text
@@ -100,5 +90,5 @@ def test_an_unreachable_model_worker_is_503_model_not_ready_and_not_ready(
     assert response.elapsed.total_seconds() < 10  # refused, not left hanging
     assert readyz.status_code == 503 and readyz.elapsed.total_seconds() < 10
     # Reachable again: served again.
-    again = httpx.post(f"{b32_server.url}{SINGLE}", json=body, timeout=60)
+    again = httpx.post(f"{server.url}{SINGLE}", json=body, timeout=60)
     assert again.status_code == 200, again.text

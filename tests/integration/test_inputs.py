@@ -17,16 +17,15 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from clip_eval import cli
+from clip_testkit.images import b64, jpeg_bytes
+from clip_testkit.routes import RANK, SINGLE
+from clip_testkit.server import PROBE_TIMEOUT_S, ROOT, ServerProcess, run_load_test
 from tests.cli_helpers import make_dataset, read_table
 from tests.hostile_inputs import build_cases, run
-from tests.images import b64, jpeg_bytes
-from tests.integration.server import PROBE_TIMEOUT_S, ROOT, ServerProcess, run_load_test
 from tests.local_http import LocalServer, local_server
 
 pytestmark = pytest.mark.integration
 
-SINGLE = "/evaluator/v1/evaluation/single"
-RANK = "/evaluator/v1/evaluation/rank"
 KEYS = ("first-key-0123456789", "second-key-abcdefghij")
 JPEG = jpeg_bytes(4, 200, 150)
 HEADER_TIMEOUT_S = 2.0

@@ -12,15 +12,14 @@ import pytest
 import yaml
 
 from clip_runtime import errors as clip_errors
-from tests.images import b64, jpeg_bytes
-from tests.integration.server import ROOT, ServerProcess
-from tests.integration.test_service import metric
+from clip_testkit.images import b64, jpeg_bytes
+from clip_testkit.metrics import metric, series
+from clip_testkit.routes import BATCH, SINGLE
+from clip_testkit.server import ROOT
 from tests.test_k8s_manifests import ADAPTER_SERIES
 
 pytestmark = pytest.mark.integration
 
-SINGLE = "/evaluator/v1/evaluation/single"
-BATCH = "/evaluator/v1/evaluation/batch"
 DASHBOARD = ROOT / "deploy" / "observability" / "grafana" / "dashboards" / "clip-score.json"
 ALERTS = ROOT / "deploy" / "observability" / "alerts.yml"
 # Series Prometheus makes itself (not the service's).
@@ -32,16 +31,6 @@ ERROR_CODES = {
 }
 # Only exported where the scorer runs on CUDA (the test servers run on the CPU).
 CUDA_ONLY = {"clip_gpu_memory_bytes"}
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=300) as c:
-        yield c
-
-
-def _series(text: str) -> set[str]:
-    return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and line[0] != "#"}
 
 
 def _clip_lines(text: str) -> set[str]:
@@ -86,7 +75,7 @@ def test_metrics_count_real_traffic(client: httpx.Client) -> None:
     # Fresh captions: every text missed the cache once.
     assert delta("clip_text_cache_total", result="miss", **b32) == 5
     info = metric(
-        after, "clip_model_info", model="ViT-L-14", architecture="ViT-L-14",
+        after, "clip_model_info", model="ViT-B-32", architecture="ViT-B-32",
         weights="random-init", device="cpu", dtype="fp32", pretrained="",
     )  # fmt: skip
     assert info == 1
@@ -101,7 +90,7 @@ def test_unknown_paths_and_models_add_no_series(client: httpx.Client) -> None:
     client.get(f"/{uuid.uuid4().hex}")  # the one "/{unknown}" series may appear now
     unknown_model()  # and the one model="unknown"
     client.get("/evaluator/metrics")
-    known = _series(client.get("/evaluator/metrics").text)
+    known = series(client.get("/evaluator/metrics").text)
     paths = [f"/{uuid.uuid4().hex}/x" for _ in range(10)]
     paths += [f"/evaluator/{uuid.uuid4().hex}" for _ in range(10)]
     for path in paths:
@@ -109,7 +98,7 @@ def test_unknown_paths_and_models_add_no_series(client: httpx.Client) -> None:
         assert client.post(path, json={}).status_code in (404, 405)
         unknown_model()
     text = client.get("/evaluator/metrics").text
-    assert _series(text) == known
+    assert series(text) == known
     assert not any(path in text for path in paths)
     assert metric(text, "bentoml_service_request_total", endpoint="/{unknown}") >= 40
     assert metric(text, "clip_pairs_total", model="unknown", outcome="error") >= 21

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from clip_service.image import CUDA_BASE_IMAGE
-from tests.integration.server import ROOT, model_folder
+from clip_testkit.server import ROOT, model_folder
 
 pytestmark = pytest.mark.integration
 
@@ -68,8 +68,8 @@ def build_bento(bentoml_home: Path, env: dict[str, str] | None = None) -> Build:
 
 
 @pytest.fixture(scope="module")
-def build(bentoml_home: Path) -> Iterator[Build]:
-    built = build_bento(bentoml_home)
+def build(l14_home: Path) -> Iterator[Build]:
+    built = build_bento(l14_home)
     yield built
     shutil.rmtree(built.folder)  # with the model copies `bentoml export` puts there (GBs)
 
@@ -102,8 +102,8 @@ def saved_tag(bentoml_home: Path, store_name: str) -> str:
     return f"{store_name}:{model_folder(bentoml_home, store_name).name}"
 
 
-def test_bento_records_both_models_at_their_saved_versions(bento: Path, bentoml_home: Path) -> None:
-    expected = {saved_tag(bentoml_home, name) for name in STORE_NAMES.values()}
+def test_bento_records_both_models_at_their_saved_versions(bento: Path, l14_home: Path) -> None:
+    expected = {saved_tag(l14_home, name) for name in STORE_NAMES.values()}
     # Scorer holds the weights; Evaluator reads each model's preprocessing from the same entries.
     assert served_model_tags(bento) == {"clip-scorer": expected, "clip-evaluator": expected}
     info = bento_info(bento)
@@ -111,9 +111,7 @@ def test_bento_records_both_models_at_their_saved_versions(bento: Path, bentoml_
     assert info["labels"] == BENTOFILE["labels"]
 
 
-def test_exported_bento_carries_the_weights(
-    bento: Path, bentoml_home: Path, tmp_path: Path
-) -> None:
+def test_exported_bento_carries_the_weights(bento: Path, l14_home: Path, tmp_path: Path) -> None:
     """What leaves this machine (`bentoml export`; `push` and `containerize` bundle the same
     models) holds both store entries, byte for byte the saved files."""
     archive = tmp_path / "clip-score.tar"  # uncompressed: xz over 2 GB of weights takes minutes
@@ -121,7 +119,7 @@ def test_exported_bento_carries_the_weights(
     try:
         subprocess.run(
             [sys.executable, "-m", "bentoml", "export", tag, str(archive)],
-            env={**os.environ, "BENTOML_HOME": str(bentoml_home)},
+            env={**os.environ, "BENTOML_HOME": str(l14_home)},
             check=True,
             capture_output=True,
             timeout=600,
@@ -129,7 +127,7 @@ def test_exported_bento_carries_the_weights(
         with tarfile.open(archive) as tar:
             members = {member.name.removeprefix("./"): member for member in tar.getmembers()}
             for store_name in STORE_NAMES.values():
-                saved = model_folder(bentoml_home, store_name)
+                saved = model_folder(l14_home, store_name)
                 inside = f"models/{store_name}/{saved.name}"
                 weights = members[f"{inside}/open_clip_model.safetensors"]
                 assert weights.size == (saved / "open_clip_model.safetensors").stat().st_size
@@ -192,10 +190,10 @@ def test_dockerfile_builds_the_cuda_image_with_the_env_defaults(bento: Path) -> 
     assert build_args["HF_HUB_OFFLINE"] == "1"  # the weights are inside: never the model hub
 
 
-def test_bento_carries_only_the_models_clip_models_names(bentoml_home: Path) -> None:
-    folder = build_bento(bentoml_home, {"CLIP_MODELS": "ViT-B-32"}).folder
+def test_bento_carries_only_the_models_clip_models_names(l14_home: Path) -> None:
+    folder = build_bento(l14_home, {"CLIP_MODELS": "ViT-B-32"}).folder
     try:
-        only_b32 = {saved_tag(bentoml_home, STORE_NAMES["ViT-B-32"])}
+        only_b32 = {saved_tag(l14_home, STORE_NAMES["ViT-B-32"])}
         assert served_model_tags(folder) == {"clip-scorer": only_b32, "clip-evaluator": only_b32}
     finally:
         shutil.rmtree(folder)

@@ -11,35 +11,76 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.images import b64, jpeg_bytes
-from tests.integration.server import (
+from clip_testkit.images import b64, jpeg_bytes
+from clip_testkit.routes import BATCH, SINGLE
+from clip_testkit.server import (
     GRACEFUL_SHUTDOWN_S,
     ServerProcess,
+    launched_together,
     model_folder,
     run_load_test,
 )
 
 pytestmark = pytest.mark.integration
 
-SINGLE = "/evaluator/v1/evaluation/single"
-BATCH = "/evaluator/v1/evaluation/batch"
+
+B32_ONLY = {"CLIP_MODELS": "ViT-B-32"}
+MISSING_ENTRY = "Save it with `python scripts/save_models.py --models ViT-B-32`"
+CORRUPT_WEIGHTS = "does not match the recorded"
+
+
+@dataclass
+class ModuleServers:
+    small: ServerProcess
+    missing_entry: ServerProcess  # an empty model store
+    corrupt_weights: ServerProcess  # one flipped byte in the weights
+
+    def all(self) -> list[ServerProcess]:
+        return [self.small, self.missing_entry, self.corrupt_weights]
+
+
+def corrupt_store(bentoml_home: Path, home: Path) -> Path:
+    """A store whose ViT-B-32 weights differ by one byte from what its sha256 records."""
+    source = model_folder(bentoml_home, "clip-vit-b-32")
+    target = home / "models" / "clip-vit-b-32" / source.name
+    shutil.copytree(source, target)
+    (target.parent / "latest").write_text(source.name)
+    weights = target / "open_clip_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # in the tensor data: only the sha256 can tell
+    weights.write_bytes(bytes(data))
+    return home
 
 
 @pytest.fixture(scope="module")
-def small_server(
+def servers(
     bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    """ViT-B-32 only, with an in-flight limit small enough to exceed with a few requests."""
-    env = {"CLIP_MODELS": "ViT-B-32", "CLIP_MAX_IN_FLIGHT": "2", "CLIP_RETRY_AFTER_S": "3"}
-    process = ServerProcess(bentoml_home, tmp_path_factory.mktemp("small") / "serve.log", env)
-    process.start()
-    yield process
-    process.stop()
+) -> Iterator[ModuleServers]:
+    """This module's own servers, launched together so that their start-ups overlap. The
+    SIGTERM test, the last to use ``small``, stops it."""
+    folder = tmp_path_factory.mktemp("reliability")
+    small_env = {**B32_ONLY, "CLIP_MAX_IN_FLIGHT": "2", "CLIP_RETRY_AFTER_S": "3"}
+    launched = ModuleServers(
+        small=ServerProcess(bentoml_home, folder / "small.log", small_env),
+        missing_entry=ServerProcess(folder / "empty-home", folder / "missing.log", B32_ONLY),
+        corrupt_weights=ServerProcess(
+            corrupt_store(bentoml_home, folder / "corrupt-home"), folder / "corrupt.log", B32_ONLY
+        ),
+    )
+    with launched_together(launched.all()):
+        yield launched
+
+
+@pytest.fixture(scope="module")
+def small_server(servers: ModuleServers) -> ServerProcess:
+    """ViT-B-32 with an in-flight limit small enough to exceed with a few requests."""
+    return servers.small.wait_ready()
 
 
 def _batch_body(pairs: int, tag: str) -> dict[str, object]:
@@ -115,36 +156,20 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits(
     assert time.monotonic() - started < GRACEFUL_SHUTDOWN_S + 25
 
 
-def _expect_refusal(home: Path, tmp_path: Path, needle: str) -> None:
-    """The service never reports ready, and its log names the problem."""
-    server = ServerProcess(home, tmp_path / "serve.log", {"CLIP_MODELS": "ViT-B-32"})
-    try:
-        with pytest.raises(RuntimeError) as refused:  # start() returns only on a /readyz 200
-            server.start(timeout_s=60)
-    finally:
-        server.stop()
-    assert needle in str(refused.value) or needle in server.log_path.read_text(errors="replace")
+def _expect_refusal(server: ServerProcess, needle: str) -> None:
+    """The service logs the problem and does not report ready. Its log is polled, so the test
+    ends as soon as the refusal is written (no waiting out a start-up timeout)."""
+    logged = server.wait_for_log(needle, timeout_s=120)
+    assert logged, server.log()
+    assert not server.is_ready(), "a server with a bad model store reported ready"
 
 
-def test_missing_model_entry_refuses_to_start(tmp_path: Path) -> None:
-    _expect_refusal(
-        tmp_path / "empty-home",
-        tmp_path,
-        "Save it with `python scripts/save_models.py --models ViT-B-32`",
-    )
+def test_missing_model_entry_refuses_to_start(servers: ModuleServers) -> None:
+    _expect_refusal(servers.missing_entry, MISSING_ENTRY)
 
 
-def test_corrupt_weights_refuse_to_start(bentoml_home: Path, tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    source = model_folder(bentoml_home, "clip-vit-b-32")
-    target = home / "models" / "clip-vit-b-32" / source.name
-    shutil.copytree(source, target)
-    (target.parent / "latest").write_text(source.name)
-    weights = target / "open_clip_model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF  # one flipped byte in the tensor data: only the sha256 can tell
-    weights.write_bytes(bytes(data))
-    _expect_refusal(home, tmp_path, "does not match the recorded")
+def test_corrupt_weights_refuse_to_start(servers: ModuleServers) -> None:
+    _expect_refusal(servers.corrupt_weights, CORRUPT_WEIGHTS)
 
 
 def test_locust_smoke_run_passes(server: ServerProcess, tmp_path: Path) -> None:

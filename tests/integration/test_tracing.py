@@ -7,20 +7,19 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.images import b64, jpeg_bytes
+from clip_testkit.images import b64, jpeg_bytes
+from clip_testkit.metrics import metric
+from clip_testkit.routes import BATCH, SINGLE
+from clip_testkit.server import ServerProcess, launched_together
 from tests.integration.otlp_receiver import OtlpReceiver, ReceivedSpan
-from tests.integration.server import ServerProcess
-from tests.integration.test_service import metric
 
 pytestmark = pytest.mark.integration
-
-SINGLE = "/evaluator/v1/evaluation/single"
-BATCH = "/evaluator/v1/evaluation/batch"
 
 
 @pytest.fixture(scope="module")
@@ -30,24 +29,54 @@ def receiver() -> Iterator[OtlpReceiver]:
     receiver.close()
 
 
+@dataclass
+class ModuleServers:
+    traced: ServerProcess
+    without_exporter: ServerProcess  # the OTLP exporter cannot be imported
+
+    def all(self) -> list[ServerProcess]:
+        return [self.traced, self.without_exporter]
+
+
 @pytest.fixture(scope="module")
-def traced_server(
+def servers(
     bentoml_home: Path, receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
+) -> Iterator[ModuleServers]:
+    """This module's two servers, launched together so that their start-ups overlap."""
+    folder = tmp_path_factory.mktemp("traced")
     env = {
         "CLIP_MODELS": "ViT-B-32",
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
         "OTEL_BSP_SCHEDULE_DELAY": "200",  # export within the test's patience
         "CLIP_LOG_FORMAT": "json",
     }
-    folder = tmp_path_factory.mktemp("traced")
     # Two evaluator processes: metrics must still add up (multiprocess mode).
     (folder / "bentoml.yaml").write_text("services:\n  clip-evaluator:\n    workers: 2\n")
-    env["BENTOML_CONFIG"] = str(folder / "bentoml.yaml")
-    log = folder / "serve.log"
-    process = ServerProcess(bentoml_home, log, env).start()
-    yield process
-    process.stop()
+    (folder / "shim").mkdir()
+    (folder / "shim" / "sitecustomize.py").write_text(SHIM)
+    launched = ModuleServers(
+        traced=ServerProcess(
+            bentoml_home,
+            folder / "serve.log",
+            {**env, "BENTOML_CONFIG": str(folder / "bentoml.yaml")},
+        ),
+        without_exporter=ServerProcess(
+            bentoml_home,
+            folder / "without-exporter.log",
+            {
+                "CLIP_MODELS": "ViT-B-32",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+                "PYTHONPATH": str(folder / "shim"),
+            },
+        ),
+    )
+    with launched_together(launched.all()):
+        yield launched
+
+
+@pytest.fixture(scope="module")
+def traced_server(servers: ModuleServers) -> ServerProcess:
+    return servers.traced.wait_ready()
 
 
 def _children(spans: list[ReceivedSpan], parent: ReceivedSpan) -> dict[str, ReceivedSpan]:
@@ -189,24 +218,11 @@ sys.meta_path.insert(0, _Block())
 """
 
 
-def test_missing_exporter_starts_without_tracing(
-    bentoml_home: Path, tmp_path: Path, receiver: OtlpReceiver
-) -> None:
-    (tmp_path / "shim").mkdir()
-    (tmp_path / "shim" / "sitecustomize.py").write_text(SHIM)
-    env = {
-        "CLIP_MODELS": "ViT-B-32",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
-        "PYTHONPATH": str(tmp_path / "shim"),
-    }
-    process = ServerProcess(bentoml_home, tmp_path / "serve.log", env)
-    try:
-        process.start(timeout_s=300)
-        with httpx.Client(base_url=process.url, timeout=120) as client:
-            response = client.post(SINGLE, json={"image": b64(jpeg_bytes(2)), "text": "a dog"})
-        assert response.status_code == 200, response.text
-        log = process.log_path.read_text(errors="replace")
-        assert "TRACING DISABLED" in log and "blocked by the test shim" in log
-        assert process.process is not None and process.process.poll() is None
-    finally:
-        process.stop()
+def test_missing_exporter_starts_without_tracing(servers: ModuleServers) -> None:
+    process = servers.without_exporter.wait_ready()
+    with httpx.Client(base_url=process.url, timeout=120) as client:
+        response = client.post(SINGLE, json={"image": b64(jpeg_bytes(2)), "text": "a dog"})
+    assert response.status_code == 200, response.text
+    log = process.log_path.read_text(errors="replace")
+    assert "TRACING DISABLED" in log and "blocked by the test shim" in log
+    assert process.process is not None and process.process.poll() is None

@@ -10,14 +10,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 GRACEFUL_SHUTDOWN_S = 20
 # A Kubernetes-like probe: a client timeout of 2 s, every 0.5 s while the server starts.
 PROBE_TIMEOUT_S = 2.0
@@ -57,7 +57,7 @@ def save_random_init_models(
 ) -> None:
     """The project's own script, exactly as a user runs it, into ``bentoml_home``; ``options``
     are more of its arguments (``--config``, ``--tokenizer``)."""
-    subprocess.run(
+    result = subprocess.run(
         [
             sys.executable,
             str(ROOT / "scripts" / "save_models.py"),
@@ -69,10 +69,12 @@ def save_random_init_models(
             *options,
         ],
         env={**os.environ, "BENTOML_HOME": str(bentoml_home)},
-        check=True,
         capture_output=True,
+        text=True,
         timeout=600,
     )
+    if result.returncode != 0:
+        raise RuntimeError(f"save_models.py {models} failed:\n{result.stderr[-3000:]}")
 
 
 def model_folder(bentoml_home: Path, store_name: str) -> Path:
@@ -112,8 +114,10 @@ class ServerProcess:
         }
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_probes: list[Probe] = []
+        self.launched_at = 0.0
 
-    def start(self, timeout_s: float = 300) -> ServerProcess:
+    def launch(self) -> ServerProcess:
+        """Start `bentoml serve` and return at once (see ``wait_ready``)."""
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [
@@ -137,20 +141,48 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # so stop() can signal the whole process group
         )
-        started = time.monotonic()
-        deadline = started + timeout_s
+        self.launched_at = time.monotonic()
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout_s: float = 300) -> ServerProcess:
+        """Return once /readyz says 200, probing as Kubernetes would and recording every probe
+        (``startup_probes``); raise (with the log) when the server exits or times out."""
+        assert self.process is not None, "launch() first"
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
-            ready = probe(self.url, "/readyz", started)
+            ready = probe(self.url, "/readyz", self.launched_at)
             self.startup_probes.append(ready)
             if ready.outcome == "200":
                 return self
             if ready.outcome == "503":  # answering but not ready: health must say so, at once
-                self.startup_probes.append(probe(self.url, "/evaluator/health", started))
+                self.startup_probes.append(probe(self.url, "/evaluator/health", self.launched_at))
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.log()}")
+
+    def start(self, timeout_s: float = 300) -> ServerProcess:
+        return self.launch().wait_ready(timeout_s)
+
+    def wait_for_log(self, needle: str, timeout_s: float = 120) -> bool:
+        """Poll the log until it holds ``needle`` (True), or the server turns ready, exits, or
+        ``timeout_s`` passes (False): a refusal is seen as soon as it is logged."""
+        assert self.process is not None, "launch() first"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if needle in self.log_path.read_text(errors="replace"):
+                return True
+            if self.process.poll() is not None or self.is_ready():
+                return needle in self.log_path.read_text(errors="replace")
+            time.sleep(0.5)
+        return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
@@ -176,6 +208,19 @@ class ServerProcess:
                     worker.kill()
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait(10)
+
+
+@contextlib.contextmanager
+def launched_together(servers: list[ServerProcess]) -> Iterator[list[ServerProcess]]:
+    """Launch every server at once, so that their start-ups overlap (each test then waits for
+    its own with ``wait_ready``); stop them all at the end."""
+    try:
+        for server in servers:
+            server.launch()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def run_load_test(
