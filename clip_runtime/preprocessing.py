@@ -131,7 +131,7 @@ class Preprocessing:
         return self._transforms.done() and self._transforms.exception() is None
 
     def check_ready(self) -> None:
-        """Refuse work with 503 ``service_unavailable`` until the transforms are built."""
+        """Refuse work with 503 ``model_not_ready`` until the transforms are built."""
         if not self.ready:
             raise ModelNotReadyError("image preprocessing is still starting; retry later")
 

@@ -107,7 +107,7 @@ class EvaluatorImpl:
 
     @property
     def jobs(self) -> JobBuilder:
-        """Every endpoint's way to its inputs: 503 ``service_unavailable`` while starting."""
+        """Every endpoint's way to its inputs: 503 ``model_not_ready`` while starting."""
         self.preprocessing.check_ready()
         return self._jobs
 
