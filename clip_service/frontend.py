@@ -175,14 +175,20 @@ class EvaluatorImpl:
                 self._statuses[parsed.name] = parsed
         return self._statuses[name]
 
-    async def _embed(self, name: str, jobs: list[Job], field: str) -> list[np.ndarray]:
+    async def _embed(
+        self, name: str, jobs: list[Job], field: str
+    ) -> tuple[list[np.ndarray], list[JobOutcome]]:
+        """Each single-tower job's embedding (and the outcomes); the first failed job fails the
+        request, naming its index in ``field``."""
+        outcomes = await self._score(name, jobs)
         vectors = []
-        for index, outcome in enumerate(await self._score(name, jobs)):
+        for index, (job, outcome) in enumerate(zip(jobs, outcomes, strict=True)):
             if outcome.error is not None:
                 raise at_index(outcome.error, field, index)
-            vector = outcome.image_vector if jobs[index].image is not None else outcome.text_vector
-            vectors.append(_vector(vector))
-        return vectors
+            vectors.append(
+                _vector(outcome.image_vector if job.image is not None else outcome.text_vector)
+            )
+        return vectors, outcomes
 
     # -- endpoints ----------------------------------------------------------------------------
 
@@ -337,7 +343,7 @@ class EvaluatorImpl:
         else:
             query = [self.jobs.text_job(name, text)]
             others = await self.jobs.image_jobs(name, candidates, "images")
-        anchor, *vectors = await self._embed(name, query + others, "candidates")
+        (anchor, *vectors), _ = await self._embed(name, query + others, "candidates")
         status = await self._model_status(name)
         values = cosines(anchor, np.stack(vectors))
         probabilities = rank_probabilities(
@@ -382,7 +388,8 @@ class EvaluatorImpl:
         """L2-normalised image embeddings (float32), batched with everything else."""
         name = resolve_model_name(settings, model)
         jobs = await self.jobs.image_jobs(name, images, "images")
-        return self._embeddings(name, await self._embed(name, jobs, "images"))
+        vectors, _ = await self._embed(name, jobs, "images")
+        return self._embeddings(name, vectors)
 
     @bentoml.api(route="/evaluator/v1/embeddings/text")
     @api_errors
@@ -392,11 +399,7 @@ class EvaluatorImpl:
         """L2-normalised text embeddings (float32); `text_truncated` per text."""
         name = resolve_model_name(settings, model)
         jobs = self.jobs.text_jobs(name, texts, "texts")
-        outcomes = await self._score(name, jobs)
-        for index, outcome in enumerate(outcomes):
-            if outcome.error is not None:
-                raise at_index(outcome.error, "texts", index)
-        vectors = [_vector(outcome.text_vector) for outcome in outcomes]
+        vectors, outcomes = await self._embed(name, jobs, "texts")
         return self._embeddings(name, vectors, [o.text_truncated for o in outcomes])
 
     async def health(self) -> tuple[HealthResult, bool]:
