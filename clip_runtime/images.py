@@ -31,6 +31,12 @@ from clip_runtime.memory import DecodeBudget
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+# What a file path has and base64 never does: a dot before a short suffix, a backslash, ``~/``.
+_FILE_PATH = re.compile(r"(\.[A-Za-z0-9]{1,5}\s*$)|\\|^\s*(~|\.{1,2})/", re.ASCII)
+IMAGE_FIELD_FORMS = (
+    "image must be base64, a data: URI or an http(s) URL; to send a file, use the upload "
+    "endpoint (/evaluator/v1/evaluation/single/upload, multipart)"
+)
 # A URI scheme (``file:``, ``ftp:``, ...): never base64, whose alphabet has no colon.
 _URI_SCHEME = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]{0,31}):", re.IGNORECASE)
 
@@ -74,6 +80,8 @@ def decode_image_field(value: str, max_image_bytes: int) -> bytes:
         payload = payload[match.end() :]
     elif is_url(payload):
         raise InvalidImageError("image URLs are fetched by the caller of decode_image_field")
+    elif (scheme := _URI_SCHEME.match(payload)) and len(scheme.group("scheme")) == 1:
+        raise InvalidImageError(f"image looks like a file path: {IMAGE_FIELD_FORMS}")  # C:\\...
     elif (scheme := _URI_SCHEME.match(payload)) and scheme.group("scheme").lower() != "data":
         raise UrlNotAllowedError(
             f"URL scheme {scheme.group('scheme').lower()!r} is not allowed; use http(s)"
@@ -88,7 +96,10 @@ def decode_image_field(value: str, max_image_bytes: int) -> bytes:
     try:
         data = base64.b64decode(payload, altchars=altchars, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidImageError(f"image is not valid base64: {exc}") from exc
+        what = (
+            "looks like a file path" if _FILE_PATH.search(value) else f"is not valid base64 ({exc})"
+        )
+        raise InvalidImageError(f"image {what}: {IMAGE_FIELD_FORMS}") from exc
     if not data:
         raise InvalidImageError("image is empty")
     return data

@@ -123,6 +123,13 @@ class ClipSettings(BaseSettings):
     retry_after_s: int = Field(
         default=1, ge=0, description="`Retry-After` seconds sent with every 503."
     )
+    shutdown_timeout_s: int = Field(
+        default=60,
+        ge=1,
+        description="On SIGTERM, how long each worker lets accepted requests finish before "
+        "cancelling them (the service's own bound, so `bentoml serve TAG`, the image and "
+        "Kubernetes get it; `--timeout-graceful-shutdown` on the command line wins).",
+    )
 
     allow_urls: bool = Field(
         default=True, description="Accept `http(s)://` image URLs, fetched server-side (SSRF-safe)."

@@ -1,10 +1,29 @@
-"""Every reach into BentoML's private API, in one place (BentoML is pinned to 1.4.40 for it).
+"""Every reach into BentoML's private API (and its server's, uvicorn), in one place (BentoML is
+pinned to 1.4.40 for it).
 
 - ``setup_tracing``: BentoML's tracer-provider slot (``BentoMLContainer``) gets an OTLP/HTTP
   exporter when only the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, and a missing
   exporter is reported instead of crash-looping the workers while they hold the port.
 - ``bound_request_metric_paths``: BentoML's request metrics labelled by known routes only.
 - ``metrics_text``: the multiprocess-aggregated Prometheus text of BentoML's ``/metrics``.
+- ``bound_graceful_shutdown``: the worker's uvicorn server gets a drain bound on SIGTERM.
+  BentoML 1.4.40 has no service option for it (``ServiceConfig`` in
+  ``_bentoml_sdk/service/config.py`` has no shutdown key; only ``bentoml serve
+  --timeout-graceful-shutdown`` sets it), and without it uvicorn waits for a stuck request for
+  ever. Set from the service itself, every way of serving (``bentoml serve TAG``, the image,
+  Kubernetes) gets it.
+- ``gpu_count``, ``accelerator_resources``: the model worker's ``resources``, from NVIDIA GPUs as
+  BentoML's resource allocator counts them (NVML).
+- ``forbid_unknown_fields``: the input models BentoML builds from each API's signature refuse
+  fields they do not have (pydantic ignores them by default: a misspelt ``caption`` was dropped
+  silently). ``bentoml.api(input_spec=...)`` would need each signature written twice.
+
+Why ``setup_tracing`` is ours and not BentoML's ``tracing`` configuration: in 1.4.40 that
+configuration turns export on only through ``BENTOML_CONFIG``/``BENTOML_CONFIG_OPTIONS``
+(``tracing.exporter_type=otlp`` plus ``tracing.otlp.protocol``; ``OTEL_EXPORTER_OTLP_ENDPOINT``
+alone does nothing), samples with its own ``tracing.sample_rate`` (default 0: no spans) instead of
+``OTEL_TRACES_SAMPLER``, and a missing exporter package raises ImportError in every worker at app
+build, which crash-loops them while they hold the port. When that configuration is set, it wins.
 
 ``tests/test_bentoml_adapter.py`` checks that each private name used here still exists, so a
 BentoML upgrade fails there first, loudly, rather than in production.
@@ -14,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -30,6 +50,9 @@ PRIVATE_API: tuple[tuple[str, str], ...] = (
     ("bentoml._internal.configuration.containers", "BentoMLContainer.config"),
     ("bentoml._internal.configuration.containers", "BentoMLContainer.metrics_client"),
     ("bentoml._internal.server.http.instruments", "RunnerTrafficMetricsMiddleware"),
+    ("bentoml._internal.resource", "system_resources"),
+    ("uvicorn.server", "Server.handle_exit"),
+    ("uvicorn.server", "Server.shutdown"),
 )
 
 
@@ -40,6 +63,57 @@ def metrics_text() -> tuple[bytes, str]:
 
     client = BentoMLContainer.metrics_client.get()
     return client.generate_latest(), client.CONTENT_TYPE_LATEST
+
+
+def forbid_unknown_fields(apis: Iterable[Any]) -> None:
+    """Each API's generated input model (``input_spec``) gets ``extra="forbid"``, rebuilt."""
+    for api in apis:
+        spec = api.input_spec
+        spec.model_config = {**spec.model_config, "extra": "forbid"}
+        spec.model_rebuild(force=True)
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs visible to this host (0 without NVML or a driver), as BentoML counts them."""
+    from bentoml._internal.resource import system_resources
+
+    return len(system_resources()["nvidia.com/gpu"])
+
+
+def accelerator_resources(device: str, gpus: int) -> dict[str, int]:
+    """``resources`` for the model worker: one GPU when it will serve on one, else none.
+
+    BentoML 1.4.40 then pins the worker to one GPU (``CUDA_VISIBLE_DEVICES``) unless
+    ``CUDA_VISIBLE_DEVICES`` or ``BENTOML_DISABLE_GPU_ALLOCATION`` is already set. It does not
+    refuse to start without GPUs, but warns that "serving may fail" and sets
+    ``CUDA_VISIBLE_DEVICES=0`` anyway, so the GPU is declared only where one is seen. ``cuda:N``
+    is left alone: renumbering the visible devices would break the operator's index.
+    """
+    if device in ("auto", "cuda") and gpus > 0:
+        return {"gpu": 1}
+    return {}
+
+
+def bound_graceful_shutdown(timeout_s: float) -> bool:
+    """Bound this worker's drain on SIGTERM to ``timeout_s``: requests still running then are
+    cancelled (uvicorn's ``timeout_graceful_shutdown``). A bound given on the command line
+    (``--timeout-graceful-shutdown``) is kept. Call from the main thread once uvicorn's signal
+    handlers are installed (a service's ``__init__`` runs in the server's lifespan, after that);
+    False when no uvicorn server is found (e.g. the service built outside a server)."""
+    import signal
+    import threading
+
+    from uvicorn.server import Server
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    if not isinstance(server, Server):
+        return False
+    if server.config.timeout_graceful_shutdown is None:
+        server.config.timeout_graceful_shutdown = int(timeout_s)
+    logger.info("drain on SIGTERM bounded to %ss", server.config.timeout_graceful_shutdown)
+    return True
 
 
 def setup_tracing() -> bool:

@@ -63,8 +63,16 @@ def own_home(shared_home: Path, parent: Path) -> Path:
 
 class ServerProcess:
     def __init__(
-        self, bentoml_home: Path, log_path: Path, env: dict[str, str] | None = None
+        self,
+        bentoml_home: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        target: str = "service:Evaluator",
+        python: Path = Path(sys.executable),
+        cwd: Path = ROOT,
     ) -> None:
+        """Serve ``target`` (the source tree's service, or a Bento tag from ``cwd``) with the
+        ``bentoml`` of ``python``'s environment."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -74,29 +82,28 @@ class ServerProcess:
             "BENTOML_HOME": str(self.home),
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
+            # The service's own drain bound (no --timeout-graceful-shutdown: what a Bento gets)
+            "CLIP_SHUTDOWN_TIMEOUT_S": str(GRACEFUL_SHUTDOWN_S),
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None
+        self.target, self.python, self.cwd = target, python, cwd
 
     def start(self, timeout_s: float = 300) -> ServerProcess:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [
-                sys.executable,
+                str(self.python),
                 "-m",
                 "bentoml",
                 "serve",
-                "service:Evaluator",
+                self.target,
                 "--host",
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                # uvicorn otherwise waits without bound for requests that never finish (readyz
-                # probes that arrived while the scorer started) and `serve` never exits on SIGTERM
-                "--timeout-graceful-shutdown",
-                str(GRACEFUL_SHUTDOWN_S),
             ],
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self._env,
             stdout=log,
             stderr=subprocess.STDOUT,

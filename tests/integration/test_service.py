@@ -221,3 +221,93 @@ def test_vit_l_14(client: httpx.Client, bentoml_home: Path, images: list[bytes])
         },
     )
     np.testing.assert_allclose([r["cosine"] for r in batch.json()["results"]], expected, atol=2e-6)
+
+
+# -- the README's request examples, run as written --------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def _readme_examples() -> list[tuple[str, str, str | None]]:
+    """(language, block, the ```json block right after it, if any) for every fenced block that
+    calls the service: curl commands, and ``POST /path {json} -> {answer}`` sketches."""
+    blocks = [(m.group(1), m.group(2), m.end()) for m in _FENCE.finditer(README.read_text())]
+    examples = []
+    for index, (language, block, end) in enumerate(blocks):
+        following = blocks[index + 1] if index + 1 < len(blocks) else None
+        answer = None
+        if following and following[0] == "json" and following[2] - end < 400:
+            answer = following[1]
+        if language == "bash" and "curl -s localhost:3000/evaluator/" in block:
+            examples.append((language, block, answer))
+        elif language == "json" and block.startswith("POST /evaluator/"):
+            examples.append((language, block, None))
+    return examples
+
+
+def _keys(sketch: str) -> set[str]:
+    return set(re.findall(r'"(\w+)":', sketch))
+
+
+def _all_keys(value: object) -> set[str]:
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in _all_keys(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in _all_keys(v)}
+    return set()
+
+
+def _sketch_requests(block: str) -> tuple[list[tuple[str, str]], str]:
+    """``POST /path {json}`` lines (the JSON inline or on the next lines) and the answer after
+    ``->``; ``...`` in a list means "more of the same" and is dropped."""
+    sent, _, answer = block.partition("->")
+    requests: list[list[str]] = []
+    for line in sent.splitlines():
+        if line.startswith("POST "):
+            _, path, *body = line.split(maxsplit=2)
+            requests.append([path, "".join(body)])
+        elif requests:
+            requests[-1][1] += line
+    return [(path, body.replace(", ...]", "]")) for path, body in requests], answer
+
+
+def test_readme_request_examples_work_as_written(server: ServerProcess, tmp_path: Path) -> None:
+    """Every curl example of the README runs (its image a generated cat.jpg) and answers 200
+    with the fields the README shows; every ``POST`` sketch is sent with a real image."""
+    import json
+    import subprocess
+
+    (tmp_path / "cat.jpg").write_bytes(jpeg_bytes(9, 224, 224))
+    image = b64((tmp_path / "cat.jpg").read_bytes())
+    examples = [e for e in _readme_examples() if "docker" not in e[1]]
+    assert len(examples) >= 6, "the README's request examples were not found"
+    shared = "IMG=$(base64 -w0 cat.jpg)\n"  # the Single example's variable, reused below it
+    shown: set[str] = set()
+    answers: list[tuple[str, str, set[str]]] = []  # (example, status, fields answered)
+    for language, block, answer in examples:
+        if language == "bash":
+            script = shared + block.replace("localhost:3000", server.url.removeprefix("http://"))
+            script = script.replace("curl -s ", "curl -s -w '\\n%{http_code}' ")
+            run = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", script],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert run.returncode == 0, (block, run.stderr)
+            body, _, status = run.stdout.rstrip().rpartition("\n")
+            shown = _keys(answer) if answer else shown  # "Same answer as the JSON endpoint"
+            answers.append((block, status, shown - _all_keys(json.loads(body))))
+            continue
+        requests, answer_sketch = _sketch_requests(block)
+        for path, sent in requests:
+            payload = json.loads(json.dumps(json.loads(sent)).replace("<base64>", image))
+            response = httpx.post(f"{server.url}{path}", json=payload, timeout=300)
+            missing = _keys(answer_sketch) - _all_keys(response.json())
+            answers.append((path, str(response.status_code), missing))
+    assert len(answers) >= 8
+    for example, status, missing in answers:
+        assert status == "200", example
+        assert not missing, (example, missing)
