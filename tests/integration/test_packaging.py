@@ -205,7 +205,16 @@ def test_bento_from_the_store_drains_within_its_own_bound(
     requirements = bento / "env" / "python" / "requirements.txt"
     started = time.monotonic()
     install = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-r", str(requirements)],
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-compile",
+            "-r",
+            str(requirements),
+        ],
         capture_output=True,
         text=True,
         timeout=900,
