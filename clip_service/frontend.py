@@ -227,26 +227,27 @@ class EvaluatorImpl:
         """CLIP scores of many pairs, in request order; a bad item fails alone."""
         name = resolve_model_name(settings, model)
         self.jobs.check_count(len(items), "items")
-        prepared = await asyncio.gather(
+        gathered = await asyncio.gather(
             *(self.jobs.pair(name, item.image, item.text, item.references) for item in items),
             return_exceptions=True,
         )
-        for outcome in prepared:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, E.ClipError):
-                raise outcome
+        prepared: list[PreparedPair | E.ClipError] = []
+        for pair in gathered:  # a bad item fails alone; anything else is a bug: raise it
+            if isinstance(pair, BaseException) and not isinstance(pair, E.ClipError):
+                raise pair
+            prepared.append(pair)
         if await ctx.request.is_disconnected():
             raise ClientGoneError
         pairs = [pair for pair in prepared if isinstance(pair, PreparedPair)]
         scored = iter(await self._score_pairs(name, pairs))
         results: list[BatchItemResult] = []
         for index, item in enumerate(prepared):
-            if isinstance(item, PreparedPair):
-                outcome, ref_score = next(scored)
-                error = outcome.error
-            else:
-                outcome, ref_score, error = None, None, item
-            if error is not None or outcome is None:
-                results.append(self._failed_item(name, index, error))
+            if not isinstance(item, PreparedPair):
+                results.append(self._failed_item(name, index, item))
+                continue
+            outcome, ref_score = next(scored)
+            if outcome.error is not None:
+                results.append(self._failed_item(name, index, outcome.error))
                 continue
             record_pairs_scored(name)
             cosine = outcome.cosine or 0.0
@@ -271,9 +272,7 @@ class EvaluatorImpl:
         )
 
     @staticmethod
-    def _failed_item(name: str, index: int, error: E.ClipError | None) -> BatchItemResult:
-        if error is None:
-            error = E.ClipError("the model worker returned no outcome for this item")
+    def _failed_item(name: str, index: int, error: E.ClipError) -> BatchItemResult:
         record_error(name, error.code)
         return BatchItemResult(
             index=index,
