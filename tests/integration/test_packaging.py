@@ -189,7 +189,10 @@ def test_bento_from_the_store_drains_within_its_own_bound(
     """The built Bento, served from the store outside the source tree with the packages of its
     own requirements.txt, exits within CLIP_SHUTDOWN_TIMEOUT_S of a SIGTERM under load (no
     `--timeout-graceful-shutdown`): requests that can finish are answered, and one stuck on an
-    image URL that never finishes is cut at the bound instead of holding the server."""
+    image URL that never finishes is cut at the bound instead of holding the server.
+
+    Costly (measured on the shared 2-core box: pip install of the requirements 134 s, 5.4 GB
+    with CUDA torch; serve start about 60 s; drain 42 s with a 30 s bound)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
     from http.server import BaseHTTPRequestHandler
@@ -230,7 +233,7 @@ def test_bento_from_the_store_drains_within_its_own_bound(
         handler.end_headers()
         release.wait(300)
 
-    bound_s = 30  # four requests finish well within it on this loaded 2-core box
+    bound_s = 15  # four requests finish well within it (3.5 s each, measured on this box)
     tag = f"{bento.parent.name}:{bento.name}"
     with local_server() as images_host:
         images_host.routes["/stalled.jpg"] = stalled
@@ -279,8 +282,10 @@ def test_bento_from_the_store_drains_within_its_own_bound(
     print(
         f"exit {returncode} {exited_s:.1f} s after SIGTERM; answers {answers}, stuck {stuck_answer}"
     )
-    assert f"drain on SIGTERM bounded to {bound_s}s" in log
+    cut = log.index("timeout graceful shutdown exceeded")  # uvicorn's own line: the bound held
     assert exited_s < bound_s + 20  # the stuck fetch alone would hold it 600 s
     assert answers == ["200"] * 4, log[-3000:]
-    assert stuck_answer != "200"
-    assert "Traceback" not in log.split("Shutting down")[0], log[-3000:]
+    # Cut at the bound: BentoML's TimeoutMiddleware runs the app in a future of its own, so the
+    # cancellation reaches uvicorn, not our middleware, and uvicorn answers a plain 500.
+    assert stuck_answer in ("500", "RemoteProtocolError", "ReadError"), stuck_answer
+    assert "Traceback" not in log[:cut], log[:cut][-3000:]
