@@ -15,18 +15,37 @@ BACKEND ?= docker
 # (CLIP_SHUTDOWN_TIMEOUT_S, 60 s), so a Bento served from the store or the image gets it too.
 SERVE_FLAGS ?=
 
-.PHONY: browser install dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
+.PHONY: browser install install-cli install-dev install-remote dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
         build containerize test run-unit-test-suite-local test-unit test-integration lint format \
-        settings-table bench bench-quick load-test reliability
+        settings-table bench bench-quick bench-gpu load-test reliability
 
-$(VENV)/.installed: pyproject.toml
+# Installs, one stamp per set, so each target installs what it runs and no more:
+#   runtime   `.` alone: serving, saving models, containerize (no Ray, Playwright, Locust...)
+#   build     + uv, which `bentoml build` calls
+#   cli       + `clip-eval`'s tables, progress bar, retries, histogram
+#   dev       everything `make test`, the benchmark and the load tests use
+$(VENV)/.installed-runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e .
 	touch $@
 
-install: $(VENV)/.installed
-dev-setup: install
+$(VENV)/.installed-%: pyproject.toml $(VENV)/.installed-runtime
+	$(PY) -m pip install -q -e '.[$*]'
+	touch $@
+
+install: $(VENV)/.installed-runtime
+install-cli: $(VENV)/.installed-cli
+dev-setup install-dev: $(VENV)/.installed-dev
+
+# `clip-eval --engine remote` on a machine without torch: the package without its dependencies,
+# then the `remote` extra's list (pip cannot install an extra without the base requirements).
+install-remote:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; print("\n".join(extras["cli"] + extras["remote"]))' \
+		| $(PY) -m pip install -q -r /dev/stdin
 
 # Pretrained weights through open_clip (fails fast with the offline options when there is no hub).
 save-models: install
@@ -53,7 +72,7 @@ run-local-otel: save-models
 # A Bento (bentofile.yaml) with the models in the store: save them first (`make save-models`, or
 # `make save-models-demo` for an untrained demo image). CLIP_MODELS picks which ones it carries.
 # Offline: nothing here resolves packages or touches the model hub.
-build: install
+build: $(VENV)/.installed-build
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bentoml build
 
 # An OCI image of $(BENTO) (after `make build`). Needs a running Docker engine (or the $(BACKEND)
@@ -62,11 +81,11 @@ build: install
 containerize: install
 	$(VENV)/bin/bentoml containerize $(BENTO) --backend $(BACKEND) --image-tag $(IMAGE)
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: install
+format: install-dev
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
@@ -80,10 +99,10 @@ browser:
 test: lint browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-test-unit run-unit-test-suite-local: install
+test-unit run-unit-test-suite-local: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not integration"
 
-test-integration: install
+test-integration: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m integration
 
 settings-table: install
@@ -92,20 +111,26 @@ settings-table: install
 # scripts/benchmark.py: ceiling, in-process pipeline, naive per-pair loop and the service over
 # HTTP, appended to docs/benchmarks.md. BENCH_ARGS e.g. "--models ViT-B-32 --notes 'shared box'".
 BENCH_ARGS ?=
-bench: install
+bench: install-dev
 	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py $(BENCH_ARGS)
 
-bench-quick: install
+bench-quick: install-dev
 	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py --quick $(BENCH_ARGS)
+
+# On a fresh CUDA machine with torch (no venv): installs bentoml/open_clip from .whl/ when missing,
+# benchmarks random-init ViT-B-32 and ViT-L-14, writes $(BENCH_OUT)/benchmark.{md,json}.
+BENCH_OUT ?= bench-out
+bench-gpu:
+	scripts/bench_gpu.sh $(BENCH_OUT) $(BENCH_ARGS)
 
 # Locust headless against URL (default: a service started here on 127.0.0.1, random-init models
 # when none are saved). Reports under reports/; non-zero exit on unexpected failures.
 USERS ?= 8
 RUN_TIME ?= 60s
-load-test: install
+load-test: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m load_tests.run --users $(USERS) --run-time $(RUN_TIME) \
 		$(if $(URL),--url $(URL))
 
 # The long fault checks (overload at 2x capacity, worker SIGKILL, soak), each with a verdict.
-reliability: install
+reliability: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m load_tests.faults all

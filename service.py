@@ -5,10 +5,15 @@ The services live in the ``clip_service`` package: ``Evaluator`` is the public H
 installed here, at import, before BentoML builds any app.
 """
 
-from clip_service.bentoml_adapter import bound_request_metric_paths, setup_tracing
+from clip_service.bentoml_adapter import (
+    bound_request_metric_paths,
+    install_bentoml_fixes,
+    setup_tracing,
+)
 from clip_service.frontend import ROUTES, Evaluator
 from clip_service.worker import Scorer
 
+install_bentoml_fixes()  # before the arbiter starts and any Scorer client exists
 setup_tracing()
 bound_request_metric_paths(set(ROUTES))
 

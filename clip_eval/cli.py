@@ -1,7 +1,8 @@
 """``clip-eval INPUT --output OUTPUT [--engine local|remote|ray] [--model NAME ...]``
 
 Scores every image-caption pair of a CSV, JSONL or Parquet table and writes the rows back with
-``model``, ``score``, ``cosine``, ``error`` and ``error_message`` columns, as they are scored.
+``model``, ``score``, ``cosine``, ``error`` and ``error_message`` columns, as they are scored;
+RefCLIPScore, image-image and text-text similarity, and the embeddings when asked.
 Interrupted (Ctrl-C, crash), it continues with ``--resume`` without rescoring anything.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from clip_eval.datasets import (
     detect_format,
     detect_input_format,
 )
+from clip_eval.embeddings import EmbeddingsFile, embeddings_format
 from clip_eval.engines import Engine
 from clip_eval.errors import ClipEvalError, UsageError
 from clip_eval.images import LoaderConfig
@@ -34,6 +37,8 @@ EXAMPLES = """examples:
   clip-eval pairs.parquet -o scores.parquet --engine remote --url http://localhost:3000
   clip-eval pairs.csv -o scores.csv --engine ray --ray-address auto
   clip-eval pairs.csv -o scores.csv --resume                     # after an interruption
+  clip-eval pairs.csv -o scores.csv --reference-column refs      # adds ref_clip_score
+  clip-eval shards/ -o scores.parquet --embeddings-out vectors.parquet
   clip-eval pairs.csv --compare-modes --url http://localhost:3000
 """
 
@@ -62,7 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-column", default="image", help="path, URL or base64 (image)")
     data.add_argument("--caption-column", default="caption", help="(caption)")
     data.add_argument(
-        "--reference-column", help="reference captions: checked to exist, passed through"
+        "--reference-column",
+        help="reference captions (a text, or a list / JSON list of texts): adds ref_clip_score",
+    )
+    data.add_argument(
+        "--image-column-2",
+        help="a second image per row: adds image_image_cosine and image_image_score",
+    )
+    data.add_argument(
+        "--text-column-2", help="a second text per row: adds text_text_cosine and text_text_score"
+    )
+    data.add_argument(
+        "--embeddings-out",
+        type=Path,
+        metavar="FILE.parquet|npz|npy",
+        help="also write each scored pair's image and caption embeddings, with row ids",
     )
     data.add_argument(
         "--input-format", choices=INPUT_FORMATS, help="default: from the suffix or folder layout"
@@ -73,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--fetch-timeout", type=float, default=10.0, help="seconds per image URL (10)"
+    )
+    data.add_argument(
+        "--url-allowed-host",
+        dest="url_allowed_hosts",
+        action="append",
+        metavar="HOST[:PORT]",
+        help="fetch image URLs from these hosts only (they may be private); repeatable. "
+        "Default: CLIP_URL_ALLOWED_HOSTS, else any public host",
     )
     state = data.add_mutually_exclusive_group()
     state.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -95,10 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     remote = parser.add_argument_group("--engine remote and --compare-modes")
     remote.add_argument("--url", help="the service, e.g. http://localhost:3000")
     remote.add_argument(
+        "--api-key",
+        default=os.environ.get("CLIP_API_KEY") or None,
+        help="the service's API key, sent as 'Authorization: Bearer KEY' "
+        "(default: the CLIP_API_KEY environment variable)",
+    )
+    remote.add_argument(
         "--concurrency", type=_positive_int, default=4, help="requests in flight (4)"
     )
     remote.add_argument(
-        "--retries", type=int, default=5, help="retries of a request on 429/502/503/504 (5)"
+        "--retries",
+        type=int,
+        default=5,
+        help="retries of a request on 429/502/503/504, after its Retry-After (5)",
     )
     remote.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     remote.add_argument(
@@ -152,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_runtime.fetch import host_is_allow_listed
     from clip_runtime.settings import ClipSettings
 
     models: tuple[str, ...] = tuple(dict.fromkeys(args.models or ["ViT-B-32"]))
@@ -161,13 +198,23 @@ def run(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         caption_column=args.caption_column,
         reference_column=args.reference_column,
+        image_column_2=args.image_column_2,
+        text_column_2=args.text_column_2,
     )
     dataset.validate()
+    settings = ClipSettings()  # the service's CLIP_MAX_IMAGE_BYTES and URL policy apply here too
     loader = LoaderConfig(
         image_root=(args.image_root or args.input.parent).resolve(),
         fetch_timeout_s=args.fetch_timeout,
-        max_image_bytes=ClipSettings().max_image_bytes,  # CLIP_MAX_IMAGE_BYTES, as the service
+        max_image_bytes=settings.max_image_bytes,
+        allow_urls=settings.allow_urls,
+        url_allowed_hosts=tuple(args.url_allowed_hosts or settings.url_allowed_hosts),
+        url_max_redirects=settings.url_max_redirects,
     )
+    try:  # the service's own check of the entries, before any fetch
+        host_is_allow_listed("", 0, loader.url_allowed_hosts)
+    except ValueError as error:
+        raise UsageError(f"--url-allowed-host: {error}") from error
 
     if args.compare_modes:
         from clip_eval.compare import compare_modes
@@ -182,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             timeout_s=args.timeout,
             ready_timeout_s=args.ready_timeout,
+            api_key=args.api_key,
         )
         print(comparison.format())
         return 0
@@ -191,6 +239,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--output must not be the input file")
     if args.plot is not None and not args.plot.resolve().parent.is_dir():
         raise UsageError(f"--plot: folder does not exist: {args.plot.parent}")  # before scoring
+    embeddings = None
+    if args.embeddings_out is not None:
+        if args.embeddings_out.resolve() in (args.output.resolve(), args.input.resolve()):
+            raise UsageError("--embeddings-out must be another file than the input and output")
+        embeddings = EmbeddingsFile(
+            args.embeddings_out, embeddings_format(args.embeddings_out, len(models))
+        )
     engine = build_engine(args, models, loader)  # before the output: fail fast on a bad model
     fingerprint = {
         "input": str(args.input.resolve()),
@@ -201,8 +256,21 @@ def run(args: argparse.Namespace) -> int:
         "models": list(models),
         "output_format": output_format,
     }
+    optional = {
+        "reference_column": dataset.reference_column,
+        "image_column_2": dataset.image_column_2,
+        "text_column_2": dataset.text_column_2,
+        "embeddings_out": None if embeddings is None else str(embeddings.path.resolve()),
+    }
+    # Only what was asked for: a run started before these flags existed still resumes.
+    fingerprint.update((key, value) for key, value in optional.items() if value is not None)
     output = OutputFile.open(
-        args.output, output_format, fingerprint, resume=args.resume, overwrite=args.overwrite
+        args.output,
+        output_format,
+        fingerprint,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        embeddings=embeddings,
     )
     if output.rows_done:
         print(f"resuming {args.output}: {output.rows_done} rows already scored", file=sys.stderr)
@@ -251,6 +319,8 @@ def build_engine(args: argparse.Namespace, models: tuple[str, ...], loader: Load
                 ready_timeout_s=args.ready_timeout,
                 io_workers=args.io_workers,
                 retry=RetryPolicy(attempts=args.retries + 1),
+                api_key=args.api_key,
+                keep_vectors=args.embeddings_out is not None,
             )
         )
     from clip_eval.engines.local import LocalConfig, LocalEngine, resolve_model_dirs
@@ -263,6 +333,7 @@ def build_engine(args: argparse.Namespace, models: tuple[str, ...], loader: Load
         io_workers=args.io_workers,
         device=args.device,
         precision=args.precision,
+        keep_vectors=args.embeddings_out is not None,
     )
     if args.engine == "local":
         return LocalEngine(local)

@@ -4,7 +4,6 @@ batch endpoint, against a running service, timed; both modes get the same concur
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from clip_eval.datasets import DatasetSpec
 from clip_eval.engines.remote import open_client
 from clip_eval.errors import UsageError
 from clip_eval.images import ImageLoader, LoaderConfig
+from clip_eval.wire import batch_item
 from clip_runtime.errors import ClipError
 
 
@@ -75,20 +75,31 @@ def compare_modes(
     concurrency: int = 4,
     timeout_s: float = 300.0,
     ready_timeout_s: float = 60.0,
+    api_key: str | None = None,
 ) -> Comparison:
     items, skipped = _load_items(dataset, loader, pairs)
     if not items:
         raise UsageError(f"no loadable pair among the first {pairs} rows of {dataset.path}")
     return asyncio.run(
-        _compare(url, items, skipped, model, batch_size, concurrency, timeout_s, ready_timeout_s)
+        _compare(
+            url,
+            items,
+            skipped,
+            model,
+            batch_size,
+            concurrency,
+            timeout_s,
+            ready_timeout_s,
+            api_key,
+        )
     )
 
 
 def _load_items(
     dataset: DatasetSpec, config: LoaderConfig, limit: int
-) -> tuple[list[dict[str, str]], int]:
+) -> tuple[list[dict[str, Any]], int]:
     loader = ImageLoader(config)
-    items: list[dict[str, str]] = []
+    items: list[dict[str, Any]] = []
     skipped = 0
     try:
         for pair in next(dataset.iter_pairs(limit), []):
@@ -96,7 +107,7 @@ def _load_items(
             if isinstance(loaded, ClipError):
                 skipped += 1
             else:
-                items.append({"image": base64.b64encode(loaded[0]).decode(), "text": loaded[1]})
+                items.append(batch_item(loaded.image, loaded.caption))
     finally:
         loader.close()
     return items, skipped
@@ -104,15 +115,16 @@ def _load_items(
 
 async def _compare(
     url: str,
-    items: list[dict[str, str]],
+    items: list[dict[str, Any]],
     skipped: int,
     model: str | None,
     batch_size: int,
     concurrency: int,
     timeout_s: float,
     ready_timeout_s: float,
+    api_key: str | None,
 ) -> Comparison:
-    client = await open_client(url, timeout_s, ready_timeout_s)
+    client = await open_client(url, timeout_s, ready_timeout_s, api_key)
     try:
         # One untimed call of each endpoint: neither mode pays for first-call setup.
         await client.evaluate_single(**items[0], model=model)

@@ -17,7 +17,14 @@ import pandas as pd
 
 from clip_eval import shards
 from clip_eval.errors import UsageError
-from clip_eval.records import RESULT_COLUMNS, Pair, caption_of, is_missing
+from clip_eval.records import (
+    RESULT_COLUMNS,
+    Pair,
+    caption_of,
+    is_missing,
+    references_of,
+    result_columns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +83,15 @@ class DatasetSpec:
     image_column: str = "image"
     caption_column: str = "caption"
     reference_column: str | None = None
+    image_column_2: str | None = None  # a second image, compared with the first
+    text_column_2: str | None = None  # a second text, compared with the caption
+
+    def result_columns(self) -> tuple[str, ...]:
+        return result_columns(
+            self.reference_column is not None,
+            self.image_column_2 is not None,
+            self.text_column_2 is not None,
+        )
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -108,8 +124,12 @@ class DatasetSpec:
             "image column (--image-column)": self.image_column,
             "caption column (--caption-column)": self.caption_column,
         }
-        if self.reference_column is not None:
-            wanted["reference column (--reference-column)"] = self.reference_column
+        optional = {
+            "reference column (--reference-column)": self.reference_column,
+            "second image column (--image-column-2)": self.image_column_2,
+            "second text column (--text-column-2)": self.text_column_2,
+        }
+        wanted.update((what, name) for what, name in optional.items() if name is not None)
         for what, name in wanted.items():
             if name not in columns:
                 raise UsageError(
@@ -201,13 +221,28 @@ class DatasetSpec:
     def iter_pairs(self, rows: int, skip: int = 0) -> Iterator[list[Pair]]:
         """The image-caption pairs of ``iter_chunks``, batch by batch."""
         for frame in self.iter_chunks(rows, skip):
-            yield pairs_of(frame, self.image_column, self.caption_column)
+            yield self.pairs_of(frame)
 
+    def pairs_of(self, frame: pd.DataFrame) -> list[Pair]:
+        def column(name: str | None) -> list[object]:
+            if name is None or name not in frame:
+                return [None] * len(frame)
+            return frame[name].tolist()
 
-def pairs_of(frame: pd.DataFrame, image_column: str, caption_column: str) -> list[Pair]:
-    images = frame[image_column].tolist() if image_column in frame else [None] * len(frame)
-    captions = frame[caption_column].tolist() if caption_column in frame else [None] * len(frame)
-    return [
-        Pair(None if is_missing(image) else image, caption_of(caption))
-        for image, caption in zip(images, captions, strict=True)
-    ]
+        return [
+            Pair(
+                None if is_missing(image) else image,
+                caption_of(caption),
+                None if self.reference_column is None else references_of(references),
+                None if is_missing(image_2) else image_2,
+                caption_of(text_2),
+            )
+            for image, caption, references, image_2, text_2 in zip(
+                column(self.image_column),
+                column(self.caption_column),
+                column(self.reference_column),
+                column(self.image_column_2),
+                column(self.text_column_2),
+                strict=True,
+            )
+        ]

@@ -29,13 +29,9 @@ class ImageUnreadableError(ClipError):
     code = "image_unreadable"
 
 
-class ImageFetchError(ClipError):
-    """An image URL could not be fetched: HTTP error status, timeout, connection failure."""
+class ServiceItemError(ClipError):
+    """One item the service refused, with the service's own error code."""
 
-    code = "image_fetch_failed"
-
-
-class UnsupportedImageSourceError(ClipError):
-    """A URL scheme other than http(s): file://, ftp://, s3://, ..."""
-
-    code = "unsupported_image_source"
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

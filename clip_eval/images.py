@@ -1,31 +1,26 @@
 """Image references in dataset cells -> image bytes.
 
 A cell holds a local path (relative ones are taken from the image root, by default the input
-file's folder), an http(s) URL, base64 or a ``data:`` URI, raw bytes (Parquet binary columns), or
-a Hugging Face-style ``{"bytes": ..., "path": ...}`` struct. Failures are per-pair ``ClipError``s
-with stable codes; the run goes on. Decoding the bytes is the engine's job, not this module's.
+file's folder), an http(s) URL (fetched by the service's own SSRF-guarded fetcher,
+``clip_runtime.fetch``, with its policy and error codes), base64 or a ``data:`` URI, raw bytes
+(Parquet binary columns), or a Hugging Face-style ``{"bytes": ..., "path": ...}`` struct.
+Failures are per-pair ``ClipError``s with stable codes; the run goes on. Decoding the bytes is
+the engine's job, not this module's.
 """
 
 from __future__ import annotations
 
 import base64
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from clip_eval.errors import (
-    ImageFetchError,
-    ImageNotFoundError,
-    ImageUnreadableError,
-    UnsupportedImageSourceError,
-)
-from clip_eval.records import Pair, is_missing
+from clip_eval.errors import ImageNotFoundError, ImageUnreadableError
+from clip_eval.records import LoadedPair, Pair, is_missing
 from clip_runtime.errors import ClipError, ImageTooLargeError, InvalidRequestError
-from clip_runtime.images import decode_image_field
+from clip_runtime.fetch import FetchPolicy, fetch_image_bytes_sync
+from clip_runtime.image_field import decode_image_field
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 # Base64 without a data: prefix; paths short enough to be paths are tried as files first.
@@ -40,6 +35,22 @@ class LoaderConfig:
     image_root: Path
     fetch_timeout_s: float = 10.0
     max_image_bytes: int = 16 * 1024 * 1024
+    allow_urls: bool = True
+    # Empty: any public host (never loopback, private or link-local); else only these.
+    url_allowed_hosts: tuple[str, ...] = ()
+    url_max_redirects: int = 3
+
+    def fetch_policy(self) -> FetchPolicy:
+        """The service's URL policy, with ``--fetch-timeout`` as the whole fetch's deadline."""
+        return FetchPolicy(
+            enabled=self.allow_urls,
+            allowed_hosts=self.url_allowed_hosts,
+            max_bytes=self.max_image_bytes,
+            connect_timeout_s=min(self.fetch_timeout_s, 5.0),
+            read_timeout_s=self.fetch_timeout_s,
+            total_timeout_s=self.fetch_timeout_s,
+            max_redirects=self.url_max_redirects,
+        )
 
 
 def as_transportable(value: Any) -> str | None:
@@ -55,27 +66,14 @@ def as_transportable(value: Any) -> str | None:
 
 
 class ImageLoader:
-    """Thread-safe; one shared HTTP connection pool for URL images."""
+    """Thread-safe: each URL is fetched on its own (as the service fetches it)."""
 
     def __init__(self, config: LoaderConfig) -> None:
         self.config = config
-        self._client: httpx.Client | None = None
-        self._lock = threading.Lock()
+        self.fetch_policy = config.fetch_policy()
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-
-    def _http(self) -> httpx.Client:
-        with self._lock:
-            if self._client is None:
-                timeout = self.config.fetch_timeout_s
-                self._client = httpx.Client(
-                    timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-                    follow_redirects=True,  # httpx refuses redirects to non-http(s) schemes
-                    headers={"user-agent": "clip-eval"},
-                )
-            return self._client
+        """Nothing held between loads; kept so engines close every loader the same way."""
 
     def load(self, value: Any) -> bytes:
         """The image bytes a cell refers to, or a ``ClipError`` with the reason."""
@@ -91,14 +89,8 @@ class ImageLoader:
         text = value.strip()
         if text[:5].lower() == "data:":
             return decode_image_field(text, self.config.max_image_bytes)
-        scheme = _SCHEME.match(text)
-        if scheme:
-            if scheme.group(1).lower() in {"http", "https"}:
-                return self._fetch(text)
-            raise UnsupportedImageSourceError(
-                f"{scheme.group(1)}:// image references are not supported; "
-                "use a local path, an http(s) URL or base64"
-            )
+        if _SCHEME.match(text):  # other schemes than http(s) are refused there: url_not_allowed
+            return fetch_image_bytes_sync(text, self.fetch_policy)
         path = self._path(text)
         if path is not None and _exists(path):
             return self._read(path)
@@ -106,12 +98,15 @@ class ImageLoader:
             return decode_image_field(text, self.config.max_image_bytes)
         raise ImageNotFoundError(f"image file not found: {path or text}")
 
-    def load_pair(self, pair: Pair) -> tuple[bytes, str] | ClipError:
-        """Bytes and caption ready to score, or the error that stops this pair."""
+    def load_pair(self, pair: Pair) -> LoadedPair | ClipError:
+        """Image bytes and texts ready to score, or the error that stops this pair."""
         try:
             if pair.caption is None:
                 raise InvalidRequestError("text is missing")
-            return self.load(pair.image), pair.caption
+            image_2 = None if pair.image_2 is None else self.load(pair.image_2)
+            return LoadedPair(
+                self.load(pair.image), pair.caption, pair.references, image_2, pair.text_2
+            )
         except ClipError as error:
             return error
 
@@ -134,26 +129,6 @@ class ImageLoader:
             raise ImageNotFoundError(f"image file not found: {path}") from exc
         except OSError as exc:
             raise ImageUnreadableError(f"cannot read image file {path}: {exc}") from exc
-
-    def _fetch(self, url: str) -> bytes:
-        limit = self.config.max_image_bytes
-        try:
-            with self._http().stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise ImageFetchError(f"GET {url} answered HTTP {response.status_code}")
-                declared = response.headers.get("content-length")
-                if declared is not None and declared.isdigit() and int(declared) > limit:
-                    raise ImageTooLargeError(f"image at {url} is larger than {limit} bytes")
-                chunks: list[bytes] = []
-                size = 0
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > limit:  # a server may lie about, or omit, the length
-                        raise ImageTooLargeError(f"image at {url} is larger than {limit} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except httpx.HTTPError as exc:
-            raise ImageFetchError(f"GET {url} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _exists(path: Path) -> bool:

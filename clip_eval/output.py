@@ -21,9 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from clip_eval.datasets import TableFormat
+from clip_eval.embeddings import EmbeddingsFile
 from clip_eval.errors import ClipEvalError, UsageError
+from clip_eval.parts import PartFiles
 
 STATE_SUFFIX = ".clip-eval.json"
 PARTS_SUFFIX = ".parts"
@@ -36,6 +40,7 @@ class RunState:
     rows_done: int = 0
     output_bytes: int = 0  # CSV/JSONL: the file's length after the last complete append
     parts: int = 0  # Parquet: complete part files
+    embedding_parts: int = 0  # --embeddings-out: complete part files
     complete: bool = False
     version: int = STATE_VERSION
 
@@ -69,6 +74,11 @@ class OutputFile:
     path: Path
     format: TableFormat
     state: RunState
+    embeddings: EmbeddingsFile | None = None
+
+    @property
+    def parts(self) -> PartFiles:
+        return PartFiles(parts_path(self.path))
 
     @classmethod
     def open(
@@ -79,14 +89,18 @@ class OutputFile:
         *,
         resume: bool,
         overwrite: bool,
+        embeddings: EmbeddingsFile | None = None,
     ) -> OutputFile:
         """A fresh output, or the interrupted one to continue (``resume``)."""
         state_file = state_path(path)
         exists = path.exists() or state_file.exists() or parts_path(path).exists()
+        exists = exists or (embeddings is not None and embeddings.exists())
         if exists and overwrite:
             path.unlink(missing_ok=True)
             state_file.unlink(missing_ok=True)
             shutil.rmtree(parts_path(path), ignore_errors=True)
+            if embeddings is not None:
+                embeddings.remove()
             exists = False
         if exists and not resume:
             raise UsageError(
@@ -100,7 +114,7 @@ class OutputFile:
             if fmt != "parquet":
                 path.write_bytes(b"")
             state.save(state_file)
-            return cls(path, fmt, state)
+            return cls(path, fmt, state, embeddings)
         if not state_file.exists():
             raise UsageError(
                 f"{path} exists but {state_file.name} does not, so what it holds is unknown; "
@@ -108,9 +122,9 @@ class OutputFile:
             )
         state = RunState.load(state_file)
         changed = {
-            key: (state.fingerprint.get(key), value)
-            for key, value in fingerprint.items()
-            if state.fingerprint.get(key) != value
+            key: (state.fingerprint.get(key), fingerprint.get(key))
+            for key in {**state.fingerprint, **fingerprint}
+            if state.fingerprint.get(key) != fingerprint.get(key)
         }
         if changed:
             details = "; ".join(
@@ -120,7 +134,7 @@ class OutputFile:
                 f"cannot resume {path}: the run was started with other settings ({details}); "
                 "rerun with the same ones, or pass --overwrite to start again"
             )
-        output = cls(path, fmt, state)
+        output = cls(path, fmt, state, embeddings)
         output._cut_back()
         return output
 
@@ -132,11 +146,10 @@ class OutputFile:
         """Drop whatever was written after the last state update (an interrupted append)."""
         if self.state.complete:
             return
+        if self.embeddings is not None:
+            self.embeddings.parts.cut_back(self.state.embedding_parts)
         if self.format == "parquet":
-            parts = parts_path(self.path)
-            for part in parts.glob("part-*") if parts.is_dir() else []:
-                if not part.name.endswith(".parquet") or _part_index(part) >= self.state.parts:
-                    part.unlink()
+            self.parts.cut_back(self.state.parts)
             return
         size = self.path.stat().st_size if self.path.exists() else 0
         if size < self.state.output_bytes:
@@ -146,15 +159,16 @@ class OutputFile:
             )
         os.truncate(self.path, self.state.output_bytes)
 
-    def append(self, rows: pd.DataFrame, input_rows: int) -> None:
-        """Write scored rows (all models of ``input_rows`` input rows), then record them."""
+    def append(
+        self, rows: pd.DataFrame, input_rows: int, embeddings: pa.Table | None = None
+    ) -> None:
+        """Write scored rows (all models of ``input_rows`` input rows) and their embeddings,
+        then record them."""
+        if self.embeddings is not None and embeddings is not None and embeddings.num_rows:
+            self.embeddings.parts.write(self.state.embedding_parts, embeddings)
+            self.state.embedding_parts += 1
         if self.format == "parquet":
-            parts = parts_path(self.path)
-            parts.mkdir(exist_ok=True)
-            final = parts / f"part-{self.state.parts:06d}.parquet"
-            temporary = final.with_suffix(".tmp")
-            rows.to_parquet(temporary, index=False)
-            os.replace(temporary, final)
+            self.parts.write(self.state.parts, pa.Table.from_pandas(rows, preserve_index=False))
             self.state.parts += 1
         else:
             with self.path.open("a", encoding="utf-8", newline="") as handle:
@@ -173,27 +187,18 @@ class OutputFile:
     def finish(self) -> None:
         """Parquet: merge the parts into ``OUTPUT``. Then mark the run complete."""
         if self.format == "parquet" and not self.state.complete:
-            _merge_parts(parts_path(self.path), self.path)
+            _merge_parts(self.parts.files(), self.path)
+        if self.embeddings is not None and not self.state.complete:
+            self.embeddings.finish()
         self.state.complete = True
         self.state.save(state_path(self.path))
         if self.format == "parquet":
             shutil.rmtree(parts_path(self.path), ignore_errors=True)
 
 
-def _part_index(part: Path) -> int:
-    try:
-        return int(part.name.removeprefix("part-").removesuffix(".parquet"))
-    except ValueError:
-        return 1 << 62
-
-
-def _merge_parts(parts: Path, output: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = sorted(parts.glob("part-*.parquet"), key=_part_index)
+def _merge_parts(files: list[Path], output: Path) -> None:
     if not files:
-        raise ClipEvalError(f"no rows were written to {parts}")
+        raise ClipEvalError(f"no rows were written for {output}")
     # A column that is entirely null in one part has Arrow type null there: unify the types.
     schema = pa.unify_schemas(
         [pq.read_schema(file) for file in files], promote_options="permissive"

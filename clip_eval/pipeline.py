@@ -11,10 +11,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from clip_eval.datasets import DatasetSpec
+from clip_eval.embeddings import embeddings_table
 from clip_eval.engines import Engine
 from clip_eval.errors import ClipEvalError
 from clip_eval.output import OutputFile
-from clip_eval.records import Outcome
+from clip_eval.records import RESULT_COLUMNS, Outcome
 
 
 @dataclass(frozen=True)
@@ -25,20 +26,31 @@ class RunReport:
     seconds: float
 
 
-def result_frame(rows: pd.DataFrame, outcomes: Sequence[Outcome], models: int) -> pd.DataFrame:
-    """Input rows (each repeated once per model) with the result columns appended."""
+TEXT_COLUMNS = frozenset({"model", "error", "error_message"})
+
+
+def result_frame(
+    rows: pd.DataFrame,
+    outcomes: Sequence[Outcome],
+    models: int,
+    columns: Sequence[str] = RESULT_COLUMNS,
+) -> pd.DataFrame:
+    """Input rows (each repeated once per model) with the result ``columns`` appended."""
     rows = rows.reset_index(drop=True)
     if models > 1:
         rows = rows.loc[rows.index.repeat(models)].reset_index(drop=True)
     if len(rows) != len(outcomes):
         raise ClipEvalError(f"{len(outcomes)} outcomes for {len(rows)} output rows")
+    values = [outcome.columns() for outcome in outcomes]
     # Nullable dtypes: a failed pair's score is null (not NaN) in Parquet and JSON, empty in CSV.
     return rows.assign(
-        model=pd.array([o.model for o in outcomes], dtype="string"),
-        score=pd.array([o.score for o in outcomes], dtype="Float64"),
-        cosine=pd.array([o.cosine for o in outcomes], dtype="Float64"),
-        error=pd.array([o.error for o in outcomes], dtype="string"),
-        error_message=pd.array([o.error_message for o in outcomes], dtype="string"),
+        **{
+            name: pd.array(
+                [value[name] for value in values],
+                dtype="string" if name in TEXT_COLUMNS else "Float64",
+            )
+            for name in columns
+        }
     )
 
 
@@ -46,14 +58,20 @@ class RowAligner:
     """Matches outcomes, arriving in batches of any size, with the input rows they belong to
     (read here, in the same order): complete rows are handed out as soon as they are known."""
 
-    def __init__(self, inputs: Iterator[pd.DataFrame], models: Sequence[str]) -> None:
+    def __init__(
+        self,
+        inputs: Iterator[pd.DataFrame],
+        models: Sequence[str],
+        columns: Sequence[str] = RESULT_COLUMNS,
+    ) -> None:
         self.inputs = inputs
         self.models = models
+        self.columns = columns
         self.current: pd.DataFrame | None = None
         self.waiting: list[Outcome] = []
 
-    def add(self, outcomes: Sequence[Outcome]) -> Iterator[tuple[pd.DataFrame, int]]:
-        """Result rows ready to write, with how many input rows they cover."""
+    def add(self, outcomes: Sequence[Outcome]) -> Iterator[tuple[pd.DataFrame, int, list[Outcome]]]:
+        """Result rows ready to write, how many input rows they cover, and their outcomes."""
         width = len(self.models)
         self.waiting.extend(outcomes)
         while len(self.waiting) >= width:
@@ -66,7 +84,7 @@ class RowAligner:
             for index, outcome in enumerate(ready):
                 if outcome.model != self.models[index % width]:  # an engine bug
                     raise ClipEvalError(f"outcome for {outcome.model} out of order")
-            yield result_frame(self.current.iloc[:done], ready, width), done
+            yield result_frame(self.current.iloc[:done], ready, width, self.columns), done, ready
             self.current = self.current.iloc[done:]
             del self.waiting[: done * width]
 
@@ -94,7 +112,8 @@ def evaluate(
             "pass --overwrite to start again"
         )
     started = time.perf_counter()
-    aligner = RowAligner(dataset.iter_chunks(batch_size, before), engine.models)
+    columns = dataset.result_columns()
+    aligner = RowAligner(dataset.iter_chunks(batch_size, before), engine.models, columns)
     with tqdm(
         total=total * width,
         initial=before * width,
@@ -108,12 +127,16 @@ def evaluate(
             # closing(): the engine's pools, client or Ray are released now, even on Ctrl-C.
             with closing(engine.run(dataset, before)) as batches:
                 for outcomes in batches:
-                    for rows, done in aligner.add(outcomes):
-                        output.append(rows, done)
+                    for rows, done, scored in aligner.add(outcomes):
+                        vectors = None
+                        if output.embeddings is not None:
+                            vectors = embeddings_table(output.rows_done, scored, width)
+                        output.append(rows, done, vectors)
                         bar.update(len(rows))
     if aligner.unmatched():
         raise ClipEvalError(f"the engine returned outcomes for {output.rows_done} of {total} rows")
     if output.rows_done == 0:  # an empty input still gets a header (CSV) or schema (Parquet)
-        output.append(result_frame(pd.DataFrame(columns=dataset.columns()), [], 1), 0)
+        empty = pd.DataFrame(columns=dataset.columns())
+        output.append(result_frame(empty, [], 1, columns), 0)
     output.finish()
     return RunReport(total, before, output.rows_done - before, time.perf_counter() - started)

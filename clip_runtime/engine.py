@@ -8,11 +8,13 @@ and is also what in-process users (CLI, benchmark) call, with encoded images in 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from clip_runtime.device import resolve_device, resolve_dtype
 from clip_runtime.errors import (
@@ -23,17 +25,20 @@ from clip_runtime.errors import (
     UnknownModelError,
 )
 from clip_runtime.fetch import FetchPolicy
-from clip_runtime.images import ImageLimits, ImagePreprocessor
+from clip_runtime.images import ImageLimits, ImagePreprocessor, open_header
 from clip_runtime.jobs import ImageInput, Job, JobOutcome
 from clip_runtime.memory import DecodeBudget
-from clip_runtime.model import BatchReport, ClipModel, Crop
+from clip_runtime.model import BatchReport, ClipModel, Crop, Tokenized
 from clip_runtime.model_entry import ModelEntry, read_entry
 from clip_runtime.settings import ClipSettings
 from clip_runtime.tensor_decode import (
+    SideStream,
     TensorPreprocessor,
+    decodes_like_pillow,
     handles_preprocessing,
     tensor_decode_enabled,
 )
+from clip_runtime.tokens import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +85,17 @@ def check_text(settings: ClipSettings, text: str) -> str:
     return text
 
 
+def device_decoded_models(settings: ClipSettings, entries: Mapping[str, ModelEntry]) -> set[str]:
+    """The served models whose JPEGs the engine decodes on its device (``CLIP_GPU_DECODE``):
+    the front end and the model worker resolve it alike, from the same settings."""
+    if not tensor_decode_enabled(settings.gpu_decode, resolve_device(settings.device)):
+        return set()
+    return {name for name, entry in entries.items() if handles_preprocessing(entry.preprocess_cfg)}
+
+
 class Preprocessing:
-    """Per-model image preprocessing and a decode pool sized to the machine (no weights)."""
+    """The front end's half: per-model image checks and crops, tokenisers, and a decode pool
+    sized to the machine (no weights)."""
 
     def __init__(self, settings: ClipSettings, folders: Mapping[str, Path]) -> None:
         self.settings = settings
@@ -93,10 +107,23 @@ class Preprocessing:
             name: ImagePreprocessor(entry.preprocess_cfg, limits)
             for name, entry in self.entries.items()
         }
+        self.tokenizers = {name: TextTokenizer(folders[name]) for name in settings.models}
+        # JPEGs for these models go to the model worker encoded, after the header checks.
+        self.forwarded = device_decoded_models(settings, self.entries)
         self.pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="clip-decode")
 
-    def crop(self, model: str, data: bytes) -> np.ndarray:
-        return self.preprocessors[model].from_bytes(data)
+    def image(self, model: str, data: bytes) -> ImageInput:
+        """What the model worker gets for an image: the encoded JPEG when it decodes JPEGs on its
+        device and this one decodes there as Pillow would (every header limit checked here),
+        else the crop, made here."""
+        preprocessor = self.preprocessors[model]
+        header = open_header(data, preprocessor.limits)
+        if model in self.forwarded and decodes_like_pillow(header):
+            return data
+        return preprocessor.from_header(header, data)
+
+    def tokenize(self, model: str, text: str) -> tuple[np.ndarray, bool]:
+        return self.tokenizers[model].tokenize(text)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -119,12 +146,15 @@ class ClipEngine:
             )
         # Encoded JPEGs decoded in batches on the device (nvjpeg on CUDA); the rest with PIL.
         self.tensor_preprocessors: dict[str, TensorPreprocessor] = {}
-        if tensor_decode_enabled(settings.gpu_decode, device):
-            for name, model in self.models.items():
-                if handles_preprocessing(model.entry.preprocess_cfg):
-                    self.tensor_preprocessors[name] = TensorPreprocessor(
-                        model.entry.preprocess_cfg, limits, device
-                    )
+        self.side_streams: dict[str, SideStream] = {}
+        entries = {name: model.entry for name, model in self.models.items()}
+        for name in device_decoded_models(settings, entries):
+            self.tensor_preprocessors[name] = TensorPreprocessor(
+                entries[name].preprocess_cfg, limits, device
+            )
+            self.side_streams[name] = SideStream(device)
+        # One thread preparing the next chunk while the model encodes the current one.
+        self.prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="clip-engine-prepare")
         # Threads for the PIL decodes of encoded images (Pillow releases the GIL while decoding).
         self.decode_pool = ThreadPoolExecutor(
             settings.decode_workers, thread_name_prefix="clip-engine-decode"
@@ -141,44 +171,81 @@ class ClipEngine:
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def run(self, jobs: Sequence[Job]) -> tuple[list[JobOutcome], dict[str, BatchReport]]:
         """Outcomes in job order, and what each model's batches did. Jobs are grouped by model
-        and run in chunks of ``max_batch_size``; a job whose text or image is bad gets an
-        outcome carrying its error, and the others in its chunk are scored as usual."""
+        and run in chunks of the model's batch size; a job whose text or image is bad gets an
+        outcome carrying its error, and the others in its chunk are scored as usual. Where JPEGs
+        are decoded on the device, chunks are at most ``decode_chunk_size`` and the next one is
+        decoded (on a stream of its own) while the model encodes the current one."""
         results: list[JobOutcome | None] = [None] * len(jobs)
         reports: dict[str, BatchReport] = {}
         by_model: dict[str, list[int]] = {}
         for index, job in enumerate(jobs):
             by_model.setdefault(job.model, []).append(index)
-        step = self.settings.max_batch_size
         for name, indices in by_model.items():
             model = self.model(name)
             report = reports.setdefault(name, BatchReport())
-            for start in range(0, len(indices), step):
-                chunk = indices[start : start + step]
-                texts: dict[int, str | None] = {}
-                for i in chunk:
-                    try:
-                        texts[i] = _checked_text(self.settings, jobs[i].text)
-                    except ClipError as error:
-                        results[i] = JobOutcome(error=error)
-                good_crops: dict[int, Crop | None] = {}
-                for i, crop in self._crops(name, {i: jobs[i].image for i in texts}).items():
-                    if isinstance(crop, ClipError):
-                        results[i] = JobOutcome(error=crop)
-                    else:
-                        good_crops[i] = crop
-                good = list(good_crops)
+            for chunk in self._prepared_chunks(name, jobs, indices):
+                for i, error in chunk.errors.items():
+                    results[i] = JobOutcome(error=error)
+                good = list(chunk.crops)
                 outcomes = model.run(
-                    list(good_crops.values()),
-                    [texts[i] for i in good],
+                    list(chunk.crops.values()),
+                    [chunk.texts[i] for i in good],
                     [jobs[i].keep_vectors for i in good],
                     report,
+                    _tokenized([jobs[i] for i in good]),
                 )
                 for i, outcome in zip(good, outcomes, strict=True):
                     results[i] = outcome
         return [result for result in results if result is not None], reports
+
+    def _prepared_chunks(
+        self, name: str, jobs: Sequence[Job], indices: list[int]
+    ) -> Iterator[_PreparedChunk]:
+        """The model's chunks with texts checked and images cropped; with device decoding, the
+        next chunk is prepared in a thread (on its own CUDA stream) while the caller encodes."""
+        step = self.settings.batch_size_for(name)
+        side = self.side_streams.get(name)
+        if side is None:
+            for start in range(0, len(indices), step):
+                yield self._prepare(name, jobs, indices[start : start + step])
+            return
+        step = min(step, self.settings.decode_chunk_size)
+        chunks = [indices[start : start + step] for start in range(0, len(indices), step)]
+
+        def prepare(chunk: list[int]) -> _PreparedChunk:
+            with side.producing():
+                prepared = self._prepare(name, jobs, chunk)
+                prepared.ready = side.handoff()
+            return prepared
+
+        pending = self.prepare_pool.submit(prepare, chunks[0])
+        for following in [*chunks[1:], None]:
+            prepared = pending.result()
+            if following is not None:
+                pending = self.prepare_pool.submit(prepare, following)
+            device_crops = [c for c in prepared.crops.values() if isinstance(c, torch.Tensor)]
+            side.receive(prepared.ready, device_crops)
+            yield prepared
+
+    def _prepare(self, name: str, jobs: Sequence[Job], chunk: list[int]) -> _PreparedChunk:
+        prepared = _PreparedChunk()
+        for i in chunk:
+            try:
+                prepared.texts[i] = _checked_text(self.settings, jobs[i].text)
+            except ClipError as error:
+                prepared.errors[i] = error
+        crops = self._crops(name, {i: jobs[i].image for i in prepared.texts})
+        for i in prepared.texts:  # job order
+            crop = crops[i]
+            if isinstance(crop, ClipError):
+                prepared.errors[i] = crop
+            else:
+                prepared.crops[i] = crop
+        return prepared
 
     def _crops(
         self, name: str, images: Mapping[int, ImageInput | None]
@@ -207,6 +274,25 @@ class ClipEngine:
         )
         crops.update(zip(slow, decoded_by_pil, strict=True))
         return crops
+
+
+@dataclass
+class _PreparedChunk:
+    """One chunk of a model's jobs ready for the model: checked texts, crops, per-job errors."""
+
+    texts: dict[int, str | None] = field(default_factory=dict)
+    crops: dict[int, Crop | None] = field(default_factory=dict)
+    errors: dict[int, ClipError] = field(default_factory=dict)
+    ready: torch.cuda.Event | None = None  # the device crops are made once this has passed
+
+
+def _tokenized(jobs: Sequence[Job]) -> dict[str, Tokenized]:
+    """Token ids the front end sent with the texts, by text."""
+    return {
+        job.text: (job.token_ids, job.text_truncated)
+        for job in jobs
+        if job.text is not None and job.token_ids is not None
+    }
 
 
 def _checked_text(settings: ClipSettings, text: str | None) -> str | None:

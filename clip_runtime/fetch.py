@@ -196,3 +196,9 @@ async def fetch_image_bytes(url: str, policy: FetchPolicy) -> bytes:
             raise UrlFetchFailedError(f"URL took longer than {policy.total_timeout_s} s") from exc
         except httpx.HTTPError as exc:
             raise UrlFetchFailedError(f"URL fetch failed: {type(exc).__name__}") from exc
+
+
+def fetch_image_bytes_sync(url: str, policy: FetchPolicy) -> bytes:
+    """``fetch_image_bytes`` for threads without an event loop (the CLI's image readers): the
+    same checks and hops, on a loop of its own for this one fetch."""
+    return asyncio.run(fetch_image_bytes(url, policy))

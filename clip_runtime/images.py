@@ -4,10 +4,7 @@ transform for the saved tag."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -23,22 +20,15 @@ from clip_runtime.errors import (
     ImageTooSmallError,
     InvalidImageError,
     UnsupportedImageFormatError,
-    UrlNotAllowedError,
 )
+
+# The JSON field's decoding lives in a torch-free module (the remote CLI uses it); re-exported.
+from clip_runtime.image_field import decode_image_field as decode_image_field
+from clip_runtime.image_field import is_url as is_url
 from clip_runtime.memory import DecodeBudget
 
 # MPO is the multi-picture JPEG that many cameras write; its first frame is a plain JPEG.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
-_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.IGNORECASE)
-_WHITESPACE = re.compile(r"\s+")
-# What a file path has and base64 never does: a dot before a short suffix, a backslash, ``~/``.
-_FILE_PATH = re.compile(r"(\.[A-Za-z0-9]{1,5}\s*$)|\\|^\s*(~|\.{1,2})/", re.ASCII)
-IMAGE_FIELD_FORMS = (
-    "image must be base64, a data: URI or an http(s) URL; to send a file, use the upload "
-    "endpoint (/evaluator/v1/evaluation/single/upload, multipart)"
-)
-# A URI scheme (``file:``, ``ftp:``, ...): never base64, whose alphabet has no colon.
-_URI_SCHEME = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]{0,31}):", re.IGNORECASE)
 
 # Our own pixel limit runs first, from the header; Pillow's bomb check is then redundant and
 # would raise for sizes our setting allows.
@@ -61,48 +51,6 @@ def decode_cost(image: Image.Image, encoded_bytes: int) -> int:
     mode = image.mode
     frame = 1 if mode in {"1", "L", "P"} else 2 if mode.startswith("I;16") else 4
     return encoded_bytes + pixels * (frame + 4 + 4)
-
-
-def is_url(value: str) -> bool:
-    return value.lstrip()[:8].lower().startswith(("http://", "https://"))
-
-
-def decode_image_field(value: str, max_image_bytes: int) -> bytes:
-    """Base64 (standard or URL-safe, padding and line breaks optional) or a ``data:`` URI."""
-    payload = value.strip()
-    match = _DATA_URI.match(payload)
-    if match:
-        mime = (match.group("mime") or "").lower()
-        if mime and not mime.startswith("image/"):
-            raise InvalidImageError(f"data URI has media type {mime!r}, not an image")
-        if ";base64" not in match.group("params").lower():
-            raise InvalidImageError("data URI must be base64-encoded (data:image/...;base64,...)")
-        payload = payload[match.end() :]
-    elif is_url(payload):
-        raise InvalidImageError("image URLs are fetched by the caller of decode_image_field")
-    elif (scheme := _URI_SCHEME.match(payload)) and len(scheme.group("scheme")) == 1:
-        raise InvalidImageError(f"image looks like a file path: {IMAGE_FIELD_FORMS}")  # C:\\...
-    elif (scheme := _URI_SCHEME.match(payload)) and scheme.group("scheme").lower() != "data":
-        raise UrlNotAllowedError(
-            f"URL scheme {scheme.group('scheme').lower()!r} is not allowed; use http(s)"
-        )
-    payload = _WHITESPACE.sub("", payload)
-    if not payload:
-        raise InvalidImageError("image is empty")
-    if len(payload) * 3 // 4 > max_image_bytes:
-        raise ImageTooLargeError(f"image is larger than {max_image_bytes} bytes")
-    payload += "=" * (-len(payload) % 4)
-    altchars = b"-_" if ("-" in payload or "_" in payload) else None
-    try:
-        data = base64.b64decode(payload, altchars=altchars, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        what = (
-            "looks like a file path" if _FILE_PATH.search(value) else f"is not valid base64 ({exc})"
-        )
-        raise InvalidImageError(f"image {what}: {IMAGE_FIELD_FORMS}") from exc
-    if not data:
-        raise InvalidImageError("image is empty")
-    return data
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -231,7 +179,10 @@ class ImagePreprocessor:
         return array
 
     def from_bytes(self, data: bytes) -> np.ndarray:
-        image = open_header(data, self.limits)
+        return self.from_header(open_header(data, self.limits), data)
+
+    def from_header(self, image: Image.Image, data: bytes) -> np.ndarray:
+        """The crop of an image opened by ``open_header`` from ``data``."""
         if self.limits.budget is None:
             return self.crop(decode_pixels(image))
         with self.limits.budget.reserve(decode_cost(image, len(data))):

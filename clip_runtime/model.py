@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +27,12 @@ from clip_runtime.model_entry import (
     verify_weights,
 )
 from clip_runtime.scoring import rank_probabilities
-from clip_runtime.tokens import token_count
+from clip_runtime.tokens import TextTokenizer
 
 # A model-sized crop: HWC uint8 on the host (PIL path) or CHW uint8 on the device (tensor path).
 Crop = np.ndarray | torch.Tensor
+# A caption tokenised where it was received: its token ids and whether it was cut.
+Tokenized = tuple[np.ndarray, bool]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ class ClipModel:
         model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}", device="cpu")
         # Cast once, then move: weights never change after this point.
         self._model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self._tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+        self.tokenizer = TextTokenizer(folder)
         self.preprocessor = ImagePreprocessor(self.entry.preprocess_cfg, limits)
         self.device = device
         self.dtype = dtype
@@ -102,8 +104,7 @@ class ClipModel:
             LRUCache(maxsize=text_cache_size) if text_cache_size > 0 else None
         )
         self._cache_lock = threading.Lock()
-        context_length = int(self._tokenizer.context_length)
-        token_count(self._tokenizer, "")  # refuse a tokenizer whose truncation we cannot tell
+        context_length = self.tokenizer.context_length
         self.family: Family = family_of(self._model)
         self.info = ModelInfo(
             name=name,
@@ -130,9 +131,8 @@ class ClipModel:
     # -- encoding -----------------------------------------------------------------------------
 
     def is_truncated(self, text: str) -> bool:
-        """True when the model's own tokenizer makes more tokens of the caption (its special tokens
-        included) than the context holds, so the end of the caption is not scored."""
-        return token_count(self._tokenizer, text) > self.info.context_length
+        """True when the caption is cut to the context length (``TextTokenizer``)."""
+        return self.tokenizer.is_truncated(text)
 
     def _pixels(self, crops: Sequence[Crop]) -> torch.Tensor:
         """Crops as one uint8 NCHW batch on the device (4x less to copy than floats), then
@@ -162,14 +162,27 @@ class ClipModel:
         return F.normalize(self._model.encode_image(pixels).float(), dim=-1)
 
     @torch.inference_mode()
-    def _encode_new_texts(self, texts: list[str]) -> torch.Tensor:
-        tokens = self._tokenizer(texts).to(self.device, non_blocking=True)
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device, non_blocking=True)
         return F.normalize(self._model.encode_text(tokens).float(), dim=-1)
 
+    def _tokenize(
+        self, texts: list[str], tokenized: Mapping[str, Tokenized]
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """Token ids and truncation flags: the given ones, the model's tokenizer for the rest."""
+        if all(text in tokenized for text in texts):
+            ids = torch.from_numpy(np.stack([tokenized[text][0] for text in texts]))
+            return ids, [tokenized[text][1] for text in texts]
+        return self.tokenizer.ids(texts), [self.is_truncated(text) for text in texts]
+
     def encode_texts(
-        self, texts: list[str], report: BatchReport | None = None
+        self,
+        texts: list[str],
+        report: BatchReport | None = None,
+        tokenized: Mapping[str, Tokenized] | None = None,
     ) -> list[TextEmbedding]:
-        """Embeddings of ``texts`` (duplicates encoded once; cached ones not at all)."""
+        """Embeddings of ``texts`` (duplicates encoded once; cached ones not at all), from
+        ``tokenized`` ids where the caller tokenised them already."""
         report = report if report is not None else BatchReport()
         unique = list(dict.fromkeys(texts))
         found: dict[str, TextEmbedding] = {}
@@ -185,9 +198,10 @@ class ClipModel:
         report.text_cache_misses += len(missing)
         if missing:
             started = time.perf_counter()
-            vectors = self._encode_new_texts(missing)
-            for text, vector in zip(missing, vectors, strict=True):
-                found[text] = TextEmbedding(vector=vector, truncated=self.is_truncated(text))
+            ids, truncated = self._tokenize(missing, tokenized or {})
+            vectors = self._encode_tokens(ids)
+            for text, vector, cut in zip(missing, vectors, truncated, strict=True):
+                found[text] = TextEmbedding(vector=vector, truncated=cut)
             report.encode_text_s += time.perf_counter() - started
             if self._text_cache is not None:
                 with self._cache_lock:
@@ -203,9 +217,11 @@ class ClipModel:
         texts: Sequence[str | None],
         keep_vectors: Sequence[bool],
         report: BatchReport | None = None,
+        tokenized: Mapping[str, Tokenized] | None = None,
     ) -> list[JobOutcome]:
         """Mixed jobs in one pass per tower: a crop and a text give their cosine, either alone
-        gives its embedding; ``keep_vectors`` returns the embeddings of pairs too."""
+        gives its embedding; ``keep_vectors`` returns the embeddings of pairs too. ``tokenized``:
+        token ids of texts already tokenised by the caller."""
         report = report if report is not None else BatchReport()
         report.items += len(crops)
         image_rows = [i for i, crop in enumerate(crops) if crop is not None]
@@ -218,7 +234,7 @@ class ClipModel:
             report.encode_image_s += time.perf_counter() - started
         present_texts = [text for text in texts if text is not None]
         text_embeddings = dict(
-            zip(text_rows, self.encode_texts(present_texts, report), strict=True)
+            zip(text_rows, self.encode_texts(present_texts, report, tokenized), strict=True)
         )
         pairs = [i for i in image_rows if i in text_embeddings]
         cosines: dict[int, float] = {}
@@ -277,6 +293,6 @@ class ClipModel:
         height, width = self.preprocessor.size
         blank = np.full((height, width, 3), 127, dtype=np.uint8)
         self.encode_images([blank])
-        self._encode_new_texts(["warm-up"])
+        self._encode_tokens(self.tokenizer.ids(["warm-up"]))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -19,6 +19,10 @@ from clip_runtime.registry import DEFAULT_MODELS
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
 class ClipSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLIP_", extra="ignore")
 
@@ -44,9 +48,21 @@ class ClipSettings(BaseSettings):
         default=64, ge=1, description="Most image-text pairs in one model forward pass."
     )
     max_latency_ms: int = Field(
-        default=60_000,
+        default=10_000,
         ge=1,
-        description="Adaptive batching latency budget; requests that cannot meet it get 503.",
+        description="Adaptive batching latency budget per model (queue wait plus the predicted "
+        "forward pass); work that cannot meet it gets 503 `overloaded` with `Retry-After`. 10 s "
+        "keeps interactive scoring interactive and still fits a 32-pair ViT-B-32 fp32 batch on "
+        "a 2-core CPU (~8 s measured); raise it for large batches on CPU.",
+    )
+    model_max_batch_size: Annotated[dict[str, int], NoDecode] = Field(
+        default={},
+        description="Per-model `CLIP_MAX_BATCH_SIZE`, comma-separated `NAME=N` "
+        "(e.g. `ViT-B-32=256,ViT-L-14=128` on a GPU); unnamed models use the global value.",
+    )
+    model_max_latency_ms: Annotated[dict[str, int], NoDecode] = Field(
+        default={},
+        description="Per-model `CLIP_MAX_LATENCY_MS`, comma-separated `NAME=MS`.",
     )
     text_cache_size: int = Field(
         default=8192,
@@ -54,15 +70,29 @@ class ClipSettings(BaseSettings):
         description="Text embeddings kept per model (LRU); 0 turns the cache off.",
     )
     decode_workers: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=_cores,
         ge=1,
         description="Threads decoding and preprocessing images (default: CPU count).",
     )
     gpu_decode: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="In-process scoring (CLI, benchmark): decode JPEGs with nvjpeg and resize, "
-        "crop and normalise batches on the device; `auto`: on CUDA only; `on` runs the same "
-        "torch code on CPU too. Not used by the HTTP service yet.",
+        description="Where JPEGs are decoded: `on`: the model worker (and in-process engine) "
+        "decodes them in batches with torchvision (nvjpeg on CUDA) and resizes, crops and "
+        "normalises on the device, and the HTTP front end forwards JPEG bytes after its header "
+        "checks; `off`: the front end decodes and crops every image with Pillow; `auto`: `on` "
+        "when the model device is CUDA. Other formats are always cropped in the front end.",
+    )
+    decode_chunk_size: int = Field(
+        default=128,
+        ge=1,
+        description="Images per device decode chunk: the next chunk decodes (on its own CUDA "
+        "stream) while the previous one is encoded.",
+    )
+    http_workers: int = Field(
+        default_factory=_cores,
+        ge=1,
+        description="HTTP front-end (Evaluator) processes (default: CPU count). Limits and "
+        "queues marked 'per HTTP worker' multiply by this.",
     )
     max_request_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest request body accepted."
@@ -170,6 +200,31 @@ class ClipSettings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("model_max_batch_size", "model_max_latency_ms", mode="before")
+    @classmethod
+    def _split_pairs(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [item.strip() for item in value.split(",") if item.strip()]
+            if any("=" not in pair for pair in pairs):
+                raise ValueError(f"expected NAME=N pairs, got {value!r}")
+            return {name.strip(): n.strip() for name, n in (p.rsplit("=", 1) for p in pairs)}
+        return value
+
+    @field_validator("model_max_batch_size", "model_max_latency_ms")
+    @classmethod
+    def _positive(cls, value: dict[str, int]) -> dict[str, int]:
+        if any(n < 1 for n in value.values()):
+            raise ValueError(f"values must be >= 1: {value}")
+        return value
+
+    def batch_size_for(self, model: str) -> int:
+        """The most jobs of ``model`` in one forward pass."""
+        return self.model_max_batch_size.get(model, self.max_batch_size)
+
+    def latency_ms_for(self, model: str) -> int:
+        """``model``'s adaptive batching latency budget."""
+        return self.model_max_latency_ms.get(model, self.max_latency_ms)
+
     @field_validator("url_allowed_hosts")
     @classmethod
     def _ports_are_numbers(cls, value: list[str]) -> list[str]:
@@ -214,6 +269,8 @@ def settings_table() -> str:
         default = "CPU count" if field.default_factory else field.default
         if isinstance(default, list):
             default = ",".join(default)
+        elif isinstance(default, dict):
+            default = ",".join(f"{k}={v}" for k, v in default.items()) or "(none)"
         if name == "api_keys":
             default = "(none: auth off)"
         elif default == "":

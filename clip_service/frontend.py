@@ -33,10 +33,12 @@ from clip_runtime.scoring import (
 from clip_service.admission import InFlightLimitMiddleware, PairQueue
 from clip_service.bentoml_adapter import (
     bound_graceful_shutdown,
+    call_with_reconnect,
     forbid_unknown_fields,
     metrics_text,
 )
 from clip_service.errors import ClientGoneError, api_errors
+from clip_service.image import BENTO_IMAGE
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
 from clip_service.middleware import RequestGuardMiddleware, input_fields_by_route
 from clip_service.multipart_guard import file_fields_by_route
@@ -60,6 +62,7 @@ from clip_service.schemas import (
     RankResult,
     Scale,
     SingleResult,
+    model_parameter,
 )
 from clip_service.store import add_store_references, batch_api_name, model_folders
 from clip_service.worker import Scorer
@@ -67,6 +70,7 @@ from clip_service.worker import Scorer
 logger = logging.getLogger("clip_service.frontend")
 settings = get_settings()
 
+ServedModel = model_parameter(settings.models, settings.default_model)
 DEMO_PAGE = Path(__file__).resolve().parents[1] / "web" / "demo.html"
 
 
@@ -113,7 +117,8 @@ class EvaluatorImpl:
                 for job in jobs:  # for the queue-wait metric and the batch span's links
                     job.sent_at, job.trace_context = time.time(), current_traceparent()
                 batch_api = getattr(self.scorer.to_async, batch_api_name(name))
-                outcomes: list[JobOutcome] = await batch_api(jobs)
+                # Idempotent: one retry when the connection (not the model) failed.
+                outcomes: list[JobOutcome] = await call_with_reconnect(lambda: batch_api(jobs))
         except bentoml.exceptions.ServiceUnavailable as exc:
             # The batcher cancels what cannot meet max_latency_ms: that is overload too.
             raise E.OverloadedError("the model queue is full; retry later") from exc
@@ -145,7 +150,7 @@ class EvaluatorImpl:
 
     async def _model_status(self, name: str) -> ModelStatus:
         if name not in self._statuses:
-            for status in await self.scorer.to_async.describe():
+            for status in await call_with_reconnect(self.scorer.to_async.describe):
                 parsed = ModelStatus.model_validate(status)
                 self._statuses[parsed.name] = parsed
         return self._statuses[name]
@@ -198,7 +203,7 @@ class EvaluatorImpl:
         image: str,
         text: str,
         ctx: bentoml.Context,
-        model: str | None = None,
+        model: ServedModel = None,
         references: list[str] | None = None,
         scale: Scale = "torchmetrics",
     ) -> SingleResult:
@@ -209,7 +214,7 @@ class EvaluatorImpl:
     @bentoml.api(route="/evaluator/v1/evaluation/single/upload")
     @api_errors
     async def evaluate_single_upload(
-        self, image: Path, text: str, ctx: bentoml.Context, model: str | None = None
+        self, image: Path, text: str, ctx: bentoml.Context, model: ServedModel = None
     ) -> SingleResult:
         """CLIP score of one uploaded image file (multipart/form-data) and a caption."""
         data = await asyncio.to_thread(image.read_bytes)
@@ -221,7 +226,7 @@ class EvaluatorImpl:
         self,
         items: list[BatchItem],
         ctx: bentoml.Context,
-        model: str | None = None,
+        model: ServedModel = None,
         scale: Scale = "torchmetrics",
     ) -> BatchResult:
         """CLIP scores of many pairs, in request order; a bad item fails alone."""
@@ -291,7 +296,7 @@ class EvaluatorImpl:
         texts: list[str] | None = None,
         images: list[str] | None = None,
         text: str | None = None,
-        model: str | None = None,
+        model: ServedModel = None,
     ) -> RankResult:
         """Rank captions for one image (`image` + `texts`; zero-shot classification with label
         prompts) or images for one caption (`images` + `text`), with probabilities the way the
@@ -352,7 +357,7 @@ class EvaluatorImpl:
     @bentoml.api(route="/evaluator/v1/embeddings/image")
     @api_errors
     async def embed_images(
-        self, images: list[str], ctx: bentoml.Context, model: str | None = None
+        self, images: list[str], ctx: bentoml.Context, model: ServedModel = None
     ) -> EmbeddingsResult:
         """L2-normalised image embeddings (float32), batched with everything else."""
         name = resolve_model_name(settings, model)
@@ -362,7 +367,7 @@ class EvaluatorImpl:
     @bentoml.api(route="/evaluator/v1/embeddings/text")
     @api_errors
     async def embed_texts(
-        self, texts: list[str], ctx: bentoml.Context, model: str | None = None
+        self, texts: list[str], ctx: bentoml.Context, model: ServedModel = None
     ) -> EmbeddingsResult:
         """L2-normalised text embeddings (float32); `text_truncated` per text."""
         name = resolve_model_name(settings, model)
@@ -395,6 +400,7 @@ class EvaluatorImpl:
                     pretrained=entry.pretrained,
                     weights=entry.weights_source,
                     untrained=entry.is_untrained,
+                    family=entry.family,
                     device=status.device if status else None,
                     dtype=status.dtype if status else None,
                     ready=bool(status and status.ready),
@@ -448,7 +454,11 @@ add_store_references(EvaluatorImpl, settings)
 # InFlightLimitMiddleware's (503 `overloaded`, probes never shed). `timeout` bounds one request.
 Evaluator = bentoml.service(
     name="clip-evaluator",
+    # Every core parses, checks and (on CPU hosts) crops images; PairQueue and the in-flight
+    # limit are per worker, so the service admits http_workers times their values.
+    workers=settings.http_workers,
     traffic={"timeout": 600},
+    image=BENTO_IMAGE,  # the Bento's container image (the entry service's is the Bento's)
 )(bentoml.asgi_app(evaluator_routes, path="/evaluator")(EvaluatorImpl))
 forbid_unknown_fields(Evaluator.apis.values())
 Evaluator.add_asgi_middleware(

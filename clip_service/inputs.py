@@ -1,5 +1,6 @@
-"""Wire inputs -> engine jobs, in the HTTP front end: validate texts, fetch URLs, decode and crop
-images in a thread pool (decoding never blocks the event loop)."""
+"""Wire inputs -> engine jobs, in the HTTP front end: validate and tokenise texts, fetch URLs,
+check images and decode and crop those the model worker does not decode itself, in a thread pool
+(decoding never blocks the event loop)."""
 
 from __future__ import annotations
 
@@ -47,15 +48,16 @@ class JobBuilder:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.preprocessing.pool, function, *args)
 
-    def _crop_field(self, model: str, image: str) -> Job:
+    def _image_field(self, model: str, image: str) -> Job:
         data = decode_image_field(image, self.settings.max_image_bytes)
-        return Job(model, image=self.preprocessing.crop(model, data))
+        return Job(model, image=self.preprocessing.image(model, data))
 
-    def _crop_bytes(self, model: str, data: bytes) -> Job:
-        return Job(model, image=self.preprocessing.crop(model, data))
+    def _image_bytes(self, model: str, data: bytes) -> Job:
+        return Job(model, image=self.preprocessing.image(model, data))
 
     async def image_job(self, model: str, image: str | bytes | None) -> Job:
-        """An image-only job: URL fetch (async) or base64 decode, then crop in the pool."""
+        """An image-only job: URL fetch (async) or base64 decode, then header checks and (unless
+        the model worker decodes it) the crop, in the pool."""
         if image is None:
             raise E.InvalidRequestError("image is missing")
         if isinstance(image, str) and is_url(image):
@@ -63,13 +65,15 @@ class JobBuilder:
                 image = await fetch_image_bytes(image.strip(), self.fetch_policy)
         with stage(model, "decode"):  # pool queueing included: it is part of the wait
             if isinstance(image, bytes):
-                return await self._in_pool(self._crop_bytes, model, image)
-            return await self._in_pool(self._crop_field, model, image)
+                return await self._in_pool(self._image_bytes, model, image)
+            return await self._in_pool(self._image_field, model, image)
 
     def text_job(self, model: str, text: str | None, what: str = "text") -> Job:
         if text is None:
             raise E.InvalidRequestError(f"{what} is missing")
-        return Job(model, text=check_text(self.settings, text))
+        checked = check_text(self.settings, text)
+        token_ids, truncated = self.preprocessing.tokenize(model, checked)
+        return Job(model, text=checked, token_ids=token_ids, text_truncated=truncated)
 
     async def pair(
         self,
@@ -87,6 +91,7 @@ class JobBuilder:
             raise E.TooManyItemsError(f"at most {self.settings.max_candidates} references per pair")
         job = await self.image_job(model, image)
         job.text, job.keep_vectors = caption.text, bool(reference_jobs)
+        job.token_ids, job.text_truncated = caption.token_ids, caption.text_truncated
         return PreparedPair(job, reference_jobs)
 
     async def image_jobs(self, model: str, images: list[str], field: str) -> list[Job]:

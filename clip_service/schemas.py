@@ -3,11 +3,26 @@ them). Optional scores appear only when asked for, so plain answers keep the pla
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Scale = Literal["torchmetrics", "paper"]
+
+
+def model_parameter(served: Sequence[str], default: str) -> Any:
+    """The type of the endpoints' optional ``model`` field, documented with the served names (the
+    API docs are generated at import, once the served models are known)."""
+    names = ", ".join(f"`{name}`" for name in served)
+    return Annotated[
+        str | None,
+        Field(
+            description=f"One of the served models: {names} (default `{default}`). "
+            "/evaluator/health gives each one's family (clip or siglip) and tag.",
+            examples=list(served),
+        ),
+    ]
 
 
 def _absent(value: object) -> bool:
@@ -111,6 +126,8 @@ class ModelStatus(BaseModel):
     logit_scale: float
     family: Literal["clip", "siglip"] = "clip"
     logit_bias: float | None = None
+    # The model worker decodes this model's JPEGs on its device (the front end forwards them).
+    device_decode: bool = False
 
 
 class ModelHealth(BaseModel):
@@ -122,6 +139,9 @@ class ModelHealth(BaseModel):
     device: str | None
     dtype: str | None
     ready: bool
+    family: Literal["clip", "siglip"] = Field(
+        description="clip: rank probabilities are a softmax; siglip: a sigmoid with logit_bias"
+    )
 
 
 class HealthResult(BaseModel):

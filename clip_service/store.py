@@ -23,11 +23,11 @@ def batch_api_name(model: str) -> str:
     return "score_" + store_attribute(model)
 
 
-def _not_saved(reference: bentoml.models.BentoModel) -> E.ModelStoreError:
+def _not_saved(name: str, reference: bentoml.models.BentoModel) -> E.ModelStoreError:
     return E.ModelStoreError(
-        f"model {reference.tag} is not in the BentoML model store (BENTOML_HOME). "
-        "Save it with `python scripts/save_models.py` (or add --random-init for an "
-        "offline demo), or serve fewer models with CLIP_MODELS."
+        f"model {name} ({reference.tag}) is not in the BentoML model store (BENTOML_HOME). "
+        f"Save it with `python scripts/save_models.py --models {name}` (or add --random-init "
+        "for an offline demo), or serve fewer models with CLIP_MODELS."
     )
 
 
@@ -37,7 +37,7 @@ def add_store_references(cls: type, settings: ClipSettings) -> None:
     for name in settings.models:
         reference = bentoml.models.BentoModel(store_name(name))
         if reference.stored is None:
-            raise _not_saved(reference)
+            raise _not_saved(name, reference)
         setattr(cls, store_attribute(name), reference)
 
 
@@ -47,6 +47,6 @@ def model_folders(owner: Any, settings: ClipSettings) -> dict[str, Path]:
     for name in settings.models:
         reference = type(owner).__dict__[store_attribute(name)]
         if reference.stored is None:  # checked first: resolving would try BentoCloud
-            raise _not_saved(reference)
+            raise _not_saved(name, reference)
         folders[name] = Path(getattr(owner, store_attribute(name)).path)
     return folders

@@ -65,6 +65,7 @@ class ScorerImpl:
                 logit_scale=model.logit_scale,
                 family=model.family,
                 logit_bias=model.logit_bias,
+                device_decode=model.info.name in self.engine.tensor_preprocessors,
             )
             for model in self.engine.models.values()
         ]
@@ -86,8 +87,8 @@ for _model in settings.models:
         batch_api_name(_model),
         bentoml.api(
             batchable=True,
-            max_batch_size=settings.max_batch_size,
-            max_latency_ms=settings.max_latency_ms,
+            max_batch_size=settings.batch_size_for(_model),
+            max_latency_ms=settings.latency_ms_for(_model),
         )(_batch_api(_model)),
     )
 

@@ -3,8 +3,12 @@
 Run headless through ``python -m load_tests.run`` (``make load-test``), or directly:
 ``locust -f load_tests/locustfile.py --host http://127.0.0.1:3000``.
 
-A 503 ``overloaded`` (shed load) and the expected 4xx of the bad-input user count as successes:
-both are the service doing its job. Anything else non-200 is a failure.
+A deliberate shed (503/429 with Retry-After and the error code ``overloaded``) and the expected
+4xx of the bad-input user count as successes: both are the service doing its job. Anything else
+non-200 is a failure, ``503 model_not_ready`` included: nothing here kills the model worker.
+
+A service with ``CLIP_API_KEYS`` needs ``--api-key KEY`` (or ``CLIP_API_KEY`` in the environment):
+every request then carries ``Authorization: Bearer KEY``.
 """
 
 from __future__ import annotations
@@ -12,11 +16,18 @@ from __future__ import annotations
 import base64
 import io
 import random
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from locust import FastHttpUser, between, task
+from locust import FastHttpUser, between, events, task
+from locust.env import Environment
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `locust -f` from anywhere
+
+from load_tests.verdicts import error_code, is_deliberate_shed
 
 SINGLE = "/evaluator/v1/evaluation/single"
 BATCH = "/evaluator/v1/evaluation/batch"
@@ -28,7 +39,6 @@ CAPTIONS = [
     "two people walking on a beach at sunset",
     "a diagram of a neural network",
 ]
-SHED_STATUSES = {429, 503}
 
 
 def _image(seed: int, width: int, height: int) -> str:
@@ -56,13 +66,15 @@ def _pick_image(rng: random.Random) -> str:
 
 
 def _check(response: Any, expected: set[int]) -> None:
-    """200, shed (503/429 with Retry-After) or an expected 4xx passes; anything else fails.
+    """200, a shed (503/429 ``overloaded`` with Retry-After) or an expected 4xx passes; anything
+    else fails.
 
     Shed and expected-4xx answers are recorded under their own names (``NAME [shed]``,
     ``NAME [4xx]``) so that the percentiles of served requests are not mixed with them.
     """
     status = response.status_code
-    shed = status in SHED_STATUSES and bool(response.headers.get("retry-after"))
+    code = None if status == 200 else error_code(response.text or "")
+    shed = is_deliberate_shed(status, response.headers.get("retry-after"), code)
     if status == 200:
         response.success()
     elif shed or status in expected:
@@ -72,7 +84,31 @@ def _check(response: Any, expected: set[int]) -> None:
         response.failure(f"unexpected {status}: {response.text[:200]}")
 
 
-class SingleUser(FastHttpUser):
+@events.init_command_line_parser.add_listener
+def _add_options(parser: Any) -> None:
+    parser.add_argument(
+        "--api-key",
+        env_var="CLIP_API_KEY",
+        default="",
+        is_secret=True,
+        help="the service's API key, sent as 'Authorization: Bearer KEY' (env CLIP_API_KEY)",
+    )
+
+
+class ClipUser(FastHttpUser):
+    """Sends the API key, when one is given, with every request."""
+
+    abstract = True
+
+    def __init__(self, environment: Environment) -> None:
+        options = environment.parsed_options
+        api_key = getattr(options, "api_key", "") if options else ""
+        if api_key:
+            self.default_headers = {"Authorization": f"Bearer {api_key}"}
+        super().__init__(environment)
+
+
+class SingleUser(ClipUser):
     """One pair per request, random image size and caption."""
 
     weight = 4
@@ -85,7 +121,7 @@ class SingleUser(FastHttpUser):
             _check(response, set())
 
 
-class BatchUser(FastHttpUser):
+class BatchUser(ClipUser):
     """Batches of 1-16 pairs of mixed image sizes."""
 
     weight = 2
@@ -103,7 +139,7 @@ class BatchUser(FastHttpUser):
             _check(response, set())
 
 
-class RepeatedPromptUser(FastHttpUser):
+class RepeatedPromptUser(ClipUser):
     """The same caption for every image (prompt sweeps): exercises the text embedding cache."""
 
     weight = 2
@@ -118,7 +154,7 @@ class RepeatedPromptUser(FastHttpUser):
             _check(response, set())
 
 
-class BadInputUser(FastHttpUser):
+class BadInputUser(ClipUser):
     """A small share of malformed requests: each must get its documented 4xx, fast."""
 
     weight = 1

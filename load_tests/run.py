@@ -3,20 +3,25 @@
     python -m load_tests.run                       # starts a service (random-init if none saved)
     python -m load_tests.run --url http://127.0.0.1:3000 --users 20 --run-time 60
 
-Writes ``reports/<name>.html`` and ``reports/<name>_stats.csv`` (Locust's own), prints p50/p95/p99
+Writes ``reports/<name>.html`` and ``reports/<name>.json`` (Locust's own), prints p50/p95/p99
 per request name and the failure counts, and exits 1 when any failure appears (a status other
-than 200, an expected 4xx, or a shed 503/429 with Retry-After), 0 otherwise.
+than 200, an expected 4xx, or a shed: 503/429 ``overloaded`` with Retry-After), 0 otherwise.
+
+The figures come from Locust's final statistics (``--json-file``, written after the users have
+stopped), not from its ``--csv`` files: those are rewritten once a second while the test runs
+and miss the requests that finish during the stop timeout.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -37,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default="ViT-B-32", help="CLIP_MODELS of a started service")
     parser.add_argument(
         "--allow-remote", action="store_true", help="allow a URL that is not loopback"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("CLIP_API_KEY") or None,
+        help="the service's API key (default: the CLIP_API_KEY environment variable); "
+        "passed to Locust in its environment, not on its command line",
     )
     return parser.parse_args(argv)
 
@@ -71,20 +82,37 @@ def start_service(models: str, log_dir: Path) -> object:
     return server.start()
 
 
-def summarize(stats_csv: Path) -> tuple[int, int]:
-    """Print the percentile table; return (requests, failures) of the aggregate row."""
-    with stats_csv.open() as handle:
-        rows = list(csv.DictReader(handle))
+def percentile(histogram: Counter[int], fraction: float) -> int:
+    """Locust's own rule: the smallest rounded response time with at least ``fraction`` of the
+    requests at or below it (its histogram keys are rounded milliseconds)."""
+    wanted = fraction * sum(histogram.values())
+    seen = 0
+    for milliseconds in sorted(histogram):
+        seen += histogram[milliseconds]
+        if seen >= wanted:
+            return milliseconds
+    return 0
+
+
+def summarize(stats_json: Path) -> tuple[int, int]:
+    """Print the percentile table of Locust's final statistics; return (requests, failures).
+
+    Read as JSON rather than through Locust's classes: importing locust monkey-patches this
+    process (gevent), which deadlocks the threads of a caller such as a test.
+    """
+    rows = []
+    for entry in sorted(json.loads(stats_json.read_text()), key=lambda e: e["name"]):
+        histogram = Counter({int(ms): count for ms, count in entry["response_times"].items()})
+        rows.append((entry["name"], entry["num_requests"], entry["num_failures"], histogram))
+    total = Counter[int]()
+    for _, _, _, histogram in rows:
+        total.update(histogram)
+    rows.append(("Aggregated", sum(r[1] for r in rows), sum(r[2] for r in rows), total))
     print(f"{'name':34} {'reqs':>7} {'fails':>6} {'p50':>7} {'p95':>7} {'p99':>7}  (ms)")
-    total = failures = 0
-    for row in rows:
-        print(
-            f"{row['Name'][:34]:34} {row['Request Count']:>7} {row['Failure Count']:>6} "
-            f"{row['50%']:>7} {row['95%']:>7} {row['99%']:>7}"
-        )
-        if row["Name"] == "Aggregated":
-            total, failures = int(row["Request Count"]), int(row["Failure Count"])
-    return total, failures
+    for name, requests, failures, histogram in rows:
+        p50, p95, p99 = (percentile(histogram, f) for f in (0.5, 0.95, 0.99))
+        print(f"{name[:34]:34} {requests:>7} {failures:>6} {p50:>7} {p95:>7} {p99:>7}")
+    return rows[-1][1], rows[-1][2]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,26 +143,29 @@ def run(args: argparse.Namespace) -> int:
         "30",
         "--html",
         f"{prefix}.html",
-        "--csv",
+        "--json-file",
         str(prefix),
         "--only-summary",
         "--loglevel",
         "WARNING",
         *args.user_classes,
     ]
+    env = {**os.environ}
+    if args.api_key:
+        env["CLIP_API_KEY"] = args.api_key  # the locustfile's --api-key option reads it
     started = time.monotonic()
     try:
-        subprocess.run(command, cwd=ROOT, check=False)
+        subprocess.run(command, cwd=ROOT, env=env, check=False)
     finally:
         if server is not None:
             server.stop()  # type: ignore[attr-defined]
-    total, failures = summarize(Path(f"{prefix}_stats.csv"))
+    total, failures = summarize(Path(f"{prefix}.json"))
     print(f"{total} requests, {failures} failures in {time.monotonic() - started:.0f} s")
-    print(f"report: {prefix}.html  stats: {prefix}_stats.csv")
+    print(f"report: {prefix}.html  stats: {prefix}.json")
     if total == 0 or failures:
         print("FAIL: unexpected failures (or no requests)" if total else "FAIL: no requests")
         return 1
-    print("PASS: only 200s, expected 4xx and shed 503/429 with Retry-After")
+    print("PASS: only 200s, expected 4xx and shed 503/429 `overloaded` with Retry-After")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -66,16 +67,43 @@ def make_dataset(folder: Path, fmt: str = "csv", url: str | None = None) -> Data
     (images_dir / "broken.jpg").write_bytes(b"this is not an image")
     add("img/missing.jpg", "no such file", error="image_not_found")
     add("img/0.jpg", "", error="empty_text")
-    add("ftp://example.com/a.jpg", "not http", error="unsupported_image_source")
+    add("ftp://example.com/a.jpg", "not http", error="url_not_allowed")
     add("img/broken.jpg", "corrupt", error="invalid_image")
     if url is not None:
         add(f"{url}/img/3.jpg", "fetched over http", images[3])
-        add(f"{url}/img/none.jpg", "a 404", error="image_fetch_failed")
+        add(f"{url}/img/none.jpg", "a 404", error="url_fetch_failed")
 
     frame = pd.DataFrame(rows)
     path = folder / f"pairs.{fmt}"
     write_table(frame, path)
     return Dataset(path, frame, images, errors)
+
+
+# The flags that score the columns add_second_columns writes.
+OPTIONAL_SCORES = [
+    "--reference-column",
+    "refs",
+    "--image-column-2",
+    "image2",
+    "--text-column-2",
+    "text2",
+]
+OTHER_TEXTS = ["a kitten asleep", "a bus", "soup in a bowl", "dogs running", "a cat", "a plan"]
+
+
+def add_second_columns(folder: Path, fmt: str = "csv") -> tuple[Dataset, list[int]]:
+    """The CLI test dataset with references (one text, or a JSON list), a second image and a
+    second text on every row; the ids of the rows that score."""
+    dataset = make_dataset(folder, fmt)
+    frame = dataset.frame.copy()
+    good = [i for i in frame["id"] if i not in dataset.errors]
+    frame["refs"] = [
+        json.dumps([f"ref {i}", OTHER_TEXTS[i % 6]]) if i % 2 else f"ref {i}" for i in frame["id"]
+    ]
+    frame["image2"] = [f"img/{(i + 1) % 6}.jpg" for i in frame["id"]]
+    frame["text2"] = [OTHER_TEXTS[i % 6] for i in frame["id"]]
+    write_table(frame, dataset.path)
+    return Dataset(dataset.path, frame, dataset.images, dataset.errors), good
 
 
 def write_table(frame: pd.DataFrame, path: Path) -> None:
@@ -98,17 +126,28 @@ def read_table(path: Path) -> pd.DataFrame:
     return frame.astype(object).where(frame.notna(), None)
 
 
-def reference_cosines(folder: Path, images: list[bytes], texts: list[str]) -> list[float]:
-    """open_clip end to end, its own way (its transform and tokenizer), fp32 on the CPU."""
+def reference_features(
+    folder: Path, images: list[bytes], texts: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """open_clip end to end, its own way (its transform and tokenizer), fp32 on the CPU:
+    L2-normalised image and text embeddings."""
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     model.eval()
     with torch.no_grad():
-        pixels = torch.stack(
-            [preprocess(Image.open(io.BytesIO(data)).convert("RGB")) for data in images]
-        )
-        image_features = model.encode_image(pixels, normalize=True)
+        image_features = torch.zeros((0, 0))
+        if images:
+            pixels = torch.stack(
+                [preprocess(Image.open(io.BytesIO(data)).convert("RGB")) for data in images]
+            )
+            image_features = model.encode_image(pixels, normalize=True)
         text_features = model.encode_text(tokenizer(texts), normalize=True)
+    return image_features.numpy(), text_features.numpy()
+
+
+def reference_cosines(folder: Path, images: list[bytes], texts: list[str]) -> list[float]:
+    """open_clip's cosines of image-caption pairs."""
+    image_features, text_features = reference_features(folder, images, texts)
     return (image_features * text_features).sum(-1).tolist()
 
 
@@ -152,3 +191,8 @@ def cli_env(**extra: str) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         **extra,
     }
+
+
+def allow_host(url: str) -> list[str]:
+    """The flag that lets clip-eval fetch from a test server on loopback (refused otherwise)."""
+    return ["--url-allowed-host", url.split("://", 1)[1].split("/", 1)[0]]

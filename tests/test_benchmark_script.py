@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 from dataclasses import asdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
+from typing import ClassVar
 
 import torch
 
@@ -55,3 +58,44 @@ def test_benchmark_pieces_run_and_render(tiny_model_dir: Path) -> None:
     }
     text = bench.markdown(result)
     assert text.count("| ViT-B-32 |") == 3 and "torch" in text
+
+
+class _Answers(BaseHTTPRequestHandler):
+    """200 for a body holding "ok", 503 for anything else; records the bodies it got."""
+
+    bodies: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.bodies.append(body)
+        self.send_response(200 if b"ok" in body else 503)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_load_generator_counts_failures_in_percentiles_and_numbers_unique_bodies() -> None:
+    bench = load_script()
+    from scripts.loadgen import UNIQUE_MARKER, run_load
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        bodies = [b'{"t": "ok ' + UNIQUE_MARKER + b'"}', b'{"t": "no"}']
+        opened = run_load(url, bodies, mode="open", seconds=1.0, processes=2, rate=20)
+        closed = run_load(url, bodies[:1], mode="closed", seconds=0.5, processes=1, clients=2)
+    finally:
+        server.shutdown()
+    # Fixed arrivals: every scheduled request was sent, half of them answered 503.
+    assert opened.sent == 20
+    assert opened.failures == {"HTTP 503": 10} and len(opened.latencies_s) == 10
+    row = bench.load_row("m", "open", opened, 1, "open 20/s", None)
+    assert row.p95_ms == float("inf") and row.errors == 10 and row.failures == "HTTP 503: 10"
+    assert closed.sent > 0 and not closed.failures
+    numbered = [b for b in _Answers.bodies if b.startswith(b'{"t": "ok')]
+    assert UNIQUE_MARKER not in b"".join(numbered)
+    assert len(set(numbered)) == len(numbered)

@@ -1,18 +1,45 @@
-"""Every private BentoML name that ``clip_service.bentoml_adapter`` relies on still exists: a
-BentoML upgrade that moves one fails here, by name, instead of in a running service."""
+"""``clip_service.bentoml_adapter`` against the installed BentoML: every private name it relies
+on still exists (an upgrade that moves one fails here, by name, instead of in a running
+service), and its fixes of BentoML 1.4.40's dependency client do what they say.
+
+The session bug (BentoML issue #5540): the dependency client's SessionManager closes its aiohttp
+session every 100 calls while other calls are still running on it. Here against a local aiohttp
+server with a slow endpoint, with BentoML's own methods and with the adapter's.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import reduce
+from typing import Any
 
+import aiohttp
+import bentoml
 import pytest
+from _bentoml_impl.client import proxy2
+from aiohttp import web
 
-from clip_service.bentoml_adapter import PRIVATE_API
+from clip_service.bentoml_adapter import (
+    PATCHED_BENTOML_VERSION,
+    PRIVATE_API,
+    BentoMLChangedError,
+    apply_readiness_fix,
+    apply_session_fix,
+    call_with_reconnect,
+    check_arbiter,
+    check_async_client,
+    check_session_manager,
+    install_dependency_session_fix,
+    install_fast_worker_restart,
+)
 
 
 @pytest.mark.parametrize(("module", "path"), PRIVATE_API)
 def test_private_api_still_exists(module: str, path: str) -> None:
+    """A BentoML upgrade that moves a private name fails here, by name."""
     found = reduce(getattr, path.split("."), importlib.import_module(module))
     assert found is not None
 
@@ -58,3 +85,267 @@ def test_model_worker_declares_a_gpu_only_where_it_serves_on_one(
     from clip_service.bentoml_adapter import accelerator_resources
 
     assert accelerator_resources(device, gpus) == resources
+
+
+# -- the dependency client's sessions ------------------------------------------------------------
+
+CALLS = 250  # BentoML refreshes after 100 calls: two refreshes with calls in flight
+SLOW_S = 0.3
+
+
+def _unfixed_class() -> type[Any]:
+    """BentoML's SessionManager as shipped, whether or not this process installed the fix."""
+    original = proxy2.SessionManager
+    unfixed_methods = getattr(original, "_clip_unfixed_methods", {})
+    return type("UnfixedSessionManager", (original,), unfixed_methods)
+
+
+def _fixed_class() -> type[Any]:
+    fixed = type("FixedSessionManager", (_unfixed_class(),), {})
+    apply_session_fix(fixed)
+    return fixed
+
+
+@asynccontextmanager
+async def slow_server() -> AsyncIterator[str]:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(SLOW_S)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def overlapping_calls(manager_class: type[Any], timeout_s: float = 30) -> list[str]:
+    """``CALLS`` overlapping GETs through one manager, as the dependency client makes them."""
+    async with slow_server() as url:
+        manager = manager_class(url=url, timeout=timeout_s, headers={})
+
+        async def call(index: int) -> str:
+            await asyncio.sleep(index * 0.002)  # staggered: refreshes happen mid-flight
+            session = await manager.get_session()
+            try:
+                async with session.get("/slow") as response:
+                    return f"{response.status}"
+            except (aiohttp.ClientError, asyncio.CancelledError) as error:
+                # Calls still waiting for a connection of the closed session are cancelled.
+                return type(error).__name__
+
+        try:
+            return await asyncio.gather(*(call(i) for i in range(CALLS)))
+        finally:
+            await manager.close()
+
+
+def test_bentoml_session_manager_fails_calls_in_flight_at_a_refresh() -> None:
+    """The reproduction: if this starts passing, BentoML fixed it and the adapter can go."""
+    outcomes = asyncio.run(overlapping_calls(_unfixed_class()))
+    failed = [o for o in outcomes if o != "200"]
+    assert failed, "BentoML's SessionManager no longer breaks in-flight calls"
+    assert set(failed) <= {"ServerDisconnectedError", "ClientConnectionError", "CancelledError"}
+
+
+def test_fixed_session_manager_serves_every_overlapping_call() -> None:
+    outcomes = asyncio.run(overlapping_calls(_fixed_class()))
+    assert outcomes == ["200"] * CALLS
+
+
+def test_a_retired_session_is_closed_after_its_timeout() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        manager = _fixed_class()(url="http://127.0.0.1:1", timeout=0.3, headers={})
+        manager.max_requests = 1
+        first = await manager.get_session()
+        await manager.get_session()
+        second = await manager.get_session()  # the third call refreshes: `first` is retired
+        retired_open = not first.closed and first is not second
+        await asyncio.sleep(0.5)
+        closed_after_grace = first.closed
+        await manager.close()
+        return retired_open, closed_after_grace
+
+    assert asyncio.run(scenario()) == (True, True)
+
+
+def test_install_patches_bentoml_once() -> None:
+    install_dependency_session_fix()
+    patched = proxy2.SessionManager.get_session
+    install_dependency_session_fix()
+    assert proxy2.SessionManager.get_session is patched
+    assert patched is not proxy2.SessionManager._clip_unfixed_methods["get_session"]
+
+
+def test_the_fix_refuses_another_bentoml_version() -> None:
+    assert bentoml.__version__ == PATCHED_BENTOML_VERSION
+    with pytest.raises(BentoMLChangedError, match=r"1\.4\.41"):
+        check_session_manager(_unfixed_class(), "1.4.41")
+
+
+@pytest.mark.parametrize("name", ["_should_refresh", "_make_client", "get_session"])
+def test_the_fix_refuses_a_session_manager_without_what_it_uses(name: str) -> None:
+    changed = type("ChangedSessionManager", (_unfixed_class(),), {name: None})
+    with pytest.raises(BentoMLChangedError, match=name):
+        check_session_manager(changed, PATCHED_BENTOML_VERSION)
+
+
+def test_the_fix_refuses_a_session_manager_that_keeps_other_state() -> None:
+    base = _unfixed_class()
+
+    def init_without_request_count(self: Any, **kwargs: Any) -> None:
+        base.__init__(self, **kwargs)
+        del self._request_count
+
+    renamed = type("Renamed", (base,), {"__init__": init_without_request_count})
+    with pytest.raises(BentoMLChangedError, match="_request_count"):
+        check_session_manager(renamed, PATCHED_BENTOML_VERSION)
+
+
+def test_call_with_reconnect_retries_a_dropped_connection_once() -> None:
+    attempts: list[int] = []
+
+    async def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise aiohttp.ServerDisconnectedError()
+        return "scored"
+
+    assert asyncio.run(call_with_reconnect(flaky)) == "scored"
+    assert len(attempts) == 2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [aiohttp.ServerDisconnectedError(), aiohttp.ServerTimeoutError("read timeout")],
+    ids=["twice-disconnected", "timeout"],
+)
+def test_call_with_reconnect_gives_up_after_one_retry_and_never_retries_a_timeout(
+    error: Exception,
+) -> None:
+    attempts: list[int] = []
+
+    async def failing() -> str:
+        attempts.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        asyncio.run(call_with_reconnect(failing))
+    assert len(attempts) == (1 if isinstance(error, aiohttp.ServerTimeoutError) else 2)
+
+
+# -- readiness of the model worker ---------------------------------------------------------------
+
+
+def _client_class(fixed: bool) -> type[Any]:
+    original = proxy2.AsyncClient
+    unfixed = type(
+        "UnfixedAsyncClient", (original,), getattr(original, "_clip_unfixed_methods", {})
+    )
+    if not fixed:
+        return unfixed
+    fixed_class = type("FixedAsyncClient", (unfixed,), {})
+    apply_readiness_fix(fixed_class)
+    return fixed_class
+
+
+async def _readiness(client_class: type[Any], path: str) -> str:
+    """``is_ready(1)`` of a client of ``client_class`` against ``path`` of a local server."""
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="\n")
+
+    async def hangs(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.5)  # past is_ready(1)
+        return web.Response(text="\n")
+
+    app = web.Application()
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/hangs", hangs)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1] if path != "refused" else 1
+    client = client_class(f"http://127.0.0.1:{port}", server_ready_timeout=0)
+    client._readyz_endpoint = f"/{path}"
+    try:
+        return str(await client.is_ready(1))
+    except Exception as error:  # what escapes to BentoML's /readyz handler
+        return type(error).__name__
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("path", "bentoml", "fixed"),
+    [
+        ("ready", "True", "True"),
+        ("hangs", "TimeoutError", "False"),
+        ("refused", "ClientConnectorError", "False"),
+    ],
+)
+def test_is_ready_answers_false_where_bentoml_raises(path: str, bentoml: str, fixed: str) -> None:
+    """BentoML's is_ready raises on a timeout or a refused connection, and its /readyz then
+    never answers; the fixed one says False."""
+    assert asyncio.run(_readiness(_client_class(fixed=False), path)) == bentoml
+    assert asyncio.run(_readiness(_client_class(fixed=True), path)) == fixed
+
+
+def test_the_readiness_fix_refuses_a_client_without_what_it_uses() -> None:
+    base = _client_class(fixed=False)
+
+    def init_without_readyz_endpoint(self: Any, *args: Any, **kwargs: Any) -> None:
+        base.__init__(self, *args, **kwargs)
+        del self._readyz_endpoint
+
+    renamed = type("Renamed", (base,), {"__init__": init_without_readyz_endpoint})
+    with pytest.raises(BentoMLChangedError, match="_readyz_endpoint"):
+        check_async_client(renamed)
+
+
+# -- the worker restart period ----------------------------------------------------------------
+
+
+def test_bentoml_checks_its_workers_only_every_10_s() -> None:
+    """The premise of install_fast_worker_restart: BentoML's arbiter checks every 10 s."""
+    from bentoml._internal.utils.circus import create_standalone_arbiter
+
+    arbiter = create_standalone_arbiter([])
+    try:
+        assert arbiter.ctrl.check_delay == 10_000  # milliseconds
+    finally:
+        arbiter.ctrl.context.destroy(linger=0)
+
+
+def test_fast_worker_restart_patches_the_arbiter_start_once() -> None:
+    from bentoml._internal.utils import circus as bentoml_circus
+
+    install_fast_worker_restart()
+    patched = bentoml_circus.Arbiter.start
+    install_fast_worker_restart()
+    assert bentoml_circus.Arbiter.start is patched
+    assert patched.__module__ == "clip_service.bentoml_adapter"
+
+
+def test_fast_worker_restart_refuses_another_bentoml_or_circus() -> None:
+    from bentoml._internal.utils.circus import Arbiter
+    from circus.controller import Controller
+
+    with pytest.raises(BentoMLChangedError, match=r"1\.5\.0"):
+        check_arbiter(Arbiter, Controller, "1.5.0")
+
+    class OtherController:
+        def __init__(self, endpoint: str) -> None: ...
+
+    with pytest.raises(BentoMLChangedError, match="check_delay"):
+        check_arbiter(Arbiter, OtherController, PATCHED_BENTOML_VERSION)
+    with pytest.raises(BentoMLChangedError, match="start"):
+        check_arbiter(type("NoStart", (Arbiter,), {}), Controller, PATCHED_BENTOML_VERSION)

@@ -14,10 +14,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,16 +28,23 @@ from PIL import Image
 
 from clip_eval import cli
 from clip_eval.engines.local import LocalScorer
-from clip_eval.engines.remote import BatchRequester, RetryPolicy
+from clip_eval.engines.remote import (
+    BatchRequester,
+    RetryPolicy,
+    generated_client,
+    parse_retry_after,
+    record_retry_after,
+)
 from clip_eval.errors import ClipEvalError
 from clip_eval.images import ImageLoader, LoaderConfig
 from clip_eval.output import OutputFile, state_path
 from clip_eval.pipeline import RowAligner
-from clip_eval.records import RESULT_COLUMNS, Outcome
+from clip_eval.records import Outcome, result_columns
 from clip_eval.summary import summarize
 from clip_runtime.errors import ClipError
 from tests.cli_helpers import (
     Dataset,
+    allow_host,
     check_output,
     cli_command,
     cli_env,
@@ -106,8 +115,7 @@ def test_local_engine_scores_every_row(
         output,
         "--batch-size",
         "4",
-        "--reference-column",
-        "refs",
+        *allow_host(url),
         *tiny_args(tiny_model_dir),
     )
     assert code == 0
@@ -139,9 +147,11 @@ def test_resume_after_interrupt_rescores_nothing(
     real_append = OutputFile.append
     appends = 0
 
-    def append_then_interrupt(self: OutputFile, rows: pd.DataFrame, input_rows: int) -> None:
+    def append_then_interrupt(
+        self: OutputFile, rows: pd.DataFrame, input_rows: int, embeddings: Any = None
+    ) -> None:
         nonlocal appends
-        real_append(self, rows, input_rows)
+        real_append(self, rows, input_rows, embeddings)
         appends += 1
         if appends == 2:  # what Ctrl-C does between two batches
             raise KeyboardInterrupt
@@ -187,7 +197,8 @@ def test_killed_run_loses_nothing_and_resumes(
             image=[f"{url}/{image}" if image.startswith("img/") else image for image in images]
         )
         write_table(frame, dataset.path)
-        errors = {**dataset.errors, images.index("img/missing.jpg"): "image_fetch_failed"}
+        errors = {**dataset.errors, images.index("img/missing.jpg"): "url_fetch_failed"}
+        args = [*args, *allow_host(url)]
         dataset = Dataset(dataset.path, frame, dataset.images, errors)
         process = subprocess.Popen(
             cli_command(str(dataset.path), *args),
@@ -280,8 +291,8 @@ def test_rows_and_outcomes_are_lined_up_whatever_the_batch_sizes() -> None:
     written = []
     for start, stop in [(0, 1), (1, 6), (6, 7), (7, 14)]:  # 1, 5, 1 and 7 outcomes
         written.extend(aligner.add(outcomes[start:stop]))
-    assert [done for _, done in written] == [3, 3, 1]  # every row once, only when complete
-    rows = pd.concat([rows for rows, _ in written], ignore_index=True)
+    assert [done for _, done, _ in written] == [3, 3, 1]  # every row once, only when complete
+    rows = pd.concat([rows for rows, _, _ in written], ignore_index=True)
     assert list(rows["id"]) == [i for i in range(7) for _ in range(2)]
     assert list(rows["model"]) == ["A", "B"] * 7
     assert list(rows["cosine"]) == pytest.approx([i / 10 for i in range(7) for _ in range(2)])
@@ -299,7 +310,7 @@ def test_empty_input_gives_an_empty_table_with_the_columns(
     assert run_cli(tmp_path / "in.csv", "-o", output, *tiny_args(tiny_model_dir)) == 0
     frame = read_table(output)
     assert frame.empty
-    assert list(frame.columns) == ["image", "caption", "id", *RESULT_COLUMNS]
+    assert list(frame.columns) == ["image", "caption", "id", *result_columns(False, False, False)]
 
 
 # -- clear errors ------------------------------------------------------------------------------
@@ -328,6 +339,9 @@ def test_clear_errors_for_files_columns_and_state(
     assert "--plot: folder does not exist" in error_of(
         dataset.path, "-o", out, "--plot", tmp_path / "no" / "h.png", *tiny
     )
+    assert "--url-allowed-host: allow-list entry" in error_of(
+        dataset.path, "-o", out, "--url-allowed-host", "cdn.example.com:http", *tiny
+    )
     assert "not a CLIP model entry" in error_of(
         dataset.path, "-o", out, "--model-dir", tmp_path, "--quiet"
     )
@@ -354,7 +368,9 @@ def test_image_references(tmp_path: Path, image_server: tuple[str, Path]) -> Non
     data = jpeg_bytes(1, 64, 64)
     (served / "one.jpg").write_bytes(data)
     (tmp_path / "one.jpg").write_bytes(data)
-    loader = ImageLoader(LoaderConfig(image_root=tmp_path, max_image_bytes=len(data)))
+    host = url.removeprefix("http://")
+    config = LoaderConfig(image_root=tmp_path, max_image_bytes=len(data), url_allowed_hosts=(host,))
+    loader = ImageLoader(config)
     b64 = base64.b64encode(data).decode()
     assert loader.load("one.jpg") == data
     assert loader.load(str(tmp_path / "one.jpg")) == data
@@ -371,14 +387,25 @@ def test_image_references(tmp_path: Path, image_server: tuple[str, Path]) -> Non
         return caught.value.code
 
     assert code("two.jpg") == "image_not_found"
-    assert code(f"{url}/two.jpg") == "image_fetch_failed"
-    assert code("http://127.0.0.1:9/x.jpg") == "image_fetch_failed"  # nothing listens there
-    assert code("file:///etc/passwd") == "unsupported_image_source"
-    assert code("s3://bucket/key.jpg") == "unsupported_image_source"
+    # The service's fetcher and codes: a 404, an allow-listed host with nothing listening.
+    assert code(f"{url}/two.jpg") == "url_fetch_failed"
+    dead = LoaderConfig(image_root=tmp_path, url_allowed_hosts=("127.0.0.1:9",))
+    assert code("http://127.0.0.1:9/x.jpg", dead) == "url_fetch_failed"
+    # Its SSRF guard: loopback, private and metadata addresses unless allow-listed.
+    open_config = LoaderConfig(image_root=tmp_path)
+    assert code(f"{url}/one.jpg", open_config) == "url_not_allowed"
+    assert code("http://169.254.169.254/latest/meta-data", open_config) == "url_not_allowed"
+    assert code("http://example.com/a.jpg") == "url_not_allowed"  # not in the allow-list
+    assert code("file:///etc/passwd") == "url_not_allowed"
+    assert code("s3://bucket/key.jpg") == "url_not_allowed"
+    off = LoaderConfig(image_root=tmp_path, allow_urls=False, url_allowed_hosts=(host,))
+    assert code(f"{url}/one.jpg", off) == "url_not_allowed"
     assert code("") == "invalid_request"
     assert code(None) == "invalid_request"
     assert code(float("nan")) == "invalid_request"
-    small = LoaderConfig(image_root=tmp_path, max_image_bytes=len(data) - 1)
+    small = LoaderConfig(
+        image_root=tmp_path, max_image_bytes=len(data) - 1, url_allowed_hosts=(host,)
+    )
     assert code("one.jpg", small) == "image_too_large"
     assert code(f"{url}/one.jpg", small) == "image_too_large"
     assert code(str(tmp_path)) == "image_unreadable"  # a folder
@@ -462,6 +489,65 @@ def test_remote_splits_a_batch_the_service_finds_too_large() -> None:
     results = asyncio.run(BatchRequester(call, FAST).results(ITEMS, "ViT-B-32"))
     assert [r["cosine"] for r in results] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
     assert calls == [5, 2, 3, 1, 2]  # halves until each fits, order kept
+
+
+def test_remote_waits_as_long_as_retry_after_says() -> None:
+    """A 503 with ``Retry-After: 1`` delays the retry by a second although the backoff would
+    wait 0.02 s: the answer goes through an httpx client carrying the engine's response hook,
+    as the generated client's requests do."""
+    answers = [httpx.Response(503, headers={"retry-after": "1"}), httpx.Response(200)]
+    transport = httpx.MockTransport(lambda request: answers.pop(0))
+    sent: list[float] = []
+
+    async def evaluate_batch(items: list[dict[str, str]], model: str) -> dict[str, Any]:
+        async with httpx.AsyncClient(
+            transport=transport, event_hooks={"response": [record_retry_after]}
+        ) as http:
+            sent.append(time.monotonic())
+            response = await http.post("http://service/evaluator/v1/evaluation/batch")
+        if response.status_code != 200:
+            raise BentoMLException("busy", error_code=HTTPStatus(response.status_code))
+        return {"results": [{"index": i, "score": 1.0, "cosine": 0.01} for i in range(len(items))]}
+
+    results = asyncio.run(BatchRequester(evaluate_batch, FAST).results(ITEMS, "ViT-B-32"))
+    assert len(results) == len(ITEMS)
+    assert len(sent) == 2
+    assert 1.0 <= sent[1] - sent[0] < 5.0
+
+
+def test_retry_after_header_forms() -> None:
+    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("Wed, 01 Jan 2025 12:00:07 GMT", now) == 7.0
+    assert parse_retry_after("Wed, 01 Jan 2025 11:00:00 GMT", now) == 0.0  # already past
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+def test_generated_client_sends_the_key_and_records_retry_after() -> None:
+    """What the engine assumes of BentoML's AsyncHTTPClient: ``.client`` is the httpx client its
+    calls go through, and ``token`` becomes the bearer header (no request is sent here)."""
+    client = generated_client("http://127.0.0.1:9", 5.0, "secret-key")
+    assert isinstance(client.client, httpx.AsyncClient)
+    assert record_retry_after in client.client.event_hooks["response"]
+    assert client.client.headers["authorization"] == "Bearer secret-key"
+    keyless = generated_client("http://127.0.0.1:9", 5.0, None)
+    assert "authorization" not in keyless.client.headers
+
+
+def test_remote_says_how_to_pass_a_refused_key() -> None:
+    call, calls = fake_service([401])
+    with pytest.raises(ClipEvalError, match=r"refused the API key.*--api-key or.*CLIP_API_KEY"):
+        asyncio.run(BatchRequester(call, FAST).results(ITEMS, "ViT-B-32"))
+    assert calls == [5]
+
+
+def test_api_key_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIP_API_KEY", "from-env")
+    assert cli.build_parser().parse_args(["x.csv"]).api_key == "from-env"
+    assert cli.build_parser().parse_args(["x.csv", "--api-key", "k"]).api_key == "k"
+    monkeypatch.delenv("CLIP_API_KEY")
+    assert cli.build_parser().parse_args(["x.csv"]).api_key is None
 
 
 def test_console_script_entry_point(capsys: pytest.CaptureFixture[str]) -> None:

@@ -216,7 +216,26 @@ def test_any_valid_image_size_gives_a_model_sized_crop(width: int, height: int, 
 
 @settings(max_examples=40, deadline=None)
 @given(st.text(alphabet=st.characters(codec="ascii"), max_size=200))
-def test_arbitrary_text_fields_decode_or_raise_invalid_image(value: str) -> None:
-    # ``a0:...`` is a URI scheme: url_not_allowed, as documented for file:, ftp:, ...
+def test_arbitrary_text_fields_decode_or_raise_a_domain_error(value: str) -> None:
+    # A value that starts like a URI (``a:``) is a refused URL scheme, never base64.
     with contextlib.suppress(InvalidImageError, ImageTooLargeError, UrlNotAllowedError):
         decode_image_field(value, 1_000_000)
+
+
+def test_plain_base64_skips_the_whitespace_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import clip_runtime.image_field as image_field
+
+    data = jpeg_bytes(3, 40, 30)
+    wrapped = base64.encodebytes(data).decode()  # line breaks every 76 characters
+    urlsafe = base64.urlsafe_b64encode(data).decode().rstrip("=")
+    assert decode_image_field(wrapped, 1_000_000) == data
+    assert decode_image_field(urlsafe, 1_000_000) == data
+
+    class NoRegexPass:
+        def sub(self, *args: object) -> str:
+            raise AssertionError("the whitespace regex ran on plain base64")
+
+    monkeypatch.setattr(image_field, "_WHITESPACE", NoRegexPass())
+    assert decode_image_field(base64.b64encode(data).decode(), 1_000_000) == data
+    data_uri = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    assert decode_image_field(data_uri, 1_000_000) == data

@@ -32,7 +32,14 @@ SERVICEMONITOR_SCHEMA = Path(__file__).parent / "fixtures" / "k8s" / "servicemon
 
 # The oldest Kubernetes minor the manifests promise to work on, and the newest schemas bundled.
 KUBERNETES_VERSIONS = ("1.28", "1.37")
-BUILT_IN_KINDS = ("Deployment", "Service", "HorizontalPodAutoscaler")
+BUILT_IN_KINDS = (
+    "Deployment",
+    "Service",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+)
+ADAPTER_DIR = K8S_DIR / "prometheus-adapter"
 CUSTOM_KINDS = ("ServiceMonitor",)
 
 
@@ -235,3 +242,86 @@ def test_kustomization_applies_every_manifest_and_names_the_image(
     image = _container(manifests)["image"]
     image_names = {entry["name"] for entry in kustomization["images"]}
     assert image.rsplit(":", 1)[0] in image_names  # else `images` would rewrite nothing
+
+
+def test_pdb_covers_the_pods_without_blocking_drains(manifests: dict[str, dict[str, Any]]) -> None:
+    pdb = manifests["PodDisruptionBudget"]["spec"]
+    pod_labels = manifests["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert _matches(pdb["selector"]["matchLabels"], pod_labels)
+    # One pod at a time; `minAvailable` >= minReplicas would forbid every eviction at 1 replica.
+    assert pdb == {**pdb, "maxUnavailable": 1} and "minAvailable" not in pdb
+
+
+def test_shutdown_fits_the_grace_period(manifests: dict[str, dict[str, Any]]) -> None:
+    """preStop sleep, then the serve's bounded drain, inside terminationGracePeriodSeconds with
+    room for the model worker to stop; the drain lasts as long as the latency budget."""
+    container = _container(manifests)
+    args = container["args"]
+    drain_s = int(args[args.index("--timeout-graceful-shutdown") + 1])
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop_s = int(command[1])
+    grace_s = manifests["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert pre_stop_s >= 5  # endpoints and load balancers need a few seconds to stop routing
+    assert grace_s >= pre_stop_s + drain_s + 30
+    env = {item["name"]: item["value"] for item in container["env"]}
+    latency_ms = int(
+        env.get("CLIP_MAX_LATENCY_MS", ClipSettings.model_fields["max_latency_ms"].default)
+    )
+    assert drain_s * 1000 >= latency_ms  # accepted requests get their whole budget
+
+
+def test_egress_is_dns_and_public_http_only(manifests: dict[str, dict[str, Any]]) -> None:
+    policy = manifests["NetworkPolicy"]["spec"]
+    pod_labels = manifests["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert _matches(policy["podSelector"]["matchLabels"], pod_labels)
+    assert policy["policyTypes"] == ["Egress"]
+    dns, web = policy["egress"]
+    assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+    (resolver,) = dns["to"]
+    assert resolver["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert {(p["protocol"], p["port"]) for p in web["ports"]} == {("TCP", 443), ("TCP", 80)}
+    (public,) = web["to"]
+    # What the service refuses for hosts off the allow-list is unreachable at the network too.
+    assert set(public["ipBlock"]["except"]) >= {
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "127.0.0.0/8",
+    }
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """A strategic merge as far as the overlay needs it: maps merge, lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{key: _merge(base.get(key), value) for key, value in patch.items()}}
+    return patch
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_prometheus_adapter_overlay_scales_on_requests_in_progress(
+    manifests: dict[str, dict[str, Any]], version: str
+) -> None:
+    overlay = yaml.safe_load((ADAPTER_DIR / "kustomization.yaml").read_text())
+    assert overlay["resources"] == [".."]
+    (patch_entry,) = overlay["patches"]
+    patch = yaml.safe_load((ADAPTER_DIR / patch_entry["path"]).read_text())
+    base = manifests["HorizontalPodAutoscaler"]
+    assert (patch["kind"], patch["metadata"]["name"]) == (base["kind"], base["metadata"]["name"])
+    hpa = _merge(base, patch)
+    assert kubernetes_validate.validate(hpa, version, strict=True) == version
+    assert hpa["spec"]["behavior"] == base["spec"]["behavior"]  # only the metrics change
+
+    (rule,) = yaml.safe_load((ADAPTER_DIR / "adapter-values.yaml").read_text())["rules"]["custom"]
+    pods_metrics = [
+        m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"
+    ]
+    assert pods_metrics == [rule["name"]["as"]]
+    assert re.match(rule["name"]["matches"], ADAPTER_SERIES)
+    assert rule["seriesQuery"].startswith(ADAPTER_SERIES + "{")
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+# The series the adapter rule reads: tests/integration/test_metrics.py checks /metrics has it.
+ADAPTER_SERIES = "bentoml_service_request_in_progress"

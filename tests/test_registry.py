@@ -5,6 +5,8 @@ model's own tokenizer, and tokenizers saved into the entry."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,26 @@ def test_unknown_architecture_or_tag_fails_at_save_with_the_valid_names(tmp_path
         save_pretrained(tmp_path / "b", "ViT-B-32", "laion9b")
     assert "laion2b_s34b_b79k" in bad_tag.value.message and "openai" in bad_tag.value.message
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+    # The same through the script, as a user runs it (both at once: each is mostly imports).
+    home = tmp_path / "home"
+    runs = {
+        spec: subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "save_models.py"), "--models", spec, *flags],
+            env={**os.environ, "BENTOML_HOME": str(home)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for spec, flags in (("ViT-B-33", ["--random-init"]), ("ViT-B-32:laion9b", ["--offline"]))
+    }
+    unknown_run, bad_tag_run = (run.communicate(timeout=300) for run in runs.values())
+    assert [run.returncode for run in runs.values()] == [2, 2], unknown_run + bad_tag_run
+    assert (
+        "valid architectures: " in unknown_run[1] and "ViT-SO400M-14-SigLIP-384" in unknown_run[1]
+    )
+    assert "valid tags: " in bad_tag_run[1] and "laion2b_s34b_b79k" in bad_tag_run[1]
+    assert not any((home / "models").glob("clip-*/*/"))  # nothing was saved
 
 
 def test_unfetchable_tokenizer_fails_fast_before_any_weight(tmp_path: Path) -> None:

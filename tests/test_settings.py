@@ -52,3 +52,19 @@ def test_device_and_precision_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_per_model_batching_overrides_the_global_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIP_MAX_BATCH_SIZE", "32")
+    monkeypatch.setenv("CLIP_MODEL_MAX_BATCH_SIZE", "ViT-B-32=256, ViT-L-14=128")
+    monkeypatch.setenv("CLIP_MODEL_MAX_LATENCY_MS", "ViT-L-14=5000")
+    settings = ClipSettings()
+    assert settings.batch_size_for("ViT-B-32") == 256
+    assert settings.batch_size_for("ViT-L-14") == 128
+    assert settings.batch_size_for("other") == 32
+    assert settings.latency_ms_for("ViT-L-14") == 5000
+    assert settings.latency_ms_for("ViT-B-32") == settings.max_latency_ms
+    with pytest.raises(ValidationError):
+        ClipSettings.model_validate({"model_max_batch_size": "ViT-B-32"})
+    with pytest.raises(ValidationError):
+        ClipSettings.model_validate({"model_max_batch_size": "ViT-B-32=0"})

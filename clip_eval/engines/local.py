@@ -5,18 +5,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from clip_eval.datasets import DatasetSpec
 from clip_eval.errors import UsageError
 from clip_eval.images import ImageLoader, LoaderConfig
-from clip_eval.records import Outcome, Pair
-from clip_runtime import ClipEngine, ClipError, ClipSettings, Job
+from clip_eval.records import LoadedPair, Outcome, Pair, need_vector, similarity
+from clip_runtime import ClipEngine, ClipError, ClipSettings, Job, JobOutcome
 from clip_runtime.model_entry import read_entry, store_name
+from clip_runtime.scoring import ref_clip_score
 
 
 def resolve_model_dirs(models: Sequence[str], model_dir: Path | None) -> dict[str, Path]:
@@ -58,6 +61,7 @@ class LocalConfig:
     device: str | None = None  # None: CLIP_DEVICE, else auto
     precision: str | None = None  # None: CLIP_PRECISION, else auto
     settings: dict[str, Any] = field(default_factory=dict)  # more ClipSettings overrides
+    keep_vectors: bool = False  # outcomes carry the pair's embeddings (--embeddings-out)
 
     def clip_settings(self) -> ClipSettings:
         overrides: dict[str, Any] = {
@@ -89,32 +93,67 @@ class LocalScorer:
         self.engine.close()
         self.loader.close()
 
-    def load(self, pairs: Sequence[Pair]) -> list[Future[tuple[bytes, str] | ClipError]]:
+    def load(self, pairs: Sequence[Pair]) -> list[Future[LoadedPair | ClipError]]:
         """Start fetching a batch's images; the caller scores the previous batch meanwhile."""
         return [self.io_pool.submit(self.loader.load_pair, pair) for pair in pairs]
 
-    def score_loaded(
-        self, loaded: Sequence[Future[tuple[bytes, str] | ClipError]]
-    ) -> list[Outcome]:
+    def score_loaded(self, loaded: Sequence[Future[LoadedPair | ClipError]]) -> list[Outcome]:
         ready = [future.result() for future in loaded]
         jobs = [
-            Job(model, image=item[0], text=item[1])
+            job
             for item in ready
             if not isinstance(item, ClipError)
             for model in self.models
+            for job in self._jobs(model, item)
         ]
         results = iter(self.engine.run(jobs)[0])
-        outcomes: list[Outcome] = []
-        for item in ready:
-            for model in self.models:
-                result = item if isinstance(item, ClipError) else next(results)
-                if isinstance(result, ClipError):
-                    outcomes.append(Outcome.failed(model, result))
-                elif result.error is not None:
-                    outcomes.append(Outcome.failed(model, result.error))
-                else:
-                    outcomes.append(Outcome.scored(model, result.cosine or 0.0, result.score))
-        return outcomes
+        return [
+            Outcome.failed(model, item)
+            if isinstance(item, ClipError)
+            else self._outcome(model, item, results)
+            for item in ready
+            for model in self.models
+        ]
+
+    def _jobs(self, model: str, item: LoadedPair) -> list[Job]:
+        """The pair, then its references, second image and second text (embeddings alone)."""
+        vectors = self.config.keep_vectors or bool(
+            item.references or item.image_2 is not None or item.text_2 is not None
+        )
+        jobs = [Job(model, image=item.image, text=item.caption, keep_vectors=vectors)]
+        jobs.extend(Job(model, text=reference) for reference in item.references or ())
+        if item.image_2 is not None:
+            jobs.append(Job(model, image=item.image_2))
+        if item.text_2 is not None:
+            jobs.append(Job(model, text=item.text_2))
+        return jobs
+
+    def _outcome(self, model: str, item: LoadedPair, results: Iterator[JobOutcome]) -> Outcome:
+        """One row's outcome from its jobs' (in ``_jobs``'s order): the scores the service would
+        give, RefCLIPScore as its batch endpoint computes it."""
+        pair = next(results)
+        references = [next(results) for _ in item.references or ()]
+        image_2 = next(results) if item.image_2 is not None else None
+        text_2 = next(results) if item.text_2 is not None else None
+        for result in (pair, *references, image_2, text_2):
+            if result is not None and result.error is not None:
+                return Outcome.failed(model, result.error)
+        cosine = pair.cosine or 0.0
+        caption = _float32(pair.text_vector)  # None when no embedding was asked for
+        ref_score = None
+        if references:
+            similarities = [similarity(_need(r.text_vector), _need(caption)) for r in references]
+            ref_score = ref_clip_score(cosine, similarities)
+        return Outcome.with_vectors(
+            model,
+            cosine,
+            image=_float32(pair.image_vector),
+            caption=caption,
+            image_2=None if image_2 is None else _need(image_2.image_vector),
+            text_2=None if text_2 is None else _need(text_2.text_vector),
+            ref_clip_score=ref_score,
+            keep_vectors=self.config.keep_vectors,
+        )
 
     def score(self, pairs: Sequence[Pair]) -> list[Outcome]:
         return self.score_loaded(self.load(pairs))
@@ -128,7 +167,7 @@ class LocalEngine:
     def run(self, dataset: DatasetSpec, skip: int) -> Generator[list[Outcome], None, None]:
         scorer = LocalScorer(self.config)
         try:
-            previous: list[Future[tuple[bytes, str] | ClipError]] | None = None
+            previous: list[Future[LoadedPair | ClipError]] | None = None
             for pairs in dataset.iter_pairs(self.config.batch_size, skip):
                 loading = scorer.load(pairs)  # overlaps with scoring the previous batch
                 if previous is not None:
@@ -138,3 +177,11 @@ class LocalEngine:
                 yield scorer.score_loaded(previous)
         finally:
             scorer.close()
+
+
+def _float32(vector: np.ndarray | None) -> np.ndarray | None:
+    return None if vector is None else vector.astype(np.float32, copy=False)
+
+
+def _need(vector: np.ndarray | None) -> np.ndarray:
+    return need_vector(_float32(vector))

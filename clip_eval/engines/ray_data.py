@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from torch.utils.data import IterableDataset
 
@@ -45,10 +46,16 @@ class _Pairs(IterableDataset):  # type: ignore[type-arg]
         self.skip = skip
         self.rows = rows
 
-    def __iter__(self) -> Iterator[dict[str, str | None]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         for pairs in self.dataset.iter_pairs(self.rows, self.skip):
             for pair in pairs:
-                yield {"image": as_transportable(pair.image), "caption": pair.caption}
+                yield {
+                    "image": as_transportable(pair.image),
+                    "caption": pair.caption,
+                    "references": None if pair.references is None else list(pair.references),
+                    "image_2": as_transportable(pair.image_2),
+                    "text_2": pair.text_2,
+                }
 
 
 class _ScoreActor:
@@ -59,17 +66,21 @@ class _ScoreActor:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         pairs = [
-            Pair(item["image"], None if is_missing(item["caption"]) else item["caption"])
+            Pair(
+                item["image"],
+                _value(item, "caption"),
+                None if _value(item, "references") is None else tuple(item["references"]),
+                _value(item, "image_2"),
+                _value(item, "text_2"),
+            )
             for item in batch["item"]
         ]
         outcomes = self.scorer.score(pairs)
+        # Every field of Outcome as a column (embeddings as lists: Arrow has no ragged tensors).
         return pd.DataFrame(
             {
-                "model": [o.model for o in outcomes],
-                "score": [o.score for o in outcomes],
-                "cosine": [o.cosine for o in outcomes],
-                "error": [o.error for o in outcomes],
-                "error_message": [o.error_message for o in outcomes],
+                name: [_plain(getattr(outcome, name)) for outcome in outcomes]
+                for name in OUTCOME_FIELDS
             }
         )
 
@@ -133,16 +144,26 @@ class RayEngine:
         return gpus, actors
 
 
-def _outcome(row: dict[str, Any]) -> Outcome:
-    def value(name: str) -> Any:
-        item = row.get(name)
-        return None if is_missing(item) else item
+OUTCOME_FIELDS = tuple(field.name for field in fields(Outcome))
 
-    score, cosine = value("score"), value("cosine")
-    return Outcome(
-        model=str(row["model"]),
-        score=None if score is None else float(score),
-        cosine=None if cosine is None else float(cosine),
-        error=value("error"),
-        error_message=value("error_message"),
-    )
+
+def _value(row: dict[str, Any], name: str) -> Any:
+    item = row.get(name)
+    if isinstance(item, list | tuple | np.ndarray):
+        return item
+    return None if is_missing(item) else item
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _outcome(row: dict[str, Any]) -> Outcome:
+    values = {name: _value(row, name) for name in OUTCOME_FIELDS}
+    for name in ("image_vector", "text_vector"):
+        if values[name] is not None:
+            values[name] = np.asarray(values[name], dtype=np.float32)
+    for name in ("score", "cosine", "ref_clip_score", "image_image_cosine", "text_text_cosine"):
+        if values[name] is not None:
+            values[name] = float(values[name])
+    return Outcome(**values)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -25,8 +26,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def save_random_init_models(bentoml_home: Path, models: list[str], seed: int = 0) -> None:
-    """The project's own script, exactly as a user runs it, into ``bentoml_home``."""
+def save_random_init_models(
+    bentoml_home: Path, models: list[str], seed: int = 0, options: Sequence[str] = ()
+) -> None:
+    """The project's own script, exactly as a user runs it, into ``bentoml_home``; ``options``
+    are more of its arguments (``--config``, ``--tokenizer``)."""
     subprocess.run(
         [
             sys.executable,
@@ -36,6 +40,7 @@ def save_random_init_models(bentoml_home: Path, models: list[str], seed: int = 0
             "--random-init",
             "--seed",
             str(seed),
+            *options,
         ],
         env={**os.environ, "BENTOML_HOME": str(bentoml_home)},
         check=True,
@@ -84,6 +89,9 @@ class ServerProcess:
             "PYTHONUNBUFFERED": "1",
             # The service's own drain bound (no --timeout-graceful-shutdown: what a Bento gets)
             "CLIP_SHUTDOWN_TIMEOUT_S": str(GRACEFUL_SHUTDOWN_S),
+            # One HTTP worker unless asked: the suite's limits and metrics checks count per
+            # worker, and the shared test box has few cores.
+            "CLIP_HTTP_WORKERS": "1",
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None
@@ -146,3 +154,21 @@ class ServerProcess:
                     worker.kill()
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait(10)
+
+
+def run_load_test(
+    url: str, reports: Path, name: str, *options: str, users: int = 3, run_time: str = "20s"
+) -> subprocess.CompletedProcess[str]:
+    """`python -m load_tests.run` against ``url`` as a user runs it (CLIP_API_KEY unset unless
+    ``options`` pass --api-key)."""
+    env = {k: v for k, v in os.environ.items() if k != "CLIP_API_KEY"}
+    command = [sys.executable, "-m", "load_tests.run", "--url", url, "--reports", str(reports)]
+    command += ["--name", name, "--users", str(users), "--spawn-rate", str(users)]
+    return subprocess.run(
+        [*command, "--run-time", run_time, *options],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -15,6 +15,8 @@ import pytest
 from clip_eval import cli
 from tests.cli_helpers import (
     CAPTIONS,
+    OPTIONAL_SCORES,
+    add_second_columns,
     check_output,
     cli_command,
     cli_env,
@@ -34,7 +36,10 @@ B32 = "clip-vit-b-32"
 def test_remote_scores_equal_local_scores(
     server: ServerProcess, bentoml_home: Path, tmp_path: Path
 ) -> None:
-    dataset = make_dataset(tmp_path / "data", "jsonl")
+    """Scores, RefCLIPScore, image-image and text-text similarity and the embeddings: the remote
+    engine (batch and embeddings endpoints) and the local engine give the same numbers."""
+    dataset, good = add_second_columns(tmp_path / "data", "jsonl")
+    optional = OPTIONAL_SCORES
     remote = tmp_path / "remote.csv"
     code = cli.main(
         [
@@ -51,6 +56,9 @@ def test_remote_scores_equal_local_scores(
             "4",
             "--concurrency",
             "3",
+            *optional,
+            "--embeddings-out",
+            str(tmp_path / "remote.npz"),
             "--quiet",
         ]
     )
@@ -58,7 +66,17 @@ def test_remote_scores_equal_local_scores(
     # The local engine as a user runs it: the console script, the model from BENTOML_HOME.
     local = tmp_path / "local.csv"
     result = subprocess.run(
-        cli_command(str(dataset.path), "-o", str(local), "--model", "ViT-B-32", "--quiet"),
+        cli_command(
+            str(dataset.path),
+            "-o",
+            str(local),
+            "--model",
+            "ViT-B-32",
+            *optional,
+            "--embeddings-out",
+            str(tmp_path / "local.npz"),
+            "--quiet",
+        ),
         env=cli_env(BENTOML_HOME=str(bentoml_home)),
         capture_output=True,
         text=True,
@@ -73,16 +91,27 @@ def test_remote_scores_equal_local_scores(
     remote_rows, local_rows = read_table(remote), read_table(local)
     assert list(remote_rows["error"]) == list(local_rows["error"])
     scored = remote_rows["cosine"].notna()
-    np.testing.assert_allclose(
-        remote_rows.loc[scored, "cosine"].astype(float),
-        local_rows.loc[scored, "cosine"].astype(float),
-        atol=1e-5,
+    assert scored.sum() == len(good)
+    for column, atol in [
+        ("cosine", 1e-5),
+        ("score", 1e-3),
+        ("ref_clip_score", 1e-4),
+        ("image_image_cosine", 1e-5),
+        ("text_text_cosine", 1e-5),
+    ]:
+        np.testing.assert_allclose(
+            remote_rows.loc[scored, column].astype(float),
+            local_rows.loc[scored, column].astype(float),
+            atol=atol,
+            err_msg=column,
+        )
+    remote_vectors, local_vectors = (
+        np.load(tmp_path / "remote.npz"),
+        np.load(tmp_path / "local.npz"),
     )
-    np.testing.assert_allclose(
-        remote_rows.loc[scored, "score"].astype(float),
-        local_rows.loc[scored, "score"].astype(float),
-        atol=1e-3,
-    )
+    assert list(remote_vectors["ViT-B-32/row"]) == list(local_vectors["ViT-B-32/row"]) == good
+    for name in ("ViT-B-32/image", "ViT-B-32/text"):
+        np.testing.assert_allclose(remote_vectors[name], local_vectors[name], atol=1e-5)
 
 
 def test_remote_splits_batches_over_the_service_limit(

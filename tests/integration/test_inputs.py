@@ -13,9 +13,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from clip_eval import cli
+from tests.cli_helpers import make_dataset, read_table
 from tests.hostile_inputs import build_cases, run
 from tests.images import b64, jpeg_bytes
-from tests.integration.server import ServerProcess
+from tests.integration.server import ServerProcess, run_load_test
 from tests.local_http import LocalServer, local_server
 
 pytestmark = pytest.mark.integration
@@ -156,6 +158,44 @@ def test_demo_page_sends_the_key_the_user_types(
     assert refused.startswith("unauthorized")
     assert scored == 2
     assert kept == KEYS[0]
+
+
+def test_clip_eval_remote_sends_its_api_key(
+    locked_server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`clip-eval --engine remote` against a keyed server: the key from --api-key or
+    CLIP_API_KEY scores; none or a wrong one stops at once with how to pass it."""
+    dataset = make_dataset(tmp_path / "data")
+    args = [str(dataset.path), "--engine", "remote", "--url", locked_server.url, "--quiet"]
+    assert cli.main([*args, "-o", str(tmp_path / "flag.csv"), "--api-key", KEYS[0]]) == 0
+    scored = read_table(tmp_path / "flag.csv")
+    assert scored["cosine"].notna().sum() > 0
+    assert set(scored["error"].dropna()) == set(dataset.errors.values())
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CLIP_API_KEY", KEYS[1])
+        assert cli.main([*args, "-o", str(tmp_path / "env.csv")]) == 0
+        env.delenv("CLIP_API_KEY")
+        capsys.readouterr()
+        assert cli.main([*args, "-o", str(tmp_path / "none.csv")]) == 1
+        refused = capsys.readouterr().err
+        assert "refused the API key (HTTP 401 unauthorized" in refused
+        assert "--api-key or the CLIP_API_KEY environment variable" in refused
+        assert cli.main([*args, "-o", str(tmp_path / "bad.csv"), "--api-key", "nope"]) == 1
+        assert "refused the API key" in capsys.readouterr().err
+
+
+def test_locust_workloads_send_the_api_key(locked_server: ServerProcess, tmp_path: Path) -> None:
+    """A short `python -m load_tests.run` against the keyed server passes only with the key
+    (without it, every request is an unexpected 401)."""
+    keyed = run_load_test(
+        locked_server.url, tmp_path, "keyed", "--api-key", KEYS[0], users=2, run_time="8s"
+    )
+    assert keyed.returncode == 0, keyed.stdout + keyed.stderr
+    assert "PASS" in keyed.stdout
+    keyless = run_load_test(locked_server.url, tmp_path, "keyless", users=2, run_time="8s")
+    assert keyless.returncode == 1, keyless.stdout + keyless.stderr
+    assert "FAIL" in keyless.stdout
 
 
 def test_urls_are_fetched_from_allowed_hosts_only(

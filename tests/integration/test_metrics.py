@@ -11,15 +11,25 @@ import httpx
 import pytest
 import yaml
 
+from clip_runtime import errors as clip_errors
 from tests.images import b64, jpeg_bytes
 from tests.integration.server import ROOT, ServerProcess
 from tests.integration.test_service import metric
+from tests.test_k8s_manifests import ADAPTER_SERIES
 
 pytestmark = pytest.mark.integration
 
 SINGLE = "/evaluator/v1/evaluation/single"
 BATCH = "/evaluator/v1/evaluation/batch"
 DASHBOARD = ROOT / "deploy" / "observability" / "grafana" / "dashboards" / "clip-score.json"
+ALERTS = ROOT / "deploy" / "observability" / "alerts.yml"
+# Series Prometheus makes itself (not the service's).
+PROMETHEUS_OWN = {"up"}
+ERROR_CODES = {
+    error.code
+    for error in vars(clip_errors).values()
+    if isinstance(error, type) and issubclass(error, clip_errors.ClipError)
+}
 # Only exported where the scorer runs on CUDA (the test servers run on the CPU).
 CUDA_ONLY = {"clip_gpu_memory_bytes"}
 
@@ -115,48 +125,98 @@ PROMQL_WORDS = {
 }  # fmt: skip
 
 
+def expr_metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (label matchers, ranges and strings removed)."""
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", " ", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", expr)
+    return {w for w in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr) if w not in PROMQL_WORDS}
+
+
 def dashboard_metric_names(dashboard: dict) -> set[str]:
-    """Metric names in every panel's PromQL (label matchers, ranges and strings removed)."""
-    names: set[str] = set()
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", []):
-            expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", " ", target["expr"])
-            expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", expr)
-            for word in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
-                if word not in PROMQL_WORDS:
-                    names.add(word)
-    return names
+    """Metric names in every panel's PromQL."""
+    return {
+        name
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        for name in expr_metric_names(target["expr"])
+    }
+
+
+def exposed_after_traffic(client: httpx.Client) -> tuple[set[str], str]:
+    """The metric names /metrics exposes after one scored and one refused request, and its
+    text (whichever tests ran before)."""
+    assert client.post(SINGLE, json={"image": b64(jpeg_bytes(3)), "text": "dash"}).is_success
+    assert client.post(SINGLE, json={"image": "bm9wZQ==", "text": "dash"}).status_code == 422
+    text = client.get("/metrics").text
+    names = {
+        re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line[:1] != "#"
+    }
+    return names, text
+
+
+def assert_matchers_select_series(where: str, expr: str, text: str) -> None:
+    """Each equality label matcher must match at least one exposed series."""
+    for name, matchers in re.findall(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}", expr):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', matchers))
+        assert any(
+            line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+            for line in text.splitlines()
+        ), f"{where}: {name}{{{matchers}}} selects nothing"
 
 
 def test_dashboard_queries_exist(client: httpx.Client) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     names = dashboard_metric_names(dashboard)
     assert {"clip_pairs_total", "clip_stage_seconds_bucket"} <= names  # the parser finds them
-    assert client.post(SINGLE, json={"image": b64(jpeg_bytes(3)), "text": "dash"}).is_success
-    text = client.get("/metrics").text
-    exposed = {
-        re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line[:1] != "#"
-    }
+    exposed, text = exposed_after_traffic(client)
     missing = names - exposed - CUDA_ONLY
     assert not missing, f"dashboard queries metrics /metrics does not have: {missing}"
     assert names >= CUDA_ONLY
-    # Label matchers too: each selector must match at least one exposed series.
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
-            for name, matchers in re.findall(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}", target["expr"]):
-                labels = dict(re.findall(r'(\w+)="([^"]*)"', matchers))
-                assert any(
-                    line.startswith(name + "{")
-                    and all(f'{k}="{v}"' in line for k, v in labels.items())
-                    for line in text.splitlines()
-                ), f"{panel['title']}: {name}{{{matchers}}} selects nothing"
+            assert_matchers_select_series(panel["title"], target["expr"], text)
+
+
+def test_alert_rules_and_the_autoscaling_metric_exist(client: httpx.Client) -> None:
+    """deploy/observability/alerts.yml (error rate, p99, queue wait, model not ready) and the
+    prometheus-adapter rule of deploy/k8s read metrics /metrics really exposes."""
+    (group,) = yaml.safe_load(ALERTS.read_text())["groups"]
+    exposed, text = exposed_after_traffic(client)
+    used: set[str] = set()
+    for rule in group["rules"]:
+        assert rule["for"] and rule["labels"]["severity"] and rule["annotations"]["summary"]
+        names = expr_metric_names(rule["expr"])
+        assert names, rule["alert"]
+        missing = names - exposed - PROMETHEUS_OWN
+        assert not missing, f"{rule['alert']} uses metrics /metrics does not have: {missing}"
+        # Label names must exist on the metric; values may be the very condition watched for
+        # (code="overloaded" appears only under overload), so codes must be the service's own.
+        for name, matchers in re.findall(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}", rule["expr"]):
+            if name in PROMETHEUS_OWN:  # its labels come from the scrape config (job)
+                continue
+            for label, value in re.findall(r'(\w+)\s*(?:=~|!=|=)\s*"([^"]*)"', matchers):
+                assert re.search(rf"^{name}\{{[^}}]*\b{label}=", text, re.MULTILINE), (
+                    f"{rule['alert']}: {name} has no label {label}"
+                )
+                if label == "code":
+                    assert value in ERROR_CODES, value
+        used |= names
+    assert {
+        "bentoml_service_request_total",  # error rate
+        "bentoml_service_request_duration_seconds_bucket",  # p99
+        "clip_queue_wait_seconds_bucket",  # queue wait
+        "clip_model_info",  # model not ready
+    } <= used
+    assert ADAPTER_SERIES in exposed
 
 
 def test_stack_configuration() -> None:
     """The compose stack wires what the README says: Prometheus scrapes the service's /metrics,
     the collector takes OTLP/HTTP on 4318 and sends to Jaeger, Grafana gets both datasources."""
     stack = ROOT / "deploy" / "observability"
-    (job,) = yaml.safe_load((stack / "prometheus.yml").read_text())["scrape_configs"]
+    prometheus = yaml.safe_load((stack / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert job["job_name"] == "clip-score"  # what the alert rules select
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == ["host.docker.internal:3000"]
     collector = yaml.safe_load((stack / "otel-collector.yaml").read_text())
@@ -164,6 +224,8 @@ def test_stack_configuration() -> None:
     assert collector["exporters"]["otlp/jaeger"]["endpoint"] == "jaeger:4317"
     assert "otlp/jaeger" in collector["service"]["pipelines"]["traces"]["exporters"]
     compose = yaml.safe_load((stack / "compose.yaml").read_text())["services"]
+    rule_mounts = dict(v.split(":")[:2] for v in compose["prometheus"]["volumes"])
+    assert prometheus["rule_files"] == [rule_mounts["./alerts.yml"]]
     assert {"otel-collector", "jaeger", "prometheus", "grafana"} <= set(compose)
     assert "4318:4318" in compose["otel-collector"]["ports"]
     for service in compose.values():  # every mounted file exists

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,12 @@ import httpx
 import pytest
 
 from tests.images import b64, jpeg_bytes
-from tests.integration.server import GRACEFUL_SHUTDOWN_S, ROOT, ServerProcess, model_folder
+from tests.integration.server import (
+    GRACEFUL_SHUTDOWN_S,
+    ServerProcess,
+    model_folder,
+    run_load_test,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +127,11 @@ def _expect_refusal(home: Path, tmp_path: Path, needle: str) -> None:
 
 
 def test_missing_model_entry_refuses_to_start(tmp_path: Path) -> None:
-    _expect_refusal(tmp_path / "empty-home", tmp_path, "is not in the BentoML model store")
+    _expect_refusal(
+        tmp_path / "empty-home",
+        tmp_path,
+        "Save it with `python scripts/save_models.py --models ViT-B-32`",
+    )
 
 
 def test_corrupt_weights_refuse_to_start(bentoml_home: Path, tmp_path: Path) -> None:
@@ -141,31 +148,9 @@ def test_corrupt_weights_refuse_to_start(bentoml_home: Path, tmp_path: Path) -> 
 
 
 def test_locust_smoke_run_passes(server: ServerProcess, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "load_tests.run",
-            "--url",
-            server.url,
-            "--users",
-            "3",
-            "--spawn-rate",
-            "3",
-            "--run-time",
-            "20s",
-            "--reports",
-            str(tmp_path),
-            "--name",
-            "smoke",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_load_test(server.url, tmp_path, "smoke")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout
     assert (tmp_path / "smoke.html").stat().st_size > 0
-    stats = (tmp_path / "smoke_stats.csv").read_text()
-    assert "single" in stats and "batch" in stats
+    stats = (tmp_path / "smoke.json").read_text()  # Locust's final statistics
+    assert '"single"' in stats and '"batch"' in stats
