@@ -227,6 +227,9 @@ def test_vit_l_14(client: httpx.Client, bentoml_home: Path, images: list[bytes])
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# Request examples are made of these lines; blocks that also save models or start a server are
+# walkthroughs for other set-ups (a third model), not examples against the default service.
+_REQUEST_LINE = re.compile(r"^(IMG=|printf |curl |\s)")
 
 
 def _readme_examples() -> list[tuple[str, str, str | None]]:
@@ -240,7 +243,8 @@ def _readme_examples() -> list[tuple[str, str, str | None]]:
         answer = None
         if following and following.group(1) == "json" and following.start() - fence.end() < 5:
             answer = following.group(2)
-        if language == "bash" and "curl -s localhost:3000/evaluator/" in block:
+        requests_only = all(_REQUEST_LINE.match(line) for line in block.splitlines() if line)
+        if language == "bash" and "curl -s localhost:3000/evaluator/" in block and requests_only:
             examples.append((language, block, answer))
         elif language == "json" and block.startswith("POST /evaluator/"):
             examples.append((language, block, None))
