@@ -11,9 +11,9 @@ OTEL_EXPORTER_OTLP_ENDPOINT ?= http://127.0.0.1:4318
 BENTO ?= clip-score:latest
 IMAGE ?= clip-score:latest
 BACKEND ?= docker
-# Bounded drain on SIGTERM: without it uvicorn can wait forever for a stuck request.
-# 60 s: the default CLIP_MAX_LATENCY_MS, so accepted requests are not cut off.
-SERVE_FLAGS ?= --timeout-graceful-shutdown 60
+# Extra `bentoml serve` flags. The drain on SIGTERM is bounded by the service itself
+# (CLIP_SHUTDOWN_TIMEOUT_S, 60 s), so a Bento served from the store or the image gets it too.
+SERVE_FLAGS ?=
 
 .PHONY: browser install install-cli install-dev install-remote dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
         build containerize test run-unit-test-suite-local test-unit test-integration lint format \

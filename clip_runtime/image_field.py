@@ -14,6 +14,12 @@ from clip_runtime.errors import ImageTooLargeError, InvalidImageError, UrlNotAll
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+# What a file path has and base64 never does: a dot before a short suffix, a backslash, ``~/``.
+_FILE_PATH = re.compile(r"(\.[A-Za-z0-9]{1,5}\s*$)|\\|^\s*(~|\.{1,2})/", re.ASCII)
+IMAGE_FIELD_FORMS = (
+    "image must be base64, a data: URI or an http(s) URL; to send a file, use the upload "
+    "endpoint (/evaluator/v1/evaluation/single/upload, multipart)"
+)
 # A URI scheme (``file:``, ``ftp:``, ...): never base64, whose alphabet has no colon.
 _URI_SCHEME = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]{0,31}):", re.IGNORECASE)
 
@@ -35,6 +41,8 @@ def decode_image_field(value: str, max_image_bytes: int) -> bytes:
         payload = payload[match.end() :]
     elif is_url(payload):
         raise InvalidImageError("image URLs are fetched by the caller of decode_image_field")
+    elif (scheme := _URI_SCHEME.match(payload)) and len(scheme.group("scheme")) == 1:
+        raise InvalidImageError(f"image looks like a file path: {IMAGE_FIELD_FORMS}")  # C:\\...
     elif (scheme := _URI_SCHEME.match(payload)) and scheme.group("scheme").lower() != "data":
         raise UrlNotAllowedError(
             f"URL scheme {scheme.group('scheme').lower()!r} is not allowed; use http(s)"
@@ -49,7 +57,12 @@ def decode_image_field(value: str, max_image_bytes: int) -> bytes:
         else:
             if data:
                 return data
-    return _decode_lenient_base64(payload, max_image_bytes)
+    try:
+        return _decode_lenient_base64(payload, max_image_bytes)
+    except InvalidImageError as error:
+        if _FILE_PATH.search(value):
+            raise InvalidImageError(f"image looks like a file path: {IMAGE_FIELD_FORMS}") from error
+        raise
 
 
 def _decode_lenient_base64(payload: str, max_image_bytes: int) -> bytes:
@@ -64,7 +77,7 @@ def _decode_lenient_base64(payload: str, max_image_bytes: int) -> bytes:
     try:
         data = base64.b64decode(payload, altchars=altchars, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidImageError(f"image is not valid base64: {exc}") from exc
+        raise InvalidImageError(f"image is not valid base64 ({exc}): {IMAGE_FIELD_FORMS}") from exc
     if not data:
         raise InvalidImageError("image is empty")
     return data

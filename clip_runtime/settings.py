@@ -160,6 +160,13 @@ class ClipSettings(BaseSettings):
         "its first byte after a keep-alive pause); slower connections get 408 and are closed, "
         "so slow or idle clients cannot pin the HTTP workers.",
     )
+    shutdown_timeout_s: int = Field(
+        default=60,
+        ge=1,
+        description="On SIGTERM, how long each worker lets accepted requests finish before "
+        "cancelling them (the service's own bound, so `bentoml serve TAG`, the image and "
+        "Kubernetes get it; `--timeout-graceful-shutdown` on the command line wins).",
+    )
 
     allow_urls: bool = Field(
         default=True, description="Accept `http(s)://` image URLs, fetched server-side (SSRF-safe)."

@@ -14,6 +14,24 @@ pinned to 1.4.40 for it).
   alive across its session refreshes and reports an unreachable worker as not ready, and circus
   restarts a dead worker within a second (details at "The model worker's client" below);
   ``call_with_reconnect`` retries an idempotent model call once on a dropped connection.
+- ``bound_graceful_shutdown``: the worker's uvicorn server gets a drain bound on SIGTERM.
+  BentoML 1.4.40 has no service option for it (``ServiceConfig`` in
+  ``_bentoml_sdk/service/config.py`` has no shutdown key; only ``bentoml serve
+  --timeout-graceful-shutdown`` sets it), and without it uvicorn waits for a stuck request for
+  ever. Set from the service itself, every way of serving (``bentoml serve TAG``, the image,
+  Kubernetes) gets it.
+- ``gpu_count``, ``accelerator_resources``: the model worker's ``resources``, from NVIDIA GPUs as
+  BentoML's resource allocator counts them (NVML).
+- ``forbid_unknown_fields``: the input models BentoML builds from each API's signature refuse
+  fields they do not have (pydantic ignores them by default: a misspelt ``caption`` was dropped
+  silently). ``bentoml.api(input_spec=...)`` would need each signature written twice.
+
+Why ``setup_tracing`` is ours and not BentoML's ``tracing`` configuration: in 1.4.40 that
+configuration turns export on only through ``BENTOML_CONFIG``/``BENTOML_CONFIG_OPTIONS``
+(``tracing.exporter_type=otlp`` plus ``tracing.otlp.protocol``; ``OTEL_EXPORTER_OTLP_ENDPOINT``
+alone does nothing), samples with its own ``tracing.sample_rate`` (default 0: no spans) instead of
+``OTEL_TRACES_SAMPLER``, and a missing exporter package raises ImportError in every worker at app
+build, which crash-loops them while they hold the port. When that configuration is set, it wins.
 
 ``tests/test_bentoml_adapter.py`` checks that each private name used here still exists, so a
 BentoML upgrade fails there first, loudly, rather than in production.
@@ -26,7 +44,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar, cast
 
 import aiohttp
@@ -50,6 +68,9 @@ PRIVATE_API: tuple[tuple[str, str], ...] = (
     ("uvicorn.protocols.http.h11_impl", "H11Protocol.connection_made"),
     ("uvicorn.protocols.http.h11_impl", "H11Protocol.connection_lost"),
     ("uvicorn.protocols.http.h11_impl", "H11Protocol.data_received"),
+    ("bentoml._internal.resource", "system_resources"),
+    ("uvicorn.server", "Server.handle_exit"),
+    ("uvicorn.server", "Server.shutdown"),
     ("_bentoml_impl.client.proxy2", "SessionManager.get_session"),
     ("_bentoml_impl.client.proxy2", "SessionManager._should_refresh"),
     ("_bentoml_impl.client.proxy2", "SessionManager._make_client"),
@@ -74,6 +95,57 @@ def metrics_text() -> tuple[bytes, str]:
 
     client = BentoMLContainer.metrics_client.get()
     return client.generate_latest(), client.CONTENT_TYPE_LATEST
+
+
+def forbid_unknown_fields(apis: Iterable[Any]) -> None:
+    """Each API's generated input model (``input_spec``) gets ``extra="forbid"``, rebuilt."""
+    for api in apis:
+        spec = api.input_spec
+        spec.model_config = {**spec.model_config, "extra": "forbid"}
+        spec.model_rebuild(force=True)
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs visible to this host (0 without NVML or a driver), as BentoML counts them."""
+    from bentoml._internal.resource import system_resources
+
+    return len(system_resources()["nvidia.com/gpu"])
+
+
+def accelerator_resources(device: str, gpus: int) -> dict[str, int]:
+    """``resources`` for the model worker: one GPU when it will serve on one, else none.
+
+    BentoML 1.4.40 then pins the worker to one GPU (``CUDA_VISIBLE_DEVICES``) unless
+    ``CUDA_VISIBLE_DEVICES`` or ``BENTOML_DISABLE_GPU_ALLOCATION`` is already set. It does not
+    refuse to start without GPUs, but warns that "serving may fail" and sets
+    ``CUDA_VISIBLE_DEVICES=0`` anyway, so the GPU is declared only where one is seen. ``cuda:N``
+    is left alone: renumbering the visible devices would break the operator's index.
+    """
+    if device in ("auto", "cuda") and gpus > 0:
+        return {"gpu": 1}
+    return {}
+
+
+def bound_graceful_shutdown(timeout_s: float) -> bool:
+    """Bound this worker's drain on SIGTERM to ``timeout_s``: requests still running then are
+    cancelled (uvicorn's ``timeout_graceful_shutdown``). A bound given on the command line
+    (``--timeout-graceful-shutdown``) is kept. Call from the main thread once uvicorn's signal
+    handlers are installed (a service's ``__init__`` runs in the server's lifespan, after that);
+    False when no uvicorn server is found (e.g. the service built outside a server)."""
+    import signal
+    import threading
+
+    from uvicorn.server import Server
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    if not isinstance(server, Server):
+        return False
+    if server.config.timeout_graceful_shutdown is None:
+        server.config.timeout_graceful_shutdown = int(timeout_s)
+    logger.info("drain on SIGTERM bounded to %ss", server.config.timeout_graceful_shutdown)
+    return True
 
 
 def setup_tracing() -> bool:

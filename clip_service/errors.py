@@ -8,7 +8,9 @@ sets the status and writes the envelope (the request id is added by ``RequestGua
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from http import HTTPStatus
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -18,6 +20,12 @@ from starlette.responses import JSONResponse, Response
 from clip_runtime import errors as E
 from clip_runtime.errors import ClipError
 from clip_service.observability import record_error
+
+logger = logging.getLogger("clip_service.errors")
+
+# The id of the request being handled (set by RequestGuardMiddleware), so that every log line
+# about an error answer carries the id the answer shows.
+CURRENT_REQUEST_ID: ContextVar[str | None] = ContextVar("clip_request_id", default=None)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's; nobody reads it: it shows in access logs and metrics
 
@@ -88,6 +96,15 @@ def api_errors(
             model = kwargs.get("model")
             record_error(model if isinstance(model, str) else None, error.code)
             status = http_status(error)
+            level = logging.INFO if status == CLIENT_CLOSED_REQUEST else logging.WARNING
+            logger.log(
+                level,
+                "%s %s (request %s): %s",
+                status,
+                error.code,
+                CURRENT_REQUEST_ID.get(),
+                error.message,
+            )
             ctx = kwargs["ctx"]
             if isinstance(ctx, bentoml.Context):
                 ctx.response.status_code = status

@@ -31,11 +31,16 @@ from clip_runtime.scoring import (
     ref_clip_score,
 )
 from clip_service.admission import InFlightLimitMiddleware, PairQueue
-from clip_service.bentoml_adapter import call_with_reconnect, metrics_text
+from clip_service.bentoml_adapter import (
+    bound_graceful_shutdown,
+    call_with_reconnect,
+    forbid_unknown_fields,
+    metrics_text,
+)
 from clip_service.errors import ClientGoneError, api_errors
 from clip_service.image import BENTO_IMAGE
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
-from clip_service.middleware import RequestGuardMiddleware
+from clip_service.middleware import RequestGuardMiddleware, input_fields_by_route
 from clip_service.multipart_guard import file_fields_by_route
 from clip_service.observability import (
     configure_logging,
@@ -94,6 +99,7 @@ class EvaluatorImpl:
         # Cheap by design: this runs in uvicorn's lifespan, before the worker accepts a
         # connection. The open_clip transforms are built in the background (see `ready`).
         configure_logging(settings.log_format)
+        bound_graceful_shutdown(settings.shutdown_timeout_s)  # in uvicorn's lifespan: see there
         self.preprocessing = Preprocessing(settings, model_folders(self, settings))
         self._jobs = JobBuilder(settings, self.preprocessing, fetch_policy(settings))
         self.queue = PairQueue(settings.max_queued_pairs)
@@ -475,6 +481,9 @@ evaluator_routes = Starlette(
 )
 
 add_store_references(EvaluatorImpl, settings)
+# Traffic limits: BentoML's own `traffic.max_concurrency` answers 429 without Retry-After and
+# sheds /evaluator/health and /evaluator/metrics too, so the in-flight limit is
+# InFlightLimitMiddleware's (503 `overloaded`, probes never shed). `timeout` bounds one request.
 Evaluator = bentoml.service(
     name="clip-evaluator",
     # Every core parses, checks and (on CPU hosts) crops images; PairQueue and the in-flight
@@ -483,6 +492,7 @@ Evaluator = bentoml.service(
     traffic={"timeout": 600},
     image=BENTO_IMAGE,  # the Bento's container image (the entry service's is the Bento's)
 )(bentoml.asgi_app(evaluator_routes, path="/evaluator")(EvaluatorImpl))
+forbid_unknown_fields(Evaluator.apis.values())
 Evaluator.add_asgi_middleware(
     RequestGuardMiddleware,
     max_request_bytes=settings.max_request_bytes,
@@ -490,6 +500,7 @@ Evaluator.add_asgi_middleware(
     open_paths=tuple(settings.auth_open_paths),
     retry_after_s=settings.retry_after_s,
     file_fields=file_fields_by_route(Evaluator.apis.values()),
+    input_fields=input_fields_by_route(Evaluator.apis.values()),
     protect_docs=settings.auth_docs == "protected",
 )
 Evaluator.add_asgi_middleware(  # after the guard, so inside it: sheds carry the request id

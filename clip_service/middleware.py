@@ -12,12 +12,13 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clip_service.errors import error_body
+from clip_service.errors import CURRENT_REQUEST_ID, error_body
 from clip_service.multipart_guard import MultipartRefused, check_form, is_multipart
 
 logger = logging.getLogger("clip_service.middleware")
@@ -29,6 +30,9 @@ GENERIC_5XX = "internal error; quote the request_id when reporting it"
 DOC_PATHS = ("/", "/docs.json", "/schema.json", "/evaluator/docs", "/evaluator/demo")
 # What a validation error item keeps: not pydantic's docs URL (it names the version) nor the input.
 _DETAIL_KEYS = ("type", "loc", "msg")
+# Content types BentoML parses as a form; a JSON API then sees none of the fields that were sent.
+_FORM_TYPES = (b"application/x-www-form-urlencoded", b"multipart/form-data")
+SEND_JSON = "send JSON with `Content-Type: application/json`"
 
 # Codes for errors the framework raises before or around our handlers, by HTTP status.
 FRAMEWORK_CODES: dict[int, str] = {
@@ -77,8 +81,56 @@ def _public_detail(detail: list[Any]) -> list[Any]:
     ]
 
 
-def _rewrite_error(status: int, body: bytes, request_id: str) -> bytes:
-    """Our envelope for any JSON (or empty) error body; ours get the request id added."""
+def input_fields_by_route(apis: Iterable[Any]) -> dict[str, tuple[str, ...]]:
+    """Route -> the field names its JSON body may have, from BentoML APIs' ``input_spec``."""
+    return {api.route: tuple(api.input_spec.model_fields) for api in apis}
+
+
+def _location(loc: Iterable[Any]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text or "body"
+
+
+def validation_message(
+    detail: list[Any], fields: tuple[str, ...] = (), form_content_type: str | None = None
+) -> str:
+    """What is wrong, by field (pydantic's items ``{type, loc, msg}``), and how to fix it:
+    ``text: field required; unknown field 'caption' (fields: image, text, ...)``."""
+    if form_content_type is not None:
+        curl = " (curl -d's default)" if form_content_type.endswith("urlencoded") else ""
+        return (
+            f"{SEND_JSON}: this body was sent as {form_content_type}{curl}, so none of its "
+            "fields were read"
+        )
+    problems = []
+    for item in detail:
+        if not isinstance(item, dict):
+            continue
+        where, kind, msg = _location(item.get("loc", ())), item.get("type"), item.get("msg", "")
+        if kind == "missing":
+            problems.append(f"{where}: field required")
+        elif kind == "extra_forbidden":
+            known = f" (fields: {', '.join(fields)})" if fields and "." not in where else ""
+            problems.append(f"unknown field {where!r}{known}")
+        elif kind == "json_invalid":
+            problems.append(f"the body is not valid JSON ({msg}); {SEND_JSON}")
+        else:
+            problems.append(f"{where}: {msg}")
+    return "; ".join(problems) or "invalid request"
+
+
+def _rewrite_error(
+    status: int,
+    body: bytes,
+    request_id: str,
+    fields: tuple[str, ...] = (),
+    form_content_type: str | None = None,
+) -> bytes:
+    """Our envelope for any JSON (or empty) error body; ours get the request id added. A
+    validation error's message says what is wrong by field (``fields``: the route's names);
+    ``form_content_type``: a JSON route's body came as a form."""
     try:
         parsed = json.loads(body) if body else {}
     except ValueError:
@@ -95,9 +147,12 @@ def _rewrite_error(status: int, body: bytes, request_id: str) -> bytes:
     message = error if isinstance(error, str) else HTTPStatus(status).phrase
     if status >= 500 and status != HTTPStatus.SERVICE_UNAVAILABLE:
         message = GENERIC_5XX
+    detail = parsed.get("detail") if isinstance(parsed, dict) else None
+    if status == HTTPStatus.BAD_REQUEST and (isinstance(detail, list) or form_content_type):
+        message = validation_message(detail or [], fields, form_content_type)
     envelope = error_body(code, message, request_id)
-    if isinstance(parsed, dict) and isinstance(parsed.get("detail"), list):
-        envelope["error"]["detail"] = _public_detail(parsed["detail"])
+    if isinstance(detail, list):
+        envelope["error"]["detail"] = _public_detail(detail)
     return json.dumps(envelope).encode()
 
 
@@ -135,13 +190,17 @@ class ClientErrorLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR or not record.exc_info:
             return True
+        # The id the answer shows (ids are [A-Za-z0-9._:-] or a uuid: no % to format).
+        request_id = CURRENT_REQUEST_ID.get()
+        with_id = "" if request_id is None else f" (request {request_id})"
         exc = record.exc_info[1]
         status = _client_error_status(exc)
-        if status is None:
+        if status is None:  # a server error keeps its traceback, and gets the id
+            record.msg = f"{record.msg}{with_id}"
             return True
         args = record.args if isinstance(record.args, tuple) else ()
         path, method = (*args, "?", "?")[:2]
-        record.msg = "client error %s on %s [%s]: %s"
+        record.msg = "client error %s on %s [%s]: %s" + with_id
         record.args = (status, path, method, type(exc).__name__)
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info = record.exc_text = None
@@ -171,6 +230,7 @@ class RequestGuardMiddleware:
     envelope under ``error_prefix``.
 
     ``file_fields``: route -> form fields that must be file parts (``file_fields_by_route``).
+    ``input_fields``: route -> its fields (``input_fields_by_route``), named in error messages.
     ``protect_docs``: with API keys, ``DOC_PATHS`` need a key too."""
 
     def __init__(
@@ -182,6 +242,7 @@ class RequestGuardMiddleware:
         error_prefix: str = "/evaluator/",
         retry_after_s: int = 1,
         file_fields: dict[str, frozenset[str]] | None = None,
+        input_fields: dict[str, tuple[str, ...]] | None = None,
         protect_docs: bool = False,
     ) -> None:
         self.app = app
@@ -191,6 +252,7 @@ class RequestGuardMiddleware:
         self.open_paths = frozenset(path.rstrip("/") or "/" for path in open_paths)
         self.error_prefix = error_prefix
         self.file_fields = file_fields or {}
+        self.input_fields = input_fields or {}
         self.protect_docs = protect_docs
         quiet_client_error_logs()
 
@@ -214,6 +276,9 @@ class RequestGuardMiddleware:
         async def reply(
             status: int, code: str, message: str, extra_headers: list[tuple[bytes, bytes]] = ()
         ) -> None:
+            logger.warning(
+                "%s %s on %s (request %s): %s", status, code, scope["path"], request_id, message
+            )
             body = json.dumps(error_body(code, message, request_id)).encode()
             await send(
                 {
@@ -231,8 +296,7 @@ class RequestGuardMiddleware:
             )
             return
         if self._needs_key(scope["path"]) and not key_matches(_bearer_token(scope), self.api_keys):
-            # Keys are never logged; only the fact of a refusal is.
-            logger.info("401 for %s (request %s)", scope["path"], request_id)
+            # Keys are never logged; only the fact of a refusal is (in reply).
             await reply(
                 HTTPStatus.UNAUTHORIZED,
                 "unauthorized",
@@ -287,7 +351,13 @@ class RequestGuardMiddleware:
                 chunks.append(message.get("body", b""))
                 if message.get("more_body", False):
                     return
-                body = _rewrite_error(pending_start["status"], b"".join(chunks), request_id)
+                body = _rewrite_error(
+                    pending_start["status"],
+                    b"".join(chunks),
+                    request_id,
+                    self.input_fields.get(scope["path"], ()),
+                    form_content_type,
+                )
                 headers = [
                     (name, value)
                     for name, value in pending_start["headers"]
@@ -309,6 +379,12 @@ class RequestGuardMiddleware:
 
         app_receive = limited_receive
         content_type = _header(scope, b"content-type") or b""
+        media_type = content_type.split(b";", 1)[0].strip().lower()
+        form_content_type = (
+            media_type.decode("latin-1")
+            if media_type in _FORM_TYPES and not self.file_fields.get(scope["path"])
+            else None
+        )
         if rewrite and is_multipart(content_type):
             try:
                 body = await _read_body(limited_receive)
@@ -317,16 +393,18 @@ class RequestGuardMiddleware:
                 await reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request_too_large", too_large)
                 return
             except MultipartRefused as refused:
-                logger.info("400 for %s (request %s): %s", scope["path"], request_id, refused)
                 await reply(HTTPStatus.BAD_REQUEST, "invalid_request", str(refused))
                 return
             app_receive = _replay(body, receive)
 
+        token = CURRENT_REQUEST_ID.set(request_id)
         try:
             await self.app(scope, app_receive, guarded_send)
         except _BodyTooLarge:
             if not replaced:  # the app let the error escape before it answered
                 await reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request_too_large", too_large)
+        finally:
+            CURRENT_REQUEST_ID.reset(token)
 
 
 class _BodyTooLarge(Exception):

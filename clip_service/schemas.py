@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 Scale = Literal["torchmetrics", "paper"]
 
@@ -54,6 +54,8 @@ class SingleResult(BaseModel):
 
 
 class BatchItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is refused, not dropped
+
     image: str | None = Field(default=None, description="base64, data: URI or http(s) URL")
     text: str | None = None
     references: list[str] | None = Field(default=None, description="reference captions")

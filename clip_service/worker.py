@@ -11,6 +11,7 @@ from collections.abc import Callable
 import bentoml
 
 from clip_runtime import Job, JobOutcome, get_settings
+from clip_service.bentoml_adapter import accelerator_resources, bound_graceful_shutdown, gpu_count
 from clip_service.observability import BatchObservation, configure_logging, record_model_info
 from clip_service.schemas import ModelStatus
 from clip_service.shutdown import stop_after_siblings_on_sigterm
@@ -21,7 +22,7 @@ settings = get_settings()
 
 # Above the HTTP workers' bounded drain, so that the model worker outlives the requests that
 # were accepted before a SIGTERM.
-DRAIN_CAP_S = 90
+DRAIN_CAP_S = settings.shutdown_timeout_s + 30
 
 
 class ScorerImpl:
@@ -33,8 +34,9 @@ class ScorerImpl:
         configure_logging(settings.log_format)
         self.engine = ClipEngine(settings, model_folders(self, settings))
         self.engine.warm_up()
-        # Runs inside uvicorn's lifespan, after it installed its SIGTERM handler: wrap it so
-        # this worker outlives the HTTP workers' drain.
+        # Runs inside uvicorn's lifespan, after it installed its SIGTERM handler: bound its drain,
+        # then wrap it so this worker outlives the HTTP workers' drain.
+        bound_graceful_shutdown(settings.shutdown_timeout_s)
         stop_after_siblings_on_sigterm(cap_s=DRAIN_CAP_S)
         record_model_info(self.engine.models.values())
         logger.info("Scorer ready: %s", ", ".join(self.engine.models))
@@ -97,5 +99,6 @@ for _model in settings.models:
 Scorer = bentoml.service(
     name="clip-scorer",
     workers=1,  # one process owns the accelerator; batches are what use it well
+    resources=accelerator_resources(settings.device, gpu_count()),
     traffic={"timeout": 600},
 )(ScorerImpl)

@@ -96,8 +96,16 @@ def own_home(shared_home: Path, parent: Path) -> Path:
 
 class ServerProcess:
     def __init__(
-        self, bentoml_home: Path, log_path: Path, env: dict[str, str] | None = None
+        self,
+        bentoml_home: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        target: str = "service:Evaluator",
+        python: Path = Path(sys.executable),
+        cwd: Path = ROOT,
     ) -> None:
+        """Serve ``target`` (the source tree's service, or a Bento tag from ``cwd``) with the
+        ``bentoml`` of ``python``'s environment."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -107,6 +115,8 @@ class ServerProcess:
             "BENTOML_HOME": str(self.home),
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
+            # The service's own drain bound (no --timeout-graceful-shutdown: what a Bento gets)
+            "CLIP_SHUTDOWN_TIMEOUT_S": str(GRACEFUL_SHUTDOWN_S),
             # One HTTP worker unless asked: the suite's limits and metrics checks count per
             # worker, and the shared test box has few cores.
             "CLIP_HTTP_WORKERS": "1",
@@ -115,27 +125,24 @@ class ServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_probes: list[Probe] = []
         self.launched_at = 0.0
+        self.target, self.python, self.cwd = target, python, cwd
 
     def launch(self) -> ServerProcess:
         """Start `bentoml serve` and return at once (see ``wait_ready``)."""
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [
-                sys.executable,
+                str(self.python),
                 "-m",
                 "bentoml",
                 "serve",
-                "service:Evaluator",
+                self.target,
                 "--host",
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                # uvicorn otherwise waits without bound for requests that never finish (readyz
-                # probes that arrived while the scorer started) and `serve` never exits on SIGTERM
-                "--timeout-graceful-shutdown",
-                str(GRACEFUL_SHUTDOWN_S),
             ],
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self._env,
             stdout=log,
             stderr=subprocess.STDOUT,

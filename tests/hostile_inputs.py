@@ -62,6 +62,7 @@ class Case:
     item_codes: list[str | None] | None = None  # for batch answers with per-item errors
     files_list: list[tuple[str, Any]] | None = None  # multipart parts, text ones as (None, value)
     absent: tuple[str, ...] = ()  # must not appear in the answer (echoes, internals)
+    message: tuple[str, ...] = ()  # must appear in the error message (what to fix)
 
 
 def build_cases() -> list[Case]:
@@ -106,6 +107,44 @@ def build_cases() -> list[Case]:
         ),
         Case("wrong magic", 422, "invalid_image", {"image": _b64(wrong_magic), "text": "a"}),
         Case("bad base64", 422, "invalid_image", {"image": "!!!not base64!!!", "text": "a"}),
+        Case(
+            "a local file path as image",
+            422,
+            "invalid_image",
+            {"image": "/home/me/cat.jpg", "text": "a"},
+            message=("file path", "base64, a data: URI or an http(s) URL", "upload endpoint"),
+        ),
+        Case(
+            "a missing and a mistyped field, named",
+            400,
+            "invalid_request",
+            {"image": 5},
+            message=("text: field required", "image: "),
+            absent=("validation error for",),
+        ),
+        Case(
+            "a misspelt field is refused, naming the real ones",
+            400,
+            "invalid_request",
+            {"image": good, "caption": "a cat"},
+            message=("unknown field 'caption'", "image, text, model, references, scale"),
+        ),
+        Case(
+            "a misspelt field in a batch item",
+            400,
+            "invalid_request",
+            {"items": [{"image": good, "caption": "a cat"}]},
+            path=BATCH,
+            message=("unknown field 'items[0].caption'",),
+        ),
+        Case(
+            "JSON sent with curl -d's form content type",
+            400,
+            "invalid_request",
+            content=b'{"image": "' + good.encode() + b'", "text": "a cat"}',
+            headers={"content-type": "application/x-www-form-urlencoded"},
+            message=("Content-Type: application/json",),
+        ),
         Case("base64 padding inside", 422, "invalid_image", {"image": "AB=CD", "text": "a"}),
         Case(
             "data URI with a non-image type",
@@ -322,6 +361,9 @@ def check(client: httpx.Client, case: Case) -> str | None:
             return f"code {error.get('code')!r}, expected {case.code!r}"
         if not error.get("message") or not error.get("request_id"):
             return "error without message or request_id"
+        missing = [text for text in case.message if text not in error["message"]]
+        if missing:
+            return f"message {error['message']!r} lacks {missing}"
     if case.item_codes is not None:
         codes = [(r["error"] or {}).get("code") for r in body["results"]]
         if codes != case.item_codes:

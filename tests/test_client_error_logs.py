@@ -11,6 +11,7 @@ from bentoml._internal.server import http_app
 from bentoml.exceptions import InternalServerError, InvalidArgument
 from pydantic import BaseModel, ValidationError
 
+from clip_service.errors import CURRENT_REQUEST_ID
 from clip_service.middleware import BENTOML_API_ERROR_LOGGER, quiet_client_error_logs
 
 
@@ -67,3 +68,15 @@ def test_server_errors_keep_their_traceback(records: list[logging.LogRecord]) ->
     log_failure(RuntimeError("boom"))
     assert [r.levelno for r in records] == [logging.ERROR] * 2
     assert all(r.exc_info for r in records)
+
+
+def test_lines_carry_the_request_id_of_the_answer(records: list[logging.LogRecord]) -> None:
+    token = CURRENT_REQUEST_ID.set("req-7")  # what RequestGuardMiddleware sets per request
+    try:
+        log_failure(InvalidArgument("bad"))
+        log_failure(RuntimeError("boom"))
+    finally:
+        CURRENT_REQUEST_ID.reset(token)
+    client, server = (record.getMessage() for record in records)
+    assert client == "client error 400 on /evaluator/x [POST]: InvalidArgument (request req-7)"
+    assert server.endswith("(request req-7)") and records[1].exc_info

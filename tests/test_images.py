@@ -59,7 +59,11 @@ def test_base64_variants_all_decode_to_the_same_bytes() -> None:
     ("value", "message"),
     [
         ("", "empty"),
-        ("!!!!", "not valid base64"),
+        ("!!!!", "not valid base64.*base64, a data: URI or an http"),
+        ("cat.jpg", "looks like a file path.*upload endpoint"),
+        ("/home/me/photos/cat.jpg", "looks like a file path.*upload endpoint"),
+        ("./cat", "looks like a file path"),
+        ("C:\\photos\\cat.png", "looks like a file path"),
         ("data:text/plain;base64,aGVsbG8=", "not an image"),
         ("data:image/png,rawbytes", "base64-encoded"),
         ("https://example.com/cat.jpg", "URLs"),

@@ -15,7 +15,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from clip_runtime import errors as E
-from clip_service.errors import ERROR_STATUS, ClientGoneError, api_errors, http_status
+from clip_service.errors import (
+    CURRENT_REQUEST_ID,
+    ERROR_STATUS,
+    ClientGoneError,
+    api_errors,
+    http_status,
+)
+from clip_service.middleware import validation_message
 from clip_service.observability import service_metrics
 
 T = TypeVar("T")
@@ -74,3 +81,63 @@ def test_every_mapped_error_has_a_4xx_or_503_status(error: type[E.ClipError]) ->
 def test_client_gone_is_499_and_unknown_errors_are_500() -> None:
     assert http_status(ClientGoneError()) == 499
     assert http_status(E.ModelStoreError("broken store")) == 500
+
+
+def test_error_answers_are_logged_with_their_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    async def with_id(ctx: bentoml.Context) -> object:
+        token = CURRENT_REQUEST_ID.set("req-42")  # what RequestGuardMiddleware sets
+        try:
+            return await Handlers().fails(ctx=ctx)
+        finally:
+            CURRENT_REQUEST_ID.reset(token)
+
+    with caplog.at_level("INFO", logger="clip_service.errors"):
+        asyncio.run(in_request(with_id))
+    assert "503 overloaded (request req-42): the model queue is full" in caplog.text
+
+
+# -- validation messages (what the middleware writes for BentoML's 400s) ----------------------
+
+FIELDS = ("image", "text", "model", "references", "scale")
+
+
+@pytest.mark.parametrize(
+    ("detail", "content_type", "expected"),
+    [
+        (
+            [
+                {"type": "missing", "loc": ["text"], "msg": "Field required"},
+                {"type": "string_type", "loc": ["image"], "msg": "Input should be a valid string"},
+            ],
+            None,
+            "text: field required; image: Input should be a valid string",
+        ),
+        (
+            [{"type": "extra_forbidden", "loc": ["caption"], "msg": "Extra inputs..."}],
+            None,
+            "unknown field 'caption' (fields: image, text, model, references, scale)",
+        ),
+        (
+            [{"type": "extra_forbidden", "loc": ["items", 0, "caption"], "msg": "Extra..."}],
+            None,
+            "unknown field 'items[0].caption'",
+        ),
+        (
+            [{"type": "missing", "loc": ["image"], "msg": "Field required"}],
+            "application/x-www-form-urlencoded",
+            "send JSON with `Content-Type: application/json`: this body was sent as "
+            "application/x-www-form-urlencoded (curl -d's default), so none of its fields were "
+            "read",
+        ),
+        (
+            [{"type": "json_invalid", "loc": [], "msg": "Invalid JSON: EOF"}],
+            None,
+            "the body is not valid JSON (Invalid JSON: EOF); send JSON with "
+            "`Content-Type: application/json`",
+        ),
+    ],
+)
+def test_validation_errors_say_what_to_fix_by_field(
+    detail: list[dict[str, object]], content_type: str | None, expected: str
+) -> None:
+    assert validation_message(detail, FIELDS, content_type) == expected

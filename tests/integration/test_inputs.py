@@ -4,6 +4,7 @@ and a schemathesis run over the service's own OpenAPI document."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -111,6 +112,58 @@ def test_api_keys(locked_server: ServerProcess) -> None:
         assert generated.evaluate_single(image=b64(JPEG), text="a cat")["model"] == "ViT-B-32"
     log = locked_server.log_path.read_text()
     assert all(key not in log for key in KEYS)
+
+
+def test_error_answers_request_ids_are_in_the_log(locked_server: ServerProcess) -> None:
+    """The request_id an error answer shows is in a log line (the README says to quote it)."""
+    key = {"Authorization": f"Bearer {KEYS[0]}"}
+    with httpx.Client(base_url=locked_server.url, timeout=120) as client:
+        answers = [
+            client.post(SINGLE, json={"image": b64(JPEG), "text": "a"}),  # no key: middleware
+            client.post(SINGLE, json={"image": 5}, headers=key),  # BentoML's validation
+            client.post(SINGLE, json={"image": "cat.jpg", "text": "a"}, headers=key),  # ours
+        ]
+    assert [a.status_code for a in answers] == [401, 400, 422]
+    log = locked_server.log_path.read_text()
+    for answer in answers:
+        request_id = answer.json()["error"]["request_id"]
+        assert answer.headers["x-request-id"] == request_id
+        assert f"(request {request_id})" in log, (request_id, log[-3000:])
+
+
+def test_demo_page_sends_the_key_the_user_types(
+    locked_server: ServerProcess, tmp_path: Path
+) -> None:
+    """Headless Chromium: the page opens without a key; a wrong key shows `unauthorized`, the
+    right one scores, and the key survives a reload (sessionStorage)."""
+    from playwright.sync_api import sync_playwright
+
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser_path, "Debian's chromium is required (apt-get install chromium)"
+    image_path = tmp_path / "picture.jpg"
+    image_path.write_bytes(JPEG)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"{locked_server.url}/evaluator/demo")
+        page.wait_for_selector("#model option", state="attached")
+        page.set_input_files("#image", str(image_path))
+        page.wait_for_function("document.getElementById('preview').src.startsWith('data:')")
+        page.fill("#captions", "a bridge\na cat")
+        page.fill("#apikey", "not-a-key")
+        page.click("#score")
+        page.wait_for_function("document.getElementById('error').textContent.length > 0")
+        refused = page.inner_text("#error")
+        page.fill("#apikey", KEYS[0])
+        page.click("#score")
+        page.wait_for_selector("body[data-state=scored]", timeout=120_000)
+        scored = len(page.query_selector_all(".result"))
+        page.reload()
+        kept = page.input_value("#apikey")
+        browser.close()
+    assert refused.startswith("unauthorized")
+    assert scored == 2
+    assert kept == KEYS[0]
 
 
 def test_clip_eval_remote_sends_its_api_key(

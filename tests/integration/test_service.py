@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -171,3 +174,98 @@ def test_concurrent_singles_share_model_batches(
     )
     assert items == requests
     assert 1 <= batches < requests, f"{requests} requests ran in {batches} model batches"
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# Request examples are made of these lines; blocks that also save models or start a server are
+# walkthroughs for other set-ups (a third model), not examples against the default service.
+_REQUEST_LINE = re.compile(r"^(IMG=|printf |curl |\s)")
+
+
+def _readme_examples() -> list[tuple[str, str, str | None]]:
+    """(language, block, the ```json block right after it, if any) for every fenced block that
+    calls the service: curl commands, and ``POST /path {json} -> {answer}`` sketches."""
+    fences = list(_FENCE.finditer(README.read_text()))
+    examples = []
+    for index, fence in enumerate(fences):
+        language, block = fence.group(1), fence.group(2)
+        following = fences[index + 1] if index + 1 < len(fences) else None
+        answer = None
+        if following and following.group(1) == "json" and following.start() - fence.end() < 5:
+            answer = following.group(2)
+        requests_only = all(_REQUEST_LINE.match(line) for line in block.splitlines() if line)
+        if language == "bash" and "curl -s localhost:3000/evaluator/" in block and requests_only:
+            examples.append((language, block, answer))
+        elif language == "json" and block.startswith("POST /evaluator/"):
+            examples.append((language, block, None))
+    return examples
+
+
+def _keys(sketch: str) -> set[str]:
+    return set(re.findall(r'"(\w+)":', sketch))
+
+
+def _all_keys(value: object) -> set[str]:
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in _all_keys(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in _all_keys(v)}
+    return set()
+
+
+def _sketch_requests(block: str) -> tuple[list[tuple[str, str]], str]:
+    """``POST /path {json}`` lines (the JSON inline or on the next lines) and the answer after
+    ``->``; ``...`` in a list means "more of the same" and is dropped."""
+    sent, _, answer = block.partition("->")
+    requests: list[list[str]] = []
+    for line in sent.splitlines():
+        if line.startswith("POST "):
+            _, path, *body = line.split(maxsplit=2)
+            requests.append([path, "".join(body)])
+        elif requests:
+            requests[-1][1] += line
+    return [(path, body.replace(", ...]", "]")) for path, body in requests], answer
+
+
+def test_readme_request_examples_work_as_written(server: ServerProcess, tmp_path: Path) -> None:
+    """Every curl example of the README runs (its image a generated cat.jpg) and answers 200
+    with the fields the README shows; every ``POST`` sketch is sent with a real image."""
+
+    (tmp_path / "cat.jpg").write_bytes(jpeg_bytes(9, 224, 224))
+    image = b64((tmp_path / "cat.jpg").read_bytes())
+    examples = [e for e in _readme_examples() if "docker" not in e[1]]
+    assert len(examples) >= 6, "the README's request examples were not found"
+    shared = "IMG=$(base64 -w0 cat.jpg)\n"  # the Single example's variable, reused below it
+    shown_by_path: dict[str, set[str]] = {}
+    answers: list[tuple[str, str, set[str]]] = []  # (example, status, fields answered)
+    for language, block, answer in examples:
+        if language == "bash":
+            script = shared + block.replace("localhost:3000", server.url.removeprefix("http://"))
+            script = script.replace("curl -s ", "curl -s -w '\\n%{http_code}' ")
+            run = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", script],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert run.returncode == 0, (block, run.stderr)
+            body, _, status = run.stdout.rstrip().rpartition("\n")
+            path = re.findall(r"localhost:3000(/\S+)", block)[0]
+            if answer:
+                shown_by_path[path] = _keys(answer)
+            # The upload example has no answer of its own: "Same answer as the JSON endpoint".
+            shown = shown_by_path[path.removesuffix("/upload")]
+            answers.append((block, status, shown - _all_keys(json.loads(body))))
+            continue
+        requests, answer_sketch = _sketch_requests(block)
+        for path, sent in requests:
+            payload = json.loads(json.dumps(json.loads(sent)).replace("<base64>", image))
+            response = httpx.post(f"{server.url}{path}", json=payload, timeout=300)
+            missing = _keys(answer_sketch) - _all_keys(response.json())
+            answers.append((path, str(response.status_code), missing))
+    assert len(answers) >= 7  # single, batch, health, upload; rank, both embeddings
+    for example, status, missing in answers:
+        assert status == "200", example
+        assert not missing, (example, missing)
