@@ -26,6 +26,7 @@ FIRST_PARTY = {
     "clip_runtime",
     "clip_service",
     "clip_eval",
+    "clip_testkit",
     "service",
     "scripts",
     "load_tests",
