@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from clip_testkit.images import b64, jpeg_bytes
-from clip_testkit.routes import SINGLE
+from clip_testkit.routes import BATCH, EMBED_IMAGE, EMBED_TEXT, RANK, SINGLE, UPLOAD
 from clip_testkit.server import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -77,17 +77,30 @@ def test_an_unreachable_model_worker_is_503_model_not_ready_and_not_ready(
     hidden = socket_path.with_name("hidden-" + socket_path.name)
     time.sleep(6)
     socket_path.rename(hidden)
+    image = b64(jpeg_bytes(1, 64, 64))
+    body = {"image": image, "text": "a cat"}
+    requests = {  # every endpoint that calls the model worker, one request each
+        SINGLE: {"json": body},
+        UPLOAD: {"files": {"image": ("cat.jpg", jpeg_bytes(1, 64, 64))}, "data": {"text": "a"}},
+        BATCH: {"json": {"items": [body, body]}},
+        RANK: {"json": {"image": image, "texts": ["a cat", "a dog"]}},
+        EMBED_IMAGE: {"json": {"images": [image]}},
+        EMBED_TEXT: {"json": {"texts": ["a cat"]}},
+    }
     try:
-        body = {"image": b64(jpeg_bytes(1, 64, 64)), "text": "a cat"}
-        response = httpx.post(f"{server.url}{SINGLE}", json=body, timeout=60)
+        answers = {
+            path: httpx.post(f"{server.url}{path}", timeout=60, **request)
+            for path, request in requests.items()
+        }
         # BentoML 1.4.40 alone never answered this probe (see the adapter's is_ready).
         readyz = httpx.get(f"{server.url}/readyz", timeout=30)
     finally:
         hidden.rename(socket_path)
-    assert response.status_code == 503, response.text
-    assert response.json()["error"]["code"] == "model_not_ready"
-    assert response.headers["retry-after"] == "2"
-    assert response.elapsed.total_seconds() < 10  # refused, not left hanging
+    for path, response in answers.items():
+        assert response.status_code == 503, (path, response.text)
+        assert response.json()["error"]["code"] == "model_not_ready", path
+        assert response.headers["retry-after"] == "2", path
+        assert response.elapsed.total_seconds() < 10, path  # refused, not left hanging
     assert readyz.status_code == 503 and readyz.elapsed.total_seconds() < 10
     # Reachable again: served again.
     again = httpx.post(f"{server.url}{SINGLE}", json=body, timeout=60)
