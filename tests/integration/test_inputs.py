@@ -199,7 +199,7 @@ def test_locust_workloads_send_the_api_key(locked_server: ServerProcess, tmp_pat
     )
     assert keyed.returncode == 0, keyed.stdout + keyed.stderr
     assert "PASS" in keyed.stdout
-    keyless = run_load_test(locked_server.url, tmp_path, "keyless", users=2, run_time="8s")
+    keyless = run_load_test(locked_server.url, tmp_path, "keyless", users=2, run_time="4s")
     assert keyless.returncode == 1, keyless.stdout + keyless.stderr
     assert "FAIL" in keyless.stdout
 
