@@ -26,7 +26,6 @@ from clip_runtime.model_entry import (
     read_entry,
     verify_weights,
 )
-from clip_runtime.scoring import rank_probabilities
 from clip_runtime.tokens import TextTokenizer
 
 # A model-sized crop: HWC uint8 on the host (PIL path) or CHW uint8 on the device (tensor path).
@@ -281,12 +280,6 @@ class ClipModel:
         """SigLIP's learnt bias, added to ``logit_scale * cos`` before the sigmoid; None: CLIP."""
         bias = getattr(self._model, "logit_bias", None)
         return None if bias is None else float(bias.item())
-
-    def probabilities(self, cosines: Sequence[float] | np.ndarray) -> np.ndarray:
-        """Rank probabilities of candidates' cosines, the way this model's family was trained."""
-        return rank_probabilities(
-            np.asarray(cosines, dtype=np.float64), self.family, self.logit_scale, self.logit_bias
-        )
 
     def warm_up(self) -> None:
         """One forward pass of each tower, so the first request does not pay for lazy init."""

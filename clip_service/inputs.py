@@ -50,8 +50,7 @@ class JobBuilder:
         return await loop.run_in_executor(self.preprocessing.pool, function, *args)
 
     def _image_field(self, model: str, image: str) -> Job:
-        data = decode_image_field(image, self.settings.max_image_bytes)
-        return Job(model, image=self.preprocessing.image(model, data))
+        return self._image_bytes(model, decode_image_field(image, self.settings.max_image_bytes))
 
     def _image_bytes(self, model: str, data: bytes, claim: Reservation | None = None) -> Job:
         return Job(model, image=self.preprocessing.image(model, data, claim))

@@ -21,6 +21,7 @@ from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.model_entry import WEIGHTS_FILE, read_entry
 from clip_runtime.registry import api_suffix, parse_spec, store_name
+from clip_runtime.scoring import rank_probabilities
 from clip_runtime.sources import save_pretrained, save_random_init
 from clip_runtime.tokens import token_count
 from clip_testkit.images import jpeg_bytes
@@ -150,7 +151,9 @@ def test_engine_matches_open_clip_per_family(
         else:
             expected = logits.softmax(dim=-1)
     cosines = (image @ texts.T)[0].numpy()
-    np.testing.assert_allclose(model.probabilities(cosines), expected[0].numpy(), atol=1e-6)
+    # The service's own computation: the family, logit_scale and logit_bias the worker reports.
+    ours = rank_probabilities(cosines, model.family, model.logit_scale, model.logit_bias)
+    np.testing.assert_allclose(ours, expected[0].numpy(), atol=1e-6)
     assert model.family == ("siglip" if model_dir == "siglip_model_dir" else "clip")
 
 
