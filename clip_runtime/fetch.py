@@ -10,8 +10,10 @@ never by its Content-Type.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -141,7 +143,9 @@ async def _checked_address(url: str, policy: FetchPolicy) -> tuple[str, str, int
     return scheme, host, port, addresses[0]
 
 
-# Called with the body's length so far after each chunk; may wait (memory budget) or raise.
+# Called with the bytes the body will hold: its declared length before the first byte is read
+# (so a memory budget is claimed whole or waited for, not hoarded a chunk at a time), then its
+# length so far after each chunk; may wait (memory budget) or raise.
 BodyProgress = Callable[[int], Awaitable[None]]
 
 
@@ -171,8 +175,11 @@ async def _fetch_hops(
             if response.status_code != 200:
                 raise UrlFetchFailedError(f"URL answered HTTP {response.status_code}")
             declared = response.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > policy.max_bytes:
-                raise ImageTooLargeError(f"URL body is larger than {policy.max_bytes} bytes")
+            if declared and declared.isdigit():
+                if int(declared) > policy.max_bytes:
+                    raise ImageTooLargeError(f"URL body is larger than {policy.max_bytes} bytes")
+                if on_body is not None:
+                    await on_body(int(declared))
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body.extend(chunk)
@@ -184,6 +191,14 @@ async def _fetch_hops(
         finally:
             await response.aclose()
     raise UrlFetchFailedError(f"more than {policy.max_redirects} redirects")
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The process's one verifying TLS context. A client left to build its own loads the whole
+    CA bundle (~300 KB of OpenSSL heap, milliseconds of CPU) per fetch, and httpx's reference
+    cycles keep it until a full garbage collection: 64 URLs a request grew a worker by 380 MB."""
+    return httpx.create_ssl_context(trust_env=False)
 
 
 async def fetch_image_bytes(
@@ -200,7 +215,9 @@ async def fetch_image_bytes(
         pool=policy.connect_timeout_s,
     )
     # trust_env=False: no proxy from the environment may re-route a checked connection.
-    client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+    client = httpx.AsyncClient(
+        timeout=timeout, follow_redirects=False, trust_env=False, verify=tls_context()
+    )
     async with client:
         try:
             return await asyncio.wait_for(

@@ -1,15 +1,17 @@
 """A per-process memory budget for image decoding, and giving freed heap back to the system.
 
 Decoding is where a small request becomes a large allocation (a 77 KB PNG can claim 80 MB of
-pixels). Each decode reserves its cost, estimated from the header before any pixel is decoded;
-while the budget is spent, a decode waits briefly and is then refused as overload (503), so the
-peak stays near the budget whatever the number of decode threads or concurrent requests.
+pixels). Each decode reserves its cost, estimated from the header before any pixel is decoded,
+and each URL body its bytes; while the budget is spent, a claim waits briefly and is then
+refused as overload (503), so what is in flight stays within the budget whatever the number of
+decode threads or concurrent requests. Freed memory is given back once the budget goes idle.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -17,9 +19,12 @@ from contextlib import contextmanager
 
 from clip_runtime.errors import OverloadedError
 
-# After a decode at least this large, freed memory is handed back once nothing is in flight:
-# glibc keeps freed heap (per-thread arenas especially) for reuse and never shrinks RSS itself.
+# After decodes and bodies claiming this much since the last trim, freed memory is handed back
+# once nothing is in flight: glibc keeps freed heap for reuse and never shrinks RSS itself.
 TRIM_AFTER_BYTES = 32 * 1024 * 1024
+# ... that long after the budget went idle, if it still is: the requests' bodies, crops and
+# responses are freed just after their last claim, and a trim at that moment would miss them.
+TRIM_DELAY_S = 1.0
 
 
 def _load_malloc_trim() -> ctypes._CFuncPtr | None:
@@ -36,23 +41,46 @@ _MALLOC_TRIM = _load_malloc_trim()
 
 
 def trim_heap() -> bool:
-    """Return free heap pages to the system (glibc ``malloc_trim``); False where unavailable."""
+    """Free what only reference cycles still hold, then return free heap pages to the system
+    (glibc ``malloc_trim``); False where ``malloc_trim`` is unavailable.
+
+    The collection comes first because the collector's own schedule may not run a full pass for
+    a long time, and cycles hold real memory: every httpx client leaves one, with its
+    connection's receive buffer (~70 KB a fetched URL, 90 MB after 1,280 fetches)."""
+    gc.collect()
     if _MALLOC_TRIM is None:
         return False
     _MALLOC_TRIM(0)
     return True
 
 
+def freeze_startup_objects() -> None:
+    """Collect, then move every object alive now out of the collector's reach (``gc.freeze``):
+    after torch and open_clip are imported that is ~500,000 objects, and a full collection over
+    them takes ~250 ms of a 2-core machine, the GIL held. Call once start-up is done."""
+    gc.collect()
+    gc.freeze()
+
+
 class DecodeBudget:
     """Bytes that decodes (and the URL bodies waiting for them) in flight in this process may
-    claim at once (thread-safe)."""
+    claim at once (thread-safe).
 
-    def __init__(self, max_bytes: int, wait_s: float) -> None:
+    Bodies may hold at most half of it (``max_body_bytes``): a body that is still arriving, or
+    waiting for a decode thread, cannot be given back, and bodies filling the whole budget left
+    no decode room to finish any of them (4 requests of 64 URLs to a 14 MB image under a
+    256 MiB budget: not one image decoded, every request 503 or timed out).
+    """
+
+    def __init__(self, max_bytes: int, wait_s: float, trim_delay_s: float = TRIM_DELAY_S) -> None:
         self.max_bytes = max_bytes
         self.wait_s = wait_s
+        self.trim_delay_s = trim_delay_s
         self.in_flight = 0
+        self.bodies_in_flight = 0
         self.trims = 0
-        self._large_since_trim = False
+        self._claimed_since_trim = 0
+        self._trim_timer: threading.Timer | None = None
         self._changed = threading.Condition()
 
     def reservation(self) -> Reservation:
@@ -70,16 +98,24 @@ class DecodeBudget:
         finally:
             claim.release()
 
-    def _fits(self, extra: int, own: int) -> bool:
-        return self.in_flight == own or self.in_flight + extra <= self.max_bytes
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_bytes // 2
 
-    def _grow(self, claim: Reservation, total: int, wait: bool) -> bool:
+    def _fits(self, extra: int, own: int, body: bool) -> bool:
+        if self.in_flight == own:  # alone: it runs, whatever its size
+            return True
+        if self.in_flight + extra > self.max_bytes:
+            return False
+        return not body or self.bodies_in_flight + extra <= self.max_body_bytes
+
+    def _grow(self, claim: Reservation, total: int, wait: bool, body: bool) -> bool:
         extra = total - claim.bytes
         if extra <= 0:
             return True
         deadline = time.monotonic() + self.wait_s
         with self._changed:
-            while not claim.released and not self._fits(extra, claim.bytes):
+            while not claim.released and not self._fits(extra, claim.bytes, body):
                 left = deadline - time.monotonic()
                 if not wait:
                     return False
@@ -91,39 +127,64 @@ class DecodeBudget:
                 return False
             self.in_flight += extra
             claim.bytes = total
-            self._large_since_trim |= total >= TRIM_AFTER_BYTES
+            if body:
+                self.bodies_in_flight += extra
+                claim.body_bytes += extra
+            else:  # a decode's cost includes its encoded bytes: no longer a body waiting
+                self.bodies_in_flight -= claim.body_bytes
+                claim.body_bytes = 0
+            self._claimed_since_trim += extra
         return True
 
     def _release(self, claim: Reservation) -> None:
+        timer = None
         with self._changed:
             self.in_flight -= claim.bytes
-            claim.bytes = 0
+            self.bodies_in_flight -= claim.body_bytes
+            claim.bytes = claim.body_bytes = 0
             claim.released = True
-            trim = self._large_since_trim and self.in_flight == 0
-            if trim:
-                self._large_since_trim = False
+            due = self._claimed_since_trim >= TRIM_AFTER_BYTES
+            if due and self.in_flight == 0 and self._trim_timer is None:
+                timer = self._trim_timer = threading.Timer(self.trim_delay_s, self._trim_if_idle)
+                timer.daemon = True
             self._changed.notify_all()
-        if trim and trim_heap():
+        if timer is not None:
+            timer.start()
+
+    def _trim_if_idle(self) -> None:
+        with self._changed:
+            self._trim_timer = None
+            if self.in_flight or self._claimed_since_trim < TRIM_AFTER_BYTES:
+                return  # busy again: the release that next leaves it idle schedules the trim
+            self._claimed_since_trim = 0
+        if trim_heap():
             self.trims += 1
 
 
 class Reservation:
-    """One image's claim on a ``DecodeBudget``: the URL body as it streams in, then the decode
-    estimated from the header (the claim grows to the larger, it never counts both)."""
+    """One image's claim on a ``DecodeBudget``: the URL body as it streams in (``grow_body_to``),
+    then the decode estimated from the header (``grow_to``; the claim grows to the larger, it
+    never counts both)."""
 
     def __init__(self, budget: DecodeBudget) -> None:
         self.budget = budget
         self.bytes = 0
+        self.body_bytes = 0  # the part of ``bytes`` that counts against the bodies' share
         self.released = False
 
     def grow_to(self, total: int) -> None:
-        """Claim ``total`` bytes in all; waits up to the budget's ``wait_s``, then raises
-        ``OverloadedError``. Blocking: off the event loop, or after ``try_grow_to`` failed."""
-        self.budget._grow(self, total, wait=True)
+        """Claim ``total`` bytes in all for the decode; waits up to the budget's ``wait_s``, then
+        raises ``OverloadedError``. Blocking: off the event loop."""
+        self.budget._grow(self, total, wait=True, body=False)
 
-    def try_grow_to(self, total: int) -> bool:
-        """Claim ``total`` bytes in all if they fit now; False (nothing claimed) if not."""
-        return self.budget._grow(self, total, wait=False)
+    def grow_body_to(self, total: int) -> None:
+        """Claim ``total`` bytes in all for a body, within the bodies' share; waits like
+        ``grow_to``. Blocking: off the event loop, or after ``try_grow_body_to`` failed."""
+        self.budget._grow(self, total, wait=True, body=True)
+
+    def try_grow_body_to(self, total: int) -> bool:
+        """``grow_body_to`` if it fits now; False (nothing claimed) if not."""
+        return self.budget._grow(self, total, wait=False, body=True)
 
     def release(self) -> None:
         self.budget._release(self)

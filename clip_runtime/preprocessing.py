@@ -130,6 +130,10 @@ class Preprocessing:
         """True once every model's transforms are built (never, if building failed)."""
         return self._transforms.done() and self._transforms.exception() is None
 
+    def after_build(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the transforms are built (or failed to), in the pool's thread."""
+        self._transforms.add_done_callback(lambda _: callback())
+
     def check_ready(self) -> None:
         """Refuse work with 503 ``model_not_ready`` until the transforms are built."""
         if not self.ready:

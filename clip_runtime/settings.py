@@ -123,7 +123,8 @@ class ClipSettings(BaseSettings):
         default=768 * 1024 * 1024,
         ge=1,
         description="Memory that image decodes in flight may claim per HTTP worker, estimated "
-        "from each header before decoding (encoded bytes + 9 to 12 bytes a pixel). "
+        "from each header before decoding (encoded bytes + 9 to 12 bytes a pixel); URL bodies "
+        "waiting for their decode may hold at most half of it. "
         "One image larger than the budget still decodes alone.",
     )
     decode_budget_wait_s: float = Field(
@@ -159,6 +160,18 @@ class ClipSettings(BaseSettings):
         description="Time a client has to send a request's headers, from the connection (or "
         "its first byte after a keep-alive pause); slower connections get 408 and are closed, "
         "so slow or idle clients cannot pin the HTTP workers.",
+    )
+    body_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="Time a client has to send a request's body after its headers, plus one "
+        "second for every `CLIP_BODY_MIN_RATE_BYTES_S` bytes received; a slower body gets 408 "
+        "and its connection is closed, so a client trickling a body cannot hold a request slot.",
+    )
+    body_min_rate_bytes_s: int = Field(
+        default=16 * 1024,
+        ge=1,
+        description="The body rate (bytes a second) that keeps extending `CLIP_BODY_TIMEOUT_S`.",
     )
     shutdown_timeout_s: int = Field(
         default=60,

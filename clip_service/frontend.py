@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from clip_runtime import Job, JobOutcome, Preprocessing, get_settings, resolve_model_name
 from clip_runtime import errors as E
+from clip_runtime.memory import freeze_startup_objects
 from clip_runtime.model_entry import ModelEntry
 from clip_runtime.preprocessing import fetch_policy
 from clip_runtime.scoring import (
@@ -40,7 +41,11 @@ from clip_service.bentoml_adapter import (
 from clip_service.errors import ClientGoneError, api_errors
 from clip_service.image import BENTO_IMAGE
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
-from clip_service.middleware import RequestGuardMiddleware, input_fields_by_route
+from clip_service.middleware import (
+    BodyDeadline,
+    RequestGuardMiddleware,
+    input_fields_by_route,
+)
 from clip_service.multipart_guard import file_fields_by_route
 from clip_service.observability import (
     configure_logging,
@@ -101,6 +106,8 @@ class EvaluatorImpl:
         configure_logging(settings.log_format)
         bound_graceful_shutdown(settings.shutdown_timeout_s)  # in uvicorn's lifespan: see there
         self.preprocessing = Preprocessing(settings, model_folders(self, settings))
+        # torch is imported by then: keep the trims' full collections cheap (memory.py).
+        self.preprocessing.after_build(freeze_startup_objects)
         self._jobs = JobBuilder(settings, self.preprocessing, fetch_policy(settings))
         self.queue = PairQueue(settings.max_queued_pairs)
         self._statuses: dict[str, ModelStatus] = {}
@@ -502,6 +509,7 @@ Evaluator.add_asgi_middleware(
     file_fields=file_fields_by_route(Evaluator.apis.values()),
     input_fields=input_fields_by_route(Evaluator.apis.values()),
     protect_docs=settings.auth_docs == "protected",
+    body_deadline=BodyDeadline(settings.body_timeout_s, settings.body_min_rate_bytes_s),
 )
 Evaluator.add_asgi_middleware(  # after the guard, so inside it: sheds carry the request id
     InFlightLimitMiddleware,

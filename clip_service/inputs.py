@@ -60,9 +60,9 @@ class JobBuilder:
         its crop is made (64 URLs to a 15 MB image once held ~1 GB of bodies uncounted)."""
         claim = self.preprocessing.claim()
 
-        async def count(received: int) -> None:
-            if not claim.try_grow_to(received):  # the budget is spent: wait, off the loop
-                await asyncio.to_thread(claim.grow_to, received)
+        async def count(body_bytes: int) -> None:
+            if not claim.try_grow_body_to(body_bytes):  # the budget is spent: wait, off the loop
+                await asyncio.to_thread(claim.grow_body_to, body_bytes)
 
         try:
             with stage(model, "fetch"):

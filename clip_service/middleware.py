@@ -7,12 +7,14 @@ Error envelope: ``{"error": {"code": str, "message": str, "request_id": str, "de
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import re
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -226,12 +228,13 @@ def quiet_client_error_logs() -> None:
 
 class RequestGuardMiddleware:
     """Pure ASGI middleware (no body buffering on success paths, except forms, which are checked
-    whole): request id, optional bearer auth, body size limit, form checks, and the error
-    envelope under ``error_prefix``.
+    whole): request id, optional bearer auth, body size limit and deadline, form checks, and the
+    error envelope under ``error_prefix``.
 
     ``file_fields``: route -> form fields that must be file parts (``file_fields_by_route``).
     ``input_fields``: route -> its fields (``input_fields_by_route``), named in error messages.
-    ``protect_docs``: with API keys, ``DOC_PATHS`` need a key too."""
+    ``protect_docs``: with API keys, ``DOC_PATHS`` need a key too.
+    ``body_deadline``: when a body must be complete (408 and the connection closed if not)."""
 
     def __init__(
         self,
@@ -244,8 +247,10 @@ class RequestGuardMiddleware:
         file_fields: dict[str, frozenset[str]] | None = None,
         input_fields: dict[str, tuple[str, ...]] | None = None,
         protect_docs: bool = False,
+        body_deadline: BodyDeadline | None = None,
     ) -> None:
         self.app = app
+        self.body_deadline = body_deadline  # None: bodies have no deadline of their own
         self.retry_after = str(retry_after_s).encode()
         self.max_request_bytes = max_request_bytes
         self.api_keys = tuple(key.encode() for key in api_keys)
@@ -289,6 +294,11 @@ class RequestGuardMiddleware:
             )
             await send({"type": "http.response.body", "body": body})
 
+        async def refuse(refused: _BodyRefused) -> None:
+            # An unread body leaves the connection unusable: "connection: close" makes h11 end it.
+            close = [(b"connection", b"close")] if refused.close else []
+            await reply(refused.status, refused.code, refused.message, close)
+
         if self._needs_key(scope["path"]) and _authorization_count(scope) > 1:
             # Proxies and frameworks disagree on which of two headers counts: refuse both.
             await reply(
@@ -315,18 +325,40 @@ class RequestGuardMiddleware:
             return
 
         received = 0
-        overflow = False
+        body_complete = False
+        refusal: _BodyRefused | None = None
         replaced = False
-        too_large = f"request body exceeds {self.max_request_bytes} bytes"
+        started = asyncio.get_running_loop().time()
 
         async def limited_receive() -> Message:
-            nonlocal received, overflow
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_request_bytes:
-                    overflow = True
-                    raise _BodyTooLarge
+            nonlocal received, body_complete, refusal
+            deadline = self.body_deadline
+            if body_complete or deadline is None:  # later receives wait for the disconnect
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline.at(started, received)):
+                    message = await receive()
+            except TimeoutError:
+                refusal = _BodyRefused(
+                    HTTPStatus.REQUEST_TIMEOUT,
+                    "request_timeout",
+                    f"request body too slow: {received} bytes in "
+                    f"{asyncio.get_running_loop().time() - started:.0f} s",
+                    close=True,
+                )
+                raise refusal from None
+            if message["type"] != "http.request":
+                body_complete = True  # the client left
+                return message
+            received += len(message.get("body", b""))
+            body_complete = not message.get("more_body", False)
+            if received > self.max_request_bytes:
+                refusal = _BodyRefused(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    "request_too_large",
+                    f"request body exceeds {self.max_request_bytes} bytes",
+                )
+                raise refusal
             return message
 
         rewrite = scope["path"].startswith(self.error_prefix)
@@ -335,9 +367,9 @@ class RequestGuardMiddleware:
 
         async def guarded_send(message: Message) -> None:
             nonlocal pending_start, replaced
-            if overflow:  # replace whatever the app answers to an over-long body with a 413
+            if refusal is not None:  # replace whatever the app answers to a refused body
                 if not replaced and message["type"] == "http.response.start":
-                    await reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request_too_large", too_large)
+                    await refuse(refusal)
                 replaced = True
                 return
             if message["type"] == "http.response.start":
@@ -389,8 +421,8 @@ class RequestGuardMiddleware:
             try:
                 body = await _read_body(limited_receive)
                 check_form(content_type, body, self.file_fields.get(scope["path"], frozenset()))
-            except _BodyTooLarge:
-                await reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request_too_large", too_large)
+            except _BodyRefused as refused:
+                await refuse(refused)
                 return
             except MultipartRefused as refused:
                 await reply(HTTPStatus.BAD_REQUEST, "invalid_request", str(refused))
@@ -400,15 +432,33 @@ class RequestGuardMiddleware:
         token = CURRENT_REQUEST_ID.set(request_id)
         try:
             await self.app(scope, app_receive, guarded_send)
-        except _BodyTooLarge:
+        except _BodyRefused as refused:
             if not replaced:  # the app let the error escape before it answered
-                await reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request_too_large", too_large)
+                await refuse(refused)
         finally:
             CURRENT_REQUEST_ID.reset(token)
 
 
-class _BodyTooLarge(Exception):
-    pass
+@dataclass(frozen=True)
+class BodyDeadline:
+    """When a request body must be complete: ``timeout_s`` after its headers, plus one second
+    for every ``min_rate_bytes_s`` bytes received (Apache mod_reqtimeout's ``body=,MinRate=``):
+    a large body at any usable rate goes through, a trickle is cut after about ``timeout_s``."""
+
+    timeout_s: float
+    min_rate_bytes_s: int
+
+    def at(self, started: float, received: int) -> float:
+        """The loop time by which the next part of the body must arrive."""
+        return started + self.timeout_s + received / self.min_rate_bytes_s
+
+
+class _BodyRefused(Exception):
+    """A body the guard stops reading: too large, or arriving too slowly."""
+
+    def __init__(self, status: int, code: str, message: str, close: bool = False) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.close = status, code, message, close
 
 
 async def _read_body(receive: Receive) -> bytes:

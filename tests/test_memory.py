@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,16 +63,56 @@ def test_a_waiting_decode_runs_when_budget_frees() -> None:
     holder.join()
 
 
-def test_heap_is_trimmed_after_a_large_decode_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_heap_is_trimmed_after_a_large_decode_once_idle(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     monkeypatch.setattr(memory, "_MALLOC_TRIM", calls.append)
-    budget = DecodeBudget(max_bytes=1 << 40, wait_s=0)
+    budget = DecodeBudget(max_bytes=1 << 40, wait_s=0, trim_delay_s=0.2)
     with budget.reserve(1024):
         pass
-    assert calls == []
+    time.sleep(0.4)
+    assert calls == []  # small decodes only: nothing to give back
     with budget.reserve(memory.TRIM_AFTER_BYTES), budget.reserve(1024):
         pass
-    assert calls == [0] and budget.trims == 1  # once, when nothing was in flight any more
+    assert calls == []  # not at once: what the request frees after its claim counts too
+    assert eventually(lambda: budget.trims == 1)  # (its full collection is slow in pytest)
+    assert calls == [0]  # once, when nothing was in flight any more
+    with budget.reserve(memory.TRIM_AFTER_BYTES):
+        pass
+    with budget.reserve(1024):  # busy again when the delay ends: the next idle moment trims
+        time.sleep(0.4)
+        assert budget.trims == 1
+    assert eventually(lambda: budget.trims == 2)
+
+
+def eventually(condition: Callable[[], bool], within_s: float = 10) -> bool:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_trim_collects_garbage_held_in_reference_cycles() -> None:
+    """httpx leaves a reference cycle per client; the trim frees what such cycles hold."""
+    freed = threading.Event()
+
+    class Holder:
+        def __init__(self) -> None:
+            self.me = self
+            self.buffer = bytearray(1 << 20)
+
+        def __del__(self) -> None:
+            freed.set()
+
+    gc.disable()  # no automatic collection between here and the trim
+    try:
+        Holder()
+        assert not freed.is_set()
+        memory.trim_heap()
+        assert freed.is_set()
+    finally:
+        gc.enable()
 
 
 def test_glibc_malloc_trim_is_found_on_linux() -> None:
@@ -99,18 +141,75 @@ def test_wide_greyscale_scales_as_before(mode: str) -> None:
 def test_a_claim_grows_with_its_body_then_to_its_decode_never_both() -> None:
     budget = DecodeBudget(max_bytes=1000, wait_s=0.1)
     claim = budget.reservation()
-    assert claim.try_grow_to(300) and budget.in_flight == 300  # the URL body so far
+    assert claim.try_grow_body_to(300) and budget.in_flight == 300  # the URL body so far
+    assert budget.bodies_in_flight == 300
     claim.grow_to(700)  # its decode, estimated from the header, includes the body
-    assert budget.in_flight == 700
+    assert (budget.in_flight, budget.bodies_in_flight) == (700, 0)
     other = budget.reservation()
-    assert not other.try_grow_to(400)  # does not fit now: nothing claimed
+    assert not other.try_grow_body_to(400)  # does not fit now: nothing claimed
     assert budget.in_flight == 700
     with pytest.raises(OverloadedError):
         other.grow_to(400)
     claim.release()
-    assert budget.in_flight == 0 and other.try_grow_to(400)
+    assert budget.in_flight == 0 and other.try_grow_body_to(400)
     other.release()
-    assert budget.in_flight == 0
+    assert budget.in_flight == budget.bodies_in_flight == 0
+
+
+def test_bodies_hold_at_most_half_so_decodes_always_have_room() -> None:
+    budget = DecodeBudget(max_bytes=1000, wait_s=0.1)
+    first, second, third = budget.reservation(), budget.reservation(), budget.reservation()
+    assert first.try_grow_body_to(400)
+    assert not second.try_grow_body_to(200)  # 600 of bodies: over their half
+    assert second.try_grow_body_to(100)
+    third.grow_to(450)  # a decode may use the rest: 950 of 1000
+    first.grow_to(450)  # first's body becomes its decode: 1000 in all, 100 of bodies
+    assert (budget.in_flight, budget.bodies_in_flight) == (1000, 100)
+    for claim in (first, second, third):
+        claim.release()
+    alone = budget.reservation()
+    assert alone.try_grow_body_to(900)  # alone it may exceed the share: it cannot starve anyone
+    alone.release()
+
+
+def many_bodies_then_decodes(budget: DecodeBudget) -> list[BaseException]:
+    """Twelve images: each claims its declared body length whole, streams it, then decodes two
+    at a time (the decode pool). What each raised."""
+    decode_pool = threading.Semaphore(2)
+    failures: list[BaseException] = []
+
+    def image(seed: int) -> None:
+        claim = budget.reservation()
+        try:
+            claim.grow_body_to(20)  # the declared length, before the first byte
+            for received in range(4, 21, 4):  # then the body as it arrives: already claimed
+                claim.grow_body_to(received)
+                time.sleep(0.005 * (seed % 3 + 1))
+            with decode_pool:
+                claim.grow_to(35)  # body + pixels
+                time.sleep(0.02)
+        except BaseException as error:
+            failures.append(error)
+        finally:
+            claim.release()
+
+    threads = [threading.Thread(target=image, args=(seed,)) for seed in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return failures
+
+
+def test_many_bodies_under_a_small_budget_all_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With bodies capped at half the budget every image finishes; when bodies may fill it,
+    they do, no decode fits, and the waits end in 503 ``overloaded``."""
+    budget = DecodeBudget(max_bytes=100, wait_s=1, trim_delay_s=60)
+    assert many_bodies_then_decodes(budget) == []
+    assert budget.in_flight == budget.bodies_in_flight == 0
+    monkeypatch.setattr(DecodeBudget, "max_body_bytes", property(lambda self: self.max_bytes))
+    failures = many_bodies_then_decodes(DecodeBudget(max_bytes=100, wait_s=1, trim_delay_s=60))
+    assert failures and all(isinstance(f, OverloadedError) for f in failures)
 
 
 def test_a_claim_released_while_waiting_claims_nothing() -> None:

@@ -24,7 +24,7 @@ from clip_testkit.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 
-REQUESTS = 400  # four session refreshes of BentoML's client (one per 100 model calls)
+REQUESTS = 200  # two session refreshes of BentoML's client (one per 100 model calls)
 CLIENTS = 8
 
 

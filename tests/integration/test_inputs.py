@@ -70,6 +70,7 @@ def locked_server(
             "CLIP_API_KEYS": ",".join(KEYS),
             "CLIP_URL_ALLOWED_HOSTS": f"127.0.0.1:{images_host.port}",  # a bare host: 80/443
             "CLIP_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+            "CLIP_BODY_TIMEOUT_S": str(HEADER_TIMEOUT_S),
         },
     )
     process.start()
@@ -195,11 +196,11 @@ def test_locust_workloads_send_the_api_key(locked_server: ServerProcess, tmp_pat
     """A short `python -m load_tests.run` against the keyed server passes only with the key
     (without it, every request is an unexpected 401)."""
     keyed = run_load_test(
-        locked_server.url, tmp_path, "keyed", "--api-key", KEYS[0], users=2, run_time="8s"
+        locked_server.url, tmp_path, "keyed", "--api-key", KEYS[0], users=2, run_time="5s"
     )
     assert keyed.returncode == 0, keyed.stdout + keyed.stderr
     assert "PASS" in keyed.stdout
-    keyless = run_load_test(locked_server.url, tmp_path, "keyless", users=2, run_time="4s")
+    keyless = run_load_test(locked_server.url, tmp_path, "keyless", users=2, run_time="2s")
     assert keyless.returncode == 1, keyless.stdout + keyless.stderr
     assert "FAIL" in keyless.stdout
 
@@ -244,14 +245,22 @@ def _read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, floa
 
 
 def test_slow_clients_are_closed_and_others_served(locked_server: ServerProcess) -> None:
-    """Five connections that never finish their headers (slowloris), one that sends nothing and
-    one kept alive that starts a second request and stalls: each is closed within the header
-    deadline while ordinary requests are answered meanwhile."""
+    """Five connections that never finish their headers (slowloris), one that sends nothing, one
+    kept alive that starts a second request and stalls, and three that trickle a scoring
+    request's body: each is closed within its deadline (2 s here) with a 408 while ordinary
+    requests are answered meanwhile."""
     host, port = "127.0.0.1", locked_server.port
     partial = b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: "
     slow = [socket.create_connection((host, port)) for _ in range(5)]
     for sock in slow:
         sock.sendall(partial)
+    body_head = (
+        f"POST {SINGLE} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+        'Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{"text": "a'
+    ).encode()
+    trickling = [socket.create_connection((host, port)) for _ in range(3)]
+    for sock in trickling:
+        sock.sendall(body_head)
     silent = socket.create_connection((host, port))
     kept = socket.create_connection((host, port))
     kept.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -262,17 +271,21 @@ def test_slow_clients_are_closed_and_others_served(locked_server: ServerProcess)
     try:
         with httpx.Client(base_url=locked_server.url, timeout=30) as client:
             assert client.get("/readyz").status_code == 200  # served while the others stall
-        for sock in slow:  # trickling more bytes does not extend the deadline
+        for sock in [*slow, *trickling]:  # trickling more bytes does not extend the deadline
             sock.sendall(b"a")
         outcomes = [_read_until_closed(sock, HEADER_TIMEOUT_S + 3) for sock in [*slow, kept]]
         silent_outcome = _read_until_closed(silent, HEADER_TIMEOUT_S + 3)
+        body_outcomes = [_read_until_closed(sock, HEADER_TIMEOUT_S + 3) for sock in trickling]
     finally:
-        for sock in [*slow, silent, kept]:
+        for sock in [*slow, silent, kept, *trickling]:
             sock.close()
     assert first.startswith(b"HTTP/1.1 200")
-    for received, after_s in [*outcomes, silent_outcome]:
+    for received, after_s in [*outcomes, silent_outcome, *body_outcomes]:
         assert after_s < HEADER_TIMEOUT_S + 3, "a slow connection was left open"
         assert received.startswith(b"HTTP/1.1 408"), received[:100]
+    for received, _ in body_outcomes:  # the body case is answered by the service: its envelope
+        assert b'"code":"request_timeout"' in received.replace(b" ", b""), received
+        assert b"x-request-id" in received.lower()
     with httpx.Client(base_url=locked_server.url, timeout=30) as client:
         assert client.get("/readyz").status_code == 200
 
@@ -336,9 +349,10 @@ def test_worker_memory_returns_after_hostile_decodes(
             assert answer.json()["error"]["message"].startswith(
                 f"images[{len(body['images']) - 1}]"
             )
-        after = measure.rss_mb([worker])
         assert client.get("/readyz").status_code == 200
-    print(f"evaluator worker RSS: idle {idle:.0f} MB, after {after:.0f} MB")
+    time.sleep(2)  # the worker returns memory 1 s after its decodes go idle (TRIM_DELAY_S)
+    after = measure.rss_mb([worker])
+    print(f"evaluator worker RSS: idle {idle:.0f} MB, 2 s after the last answer {after:.0f} MB")
     assert after - idle < 300
 
 

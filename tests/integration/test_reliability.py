@@ -173,7 +173,7 @@ def test_corrupt_weights_refuse_to_start(servers: ModuleServers) -> None:
 
 
 def test_locust_smoke_run_passes(server: ServerProcess, tmp_path: Path) -> None:
-    result = run_load_test(server.url, tmp_path, "smoke", run_time="12s")
+    result = run_load_test(server.url, tmp_path, "smoke", run_time="6s")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout
     assert (tmp_path / "smoke.html").stat().st_size > 0
