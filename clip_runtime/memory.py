@@ -19,8 +19,10 @@ from contextlib import contextmanager
 
 from clip_runtime.errors import OverloadedError
 
-# After decodes and bodies claiming this much since the last trim, freed memory is handed back
-# once nothing is in flight: glibc keeps freed heap for reuse and never shrinks RSS itself.
+# After a spike (decodes and bodies in flight at least this large at once), freed memory is
+# handed back once nothing is in flight: glibc keeps freed heap for reuse and never shrinks RSS
+# itself. Steady small decodes never trim: a trim locks the allocator's arenas while it walks
+# them, and trimming every idle second under load stalled the event loop (shed p99 144 ms).
 TRIM_AFTER_BYTES = 32 * 1024 * 1024
 # ... that long after the budget went idle, if it still is: the requests' bodies, crops and
 # responses are freed just after their last claim, and a trim at that moment would miss them.
@@ -79,7 +81,7 @@ class DecodeBudget:
         self.in_flight = 0
         self.bodies_in_flight = 0
         self.trims = 0
-        self._claimed_since_trim = 0
+        self._peak_since_trim = 0
         self._trim_timer: threading.Timer | None = None
         self._changed = threading.Condition()
 
@@ -133,7 +135,7 @@ class DecodeBudget:
             else:  # a decode's cost includes its encoded bytes: no longer a body waiting
                 self.bodies_in_flight -= claim.body_bytes
                 claim.body_bytes = 0
-            self._claimed_since_trim += extra
+            self._peak_since_trim = max(self._peak_since_trim, self.in_flight)
         return True
 
     def _release(self, claim: Reservation) -> None:
@@ -143,7 +145,7 @@ class DecodeBudget:
             self.bodies_in_flight -= claim.body_bytes
             claim.bytes = claim.body_bytes = 0
             claim.released = True
-            due = self._claimed_since_trim >= TRIM_AFTER_BYTES
+            due = self._peak_since_trim >= TRIM_AFTER_BYTES
             if due and self.in_flight == 0 and self._trim_timer is None:
                 timer = self._trim_timer = threading.Timer(self.trim_delay_s, self._trim_if_idle)
                 timer.daemon = True
@@ -154,9 +156,9 @@ class DecodeBudget:
     def _trim_if_idle(self) -> None:
         with self._changed:
             self._trim_timer = None
-            if self.in_flight or self._claimed_since_trim < TRIM_AFTER_BYTES:
+            if self.in_flight or self._peak_since_trim < TRIM_AFTER_BYTES:
                 return  # busy again: the release that next leaves it idle schedules the trim
-            self._claimed_since_trim = 0
+            self._peak_since_trim = 0
         if trim_heap():
             self.trims += 1
 
