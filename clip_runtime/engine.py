@@ -74,8 +74,7 @@ class ClipEngine:
             settings.decode_workers, thread_name_prefix="clip-engine-decode"
         )
         self.ready = False
-        # torch, open_clip and the weights are in: the decode budget's trims collect garbage,
-        # and over the ~500,000 objects alive now a full collection would take ~250 ms.
+        # torch, open_clip and the weights are in: keep the decode budget's collections cheap.
         freeze_startup_objects()
 
     def warm_up(self) -> None:

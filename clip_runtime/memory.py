@@ -58,8 +58,9 @@ def trim_heap() -> bool:
 
 def freeze_startup_objects() -> None:
     """Collect, then move every object alive now out of the collector's reach (``gc.freeze``):
-    after torch and open_clip are imported that is ~500,000 objects, and a full collection over
-    them takes ~250 ms of a 2-core machine, the GIL held. Call once start-up is done."""
+    after torch and open_clip are imported that is 450,000-500,000 objects, and a full collection
+    over them takes 170-250 ms of a 2-core machine, the GIL held (``trim_heap`` runs one). Call
+    once start-up is done."""
     gc.collect()
     gc.freeze()
 

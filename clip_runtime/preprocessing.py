@@ -29,7 +29,7 @@ from clip_runtime.errors import (
 from clip_runtime.fetch import FetchPolicy
 from clip_runtime.images import ImageLimits, ImagePreprocessor, open_header
 from clip_runtime.jobs import ImageInput
-from clip_runtime.memory import DecodeBudget, Reservation
+from clip_runtime.memory import DecodeBudget, Reservation, freeze_startup_objects
 from clip_runtime.model_entry import ModelEntry, read_entry
 from clip_runtime.settings import ClipSettings
 
@@ -115,7 +115,7 @@ class Preprocessing:
         from clip_runtime.tensor_decode import decodes_like_pillow
         from clip_runtime.tokens import TextTokenizer
 
-        return _Transforms(
+        transforms = _Transforms(
             preprocessors={
                 name: ImagePreprocessor(entry.preprocess_cfg, self.limits)
                 for name, entry in self.entries.items()
@@ -124,15 +124,13 @@ class Preprocessing:
             forwarded=device_decoded_models(self.settings, self.entries),
             decodes_like_pillow=decodes_like_pillow,
         )
+        freeze_startup_objects()  # torch is in: keep the decode budget's collections cheap
+        return transforms
 
     @property
     def ready(self) -> bool:
         """True once every model's transforms are built (never, if building failed)."""
         return self._transforms.done() and self._transforms.exception() is None
-
-    def after_build(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` once the transforms are built (or failed to), in the pool's thread."""
-        self._transforms.add_done_callback(lambda _: callback())
 
     def check_ready(self) -> None:
         """Refuse work with 503 ``model_not_ready`` until the transforms are built."""

@@ -21,7 +21,6 @@ from starlette.routing import Route
 
 from clip_runtime import Job, JobOutcome, Preprocessing, get_settings, resolve_model_name
 from clip_runtime import errors as E
-from clip_runtime.memory import freeze_startup_objects
 from clip_runtime.model_entry import ModelEntry
 from clip_runtime.preprocessing import fetch_policy
 from clip_runtime.scoring import (
@@ -106,8 +105,6 @@ class EvaluatorImpl:
         configure_logging(settings.log_format)
         bound_graceful_shutdown(settings.shutdown_timeout_s)  # in uvicorn's lifespan: see there
         self.preprocessing = Preprocessing(settings, model_folders(self, settings))
-        # torch is imported by then: keep the trims' full collections cheap (memory.py).
-        self.preprocessing.after_build(freeze_startup_objects)
         self._jobs = JobBuilder(settings, self.preprocessing, fetch_policy(settings))
         self.queue = PairQueue(settings.max_queued_pairs)
         self._statuses: dict[str, ModelStatus] = {}

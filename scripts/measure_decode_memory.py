@@ -134,16 +134,16 @@ def main() -> int:
         return 2
     idle = rss_mb(workers)
     peak = [idle]
-    sending = threading.Event()
+    answered = threading.Event()
 
-    def sample_peak() -> None:  # RSS every 0.1 s while the requests run
-        while not sending.wait(0.1):
+    def sample_peak() -> None:  # RSS every 0.1 s until every request is answered
+        while not answered.wait(0.1):
             peak[0] = max(peak[0], rss_mb(workers))
 
     sampler = threading.Thread(target=sample_peak, daemon=True)
     sampler.start()
     statuses = asyncio.run(send_all(args.url, path, body, args.requests, args.concurrency))
-    sending.set()
+    answered.set()
     sampler.join()
     right_after = rss_mb(workers)
     time.sleep(args.settle_s)
