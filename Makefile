@@ -96,8 +96,12 @@ browser:
 	  echo "installing Debian's chromium for the demo page test"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# Two pytest-xdist workers, each module on one of them (module-scoped servers start once).
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadscope
+
 test: lint browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 test-unit run-unit-test-suite-local: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not integration"

@@ -12,7 +12,8 @@ pinned to 1.4.40 for it).
   headers a byte at a time would hold a connection for as long as it likes.
 - ``install_bentoml_fixes``: the dependency client to the model worker keeps in-flight calls
   alive across its session refreshes and reports an unreachable worker as not ready, and circus
-  restarts a dead worker within a second (details at "The model worker's client" below);
+  restarts a dead worker within a second (details at "The model worker's client" below), and
+  the model worker's socket outlives the HTTP workers' drain (``install_cleanup_after_workers``);
   ``call_with_reconnect`` retries an idempotent model call once on a dropped connection.
 - ``bound_graceful_shutdown``: the worker's uvicorn server gets a drain bound on SIGTERM.
   BentoML 1.4.40 has no service option for it (``ServiceConfig`` in
@@ -76,6 +77,9 @@ PRIVATE_API: tuple[tuple[str, str], ...] = (
     ("_bentoml_impl.client.proxy2", "SessionManager._make_client"),
     ("_bentoml_impl.client.proxy2", "AsyncClient.is_ready"),
     ("bentoml._internal.utils.circus", "Arbiter.start"),
+    ("bentoml._internal.utils.circus", "Arbiter.stop"),
+    ("circus.arbiter", "Arbiter.stop"),
+    ("circus.arbiter", "Arbiter.stop_controller_and_close_sockets"),
     ("circus.controller", "Controller.start"),
 )
 
@@ -494,10 +498,55 @@ def install_fast_worker_restart() -> None:
     setattr(arbiter_class, _FAST_RESTART_MARK, True)
 
 
+BENTOML_STOP_ATTRIBUTE = "_clip_bentoml_stop"  # BentoML's own stop, kept once patched
+
+
+def install_cleanup_after_workers() -> None:
+    """Make BentoML's arbiter delete the folder of its unix sockets after its workers have
+    stopped, not before (idempotent).
+
+    BentoML 1.4.40's ``Arbiter.stop`` runs its exit stack, which deletes that folder
+    (``_bentoml_impl/server/serving.py``: ``exit_stack.callback(shutil.rmtree, uds_path)``),
+    and only then asks circus to stop the workers. The model worker keeps listening on its
+    socket while the HTTP workers drain, but once the file is gone, a drained request that needs
+    a new connection to it fails ("Cannot connect to unix socket ... No such file"): a 503 for
+    work accepted before the SIGTERM. Here the exit stack runs where circus closes its own
+    sockets, once every worker has exited (the end of ``start()``, or a loop callback after
+    ``stop()``)."""
+    from bentoml._internal.utils import circus as bentoml_circus
+    from circus.arbiter import Arbiter as CircusArbiter
+
+    arbiter_class = bentoml_circus.Arbiter
+    if BENTOML_STOP_ATTRIBUTE in arbiter_class.__dict__:
+        return
+    if bentoml.__version__ != PATCHED_BENTOML_VERSION:
+        raise BentoMLChangedError(
+            f"bentoml {bentoml.__version__} is installed; the socket cleanup patch in "
+            f"{__name__} was written for {PATCHED_BENTOML_VERSION}"
+        )
+    closing = "stop_controller_and_close_sockets"
+    for owner, name in ((arbiter_class, "stop"), (CircusArbiter, closing)):
+        if not callable(owner.__dict__.get(name)):
+            raise BentoMLChangedError(f"{owner.__module__}.{owner.__qualname__}.{name} is gone")
+    bentoml_stop = arbiter_class.stop
+
+    def stop(self: Any) -> Any:
+        return CircusArbiter.stop(self)  # BentoML's stop less its early exit stack
+
+    def stop_controller_and_close_sockets(self: Any) -> None:
+        CircusArbiter.stop_controller_and_close_sockets(self)
+        self.exit_stack.__exit__(None, None, None)  # an exited ExitStack is empty: idempotent
+
+    arbiter_class.stop = stop
+    arbiter_class.stop_controller_and_close_sockets = stop_controller_and_close_sockets
+    setattr(arbiter_class, BENTOML_STOP_ATTRIBUTE, bentoml_stop)
+
+
 def install_bentoml_fixes() -> None:
-    """Both patches; call once at import of the service module (every process imports it)."""
+    """Every patch; call once at import of the service module (every process imports it)."""
     install_dependency_session_fix()
     install_fast_worker_restart()
+    install_cleanup_after_workers()
 
 
 def limit_header_time(timeout_s: float) -> None:

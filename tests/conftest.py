@@ -4,12 +4,16 @@ code, and correctness is checked against open_clip computed on the same weights.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 
 import pytest
+from filelock import FileLock
 
+from clip_runtime.registry import store_name
 from clip_testkit.server import model_folder, save_random_init_models
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -29,13 +33,33 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@contextmanager
+def shared_by_the_run(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A folder of this test run, the same for every pytest-xdist worker (``make test`` runs
+    two), held under a lock while the caller fills it, so that what it holds is made once."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp is a child of the run's
+        base = base.parent
+    folder = base / name
+    with FileLock(f"{folder}.lock"):
+        yield folder
+
+
+def save_once(tmp_path_factory: pytest.TempPathFactory, models: list[str]) -> Path:
+    """The run's model store with random-init ``models`` added by the project's own script (as a
+    user runs it), unless a worker already did."""
+    with shared_by_the_run(tmp_path_factory, "bentoml_home") as home:
+        missing = [m for m in models if not (home / "models" / store_name(m) / "latest").exists()]
+        if missing:
+            save_random_init_models(home, missing)
+    return home
+
+
 @pytest.fixture(scope="session")
 def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's model store: random-init ViT-B-32, saved once by the project's own script
-    (as a user runs it) for the unit tests and every server alike."""
-    home = tmp_path_factory.mktemp("bentoml_home")
-    save_random_init_models(home, ["ViT-B-32"])
-    return home
+    """The run's model store: random-init ViT-B-32, saved once for the unit tests and every
+    server alike."""
+    return save_once(tmp_path_factory, ["ViT-B-32"])
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import reduce
 from typing import Any
@@ -23,6 +23,7 @@ from _bentoml_impl.client import proxy2
 from aiohttp import web
 
 from clip_service.bentoml_adapter import (
+    BENTOML_STOP_ATTRIBUTE,
     PATCHED_BENTOML_VERSION,
     PRIVATE_API,
     BentoMLChangedError,
@@ -32,6 +33,7 @@ from clip_service.bentoml_adapter import (
     check_arbiter,
     check_async_client,
     check_session_manager,
+    install_cleanup_after_workers,
     install_dependency_session_fix,
     install_fast_worker_restart,
 )
@@ -349,3 +351,56 @@ def test_fast_worker_restart_refuses_another_bentoml_or_circus() -> None:
         check_arbiter(Arbiter, OtherController, PATCHED_BENTOML_VERSION)
     with pytest.raises(BentoMLChangedError, match="start"):
         check_arbiter(type("NoStart", (Arbiter,), {}), Controller, PATCHED_BENTOML_VERSION)
+
+
+# -- the socket folder outlives the workers -----------------------------------------------------
+
+
+@pytest.fixture
+def arbiter_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, list[str]]]:
+    """A BentoML arbiter whose exit stack deletes "the socket folder", with circus's stopping
+    and socket closing replaced by records of when they ran."""
+    from bentoml._internal.utils.circus import create_standalone_arbiter
+    from circus.arbiter import Arbiter as CircusArbiter
+
+    events: list[str] = []
+    monkeypatch.setattr(CircusArbiter, "stop", lambda self: events.append("workers stopped"))
+    monkeypatch.setattr(
+        CircusArbiter,
+        "stop_controller_and_close_sockets",
+        lambda self: events.append("sockets closed"),
+    )
+    arbiter = create_standalone_arbiter([])
+    arbiter.exit_stack.callback(events.append, "socket folder deleted")
+    try:
+        yield arbiter, events
+    finally:
+        arbiter.ctrl.context.destroy(linger=0)
+
+
+def test_bentoml_deletes_the_socket_folder_before_stopping_its_workers(
+    arbiter_events: tuple[Any, list[str]],
+) -> None:
+    """The premise of install_cleanup_after_workers, with BentoML's own ``Arbiter.stop``: the
+    model worker's socket file is gone while the HTTP workers still drain."""
+    from bentoml._internal.utils.circus import Arbiter
+
+    arbiter, events = arbiter_events
+    bentoml_stop = Arbiter.__dict__.get(BENTOML_STOP_ATTRIBUTE, Arbiter.stop)
+    bentoml_stop(arbiter)
+    assert events == ["socket folder deleted", "workers stopped"]
+
+
+def test_the_socket_folder_is_deleted_after_the_workers_stopped(
+    arbiter_events: tuple[Any, list[str]],
+) -> None:
+    from bentoml._internal.utils.circus import Arbiter
+
+    install_cleanup_after_workers()
+    install_cleanup_after_workers()  # idempotent: BentoML's stop stays the one kept
+    assert Arbiter.__dict__[BENTOML_STOP_ATTRIBUTE].__module__ == "bentoml._internal.utils.circus"
+    arbiter, events = arbiter_events
+    arbiter.stop()
+    assert events == ["workers stopped"]
+    arbiter.stop_controller_and_close_sockets()  # circus: once every worker has exited
+    assert events == ["workers stopped", "sockets closed", "socket folder deleted"]

@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clip_testkit.server import ServerProcess, save_random_init_models
+from clip_testkit.server import ServerProcess
+from tests.conftest import save_once
 
 # Small limits so that violating them is cheap to test.
 SERVER_ENV = {
@@ -31,10 +32,9 @@ SERVER_ENV = {
 
 
 @pytest.fixture(scope="session")
-def l14_home(bentoml_home: Path) -> Path:
+def l14_home(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same store with random-init ViT-L-14 added (saved only when a test asks for it)."""
-    save_random_init_models(bentoml_home, ["ViT-L-14"])
-    return bentoml_home
+    return save_once(tmp_path_factory, ["ViT-B-32", "ViT-L-14"])
 
 
 @pytest.fixture(scope="session")
