@@ -79,6 +79,8 @@ DEMO_PAGE = Path(__file__).resolve().parents[1] / "web" / "demo.html"
 # How long a probe (/readyz, /evaluator/health) waits for the model worker: probes must answer
 # within a Kubernetes probe's timeout, whether the model worker is up, loading or gone.
 SCORER_PROBE_TIMEOUT_S = 1.0
+EVALUATOR_PATH = "/evaluator"  # where the plain routes beside the APIs are mounted
+HEALTH_ROUTE = "/health"  # its 503 is a health document, not an error envelope
 
 
 def _vector(vector: np.ndarray | None) -> np.ndarray:
@@ -412,18 +414,25 @@ class EvaluatorImpl:
         vectors, outcomes = await self._embed(name, jobs, "texts")
         return self._embeddings(name, vectors, [o.text_truncated for o in outcomes])
 
+    async def _described_models(self) -> list[ModelStatus]:
+        """The model worker's own account of its models, or none while it loads or is gone,
+        within one probe timeout: while it loads, its socket accepts connections that nobody
+        answers, so no readiness call is needed first (that made two timeouts)."""
+        try:
+            described = await asyncio.wait_for(
+                self.scorer.to_async.describe(), SCORER_PROBE_TIMEOUT_S
+            )
+        except (TimeoutError, aiohttp.ClientError, httpx.HTTPError, ConnectionError):
+            return []  # loading, restarting or unreachable: health says so
+        except Exception:  # anything else is a finding: log it, do not fail the probe
+            logger.warning("health: the model worker's description failed", exc_info=True)
+            return []
+        return [ModelStatus.model_validate(s) for s in described]
+
     async def health(self) -> tuple[HealthResult, bool]:
         """Every served model's status from the model worker (none while it is loading or
-        unreachable), within about two probe timeouts."""
-        statuses: list[ModelStatus] = []
-        if self.preprocessing.ready and await self._scorer_ready():
-            try:
-                described = await asyncio.wait_for(
-                    self.scorer.to_async.describe(), SCORER_PROBE_TIMEOUT_S
-                )
-                statuses = [ModelStatus.model_validate(s) for s in described]
-            except Exception:  # the model worker went away in between: say so, do not raise
-                logger.warning("health: model worker unreachable", exc_info=True)
+        unreachable), within about one probe timeout."""
+        statuses = await self._described_models() if self.preprocessing.ready else []
         served = {status.name: status for status in statuses}
         models = []
         for name in settings.models:
@@ -477,7 +486,7 @@ async def docs(request: Request) -> Response:
 
 evaluator_routes = Starlette(
     routes=[
-        Route("/health", health, methods=["GET"]),
+        Route(HEALTH_ROUTE, health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
         Route("/demo", demo, methods=["GET"]),
@@ -495,7 +504,7 @@ Evaluator = bentoml.service(
     workers=settings.http_workers,
     traffic={"timeout": 600},
     image=BENTO_IMAGE,  # the Bento's container image (the entry service's is the Bento's)
-)(bentoml.asgi_app(evaluator_routes, path="/evaluator")(EvaluatorImpl))
+)(bentoml.asgi_app(evaluator_routes, path=EVALUATOR_PATH)(EvaluatorImpl))
 forbid_unknown_fields(Evaluator.apis.values())
 Evaluator.add_asgi_middleware(
     RequestGuardMiddleware,
@@ -507,6 +516,7 @@ Evaluator.add_asgi_middleware(
     input_fields=input_fields_by_route(Evaluator.apis.values()),
     protect_docs=settings.auth_docs == "protected",
     body_deadline=BodyDeadline(settings.body_timeout_s, settings.body_min_rate_bytes_s),
+    own_error_bodies=frozenset({EVALUATOR_PATH + HEALTH_ROUTE}),
 )
 Evaluator.add_asgi_middleware(  # after the guard, so inside it: sheds carry the request id
     InFlightLimitMiddleware,
@@ -518,6 +528,6 @@ Evaluator.add_asgi_middleware(  # after the guard, so inside it: sheds carry the
 # Paths BentoML's request metrics may label (anything else: "/{unknown}").
 ROUTES: frozenset[str] = frozenset(
     {api.route for service in (Evaluator, Scorer) for api in service.apis.values()}
-    | {"/evaluator" + route.path for route in evaluator_routes.routes}
+    | {EVALUATOR_PATH + route.path for route in evaluator_routes.routes}
     | {"/", "/docs.json", "/livez", "/readyz", "/healthz", "/metrics", "/schema.json"}
 )

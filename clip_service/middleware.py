@@ -234,7 +234,9 @@ class RequestGuardMiddleware:
     ``file_fields``: route -> form fields that must be file parts (``file_fields_by_route``).
     ``input_fields``: route -> its fields (``input_fields_by_route``), named in error messages.
     ``protect_docs``: with API keys, ``DOC_PATHS`` need a key too.
-    ``body_deadline``: when a body must be complete (408 and the connection closed if not)."""
+    ``body_deadline``: when a body must be complete (408 and the connection closed if not).
+    ``own_error_bodies``: paths under ``error_prefix`` whose error answers are their own document
+    and stay as they are (health's 503 lists every model and why it is unavailable)."""
 
     def __init__(
         self,
@@ -248,8 +250,10 @@ class RequestGuardMiddleware:
         input_fields: dict[str, tuple[str, ...]] | None = None,
         protect_docs: bool = False,
         body_deadline: BodyDeadline | None = None,
+        own_error_bodies: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
+        self.own_error_bodies = own_error_bodies
         self.body_deadline = body_deadline  # None: bodies have no deadline of their own
         self.retry_after = str(retry_after_s).encode()
         self.max_request_bytes = max_request_bytes
@@ -361,7 +365,8 @@ class RequestGuardMiddleware:
                 raise refusal
             return message
 
-        rewrite = scope["path"].startswith(self.error_prefix)
+        path = scope["path"]
+        rewrite = path.startswith(self.error_prefix) and path not in self.own_error_bodies
         pending_start: Message | None = None
         chunks: list[bytes] = []
 

@@ -141,3 +141,36 @@ def test_validation_errors_say_what_to_fix_by_field(
     detail: list[dict[str, object]], content_type: str | None, expected: str
 ) -> None:
     assert validation_message(detail, FIELDS, content_type) == expected
+
+
+def test_framework_errors_get_the_envelope_but_health_keeps_its_own_503() -> None:
+    """The guard rewrites any error answer under /evaluator/ that is not an envelope yet (a
+    framework's plain 503) into one, but health's 503 is its document: the models and why
+    they are unavailable, as documented."""
+    import httpx
+
+    from clip_service.middleware import RequestGuardMiddleware
+
+    document = {"status": "unavailable", "default_model": "m", "models": []}
+
+    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+        body = json.dumps(document).encode()
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    guard = RequestGuardMiddleware(
+        app, max_request_bytes=1000, own_error_bodies=frozenset({"/evaluator/health"})
+    )
+
+    async def get(path: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=guard)
+        async with httpx.AsyncClient(transport=transport, base_url="http://guard") as client:
+            return await client.get(path)
+
+    health = asyncio.run(get("/evaluator/health"))
+    assert health.status_code == 503 and health.json() == document
+    other = asyncio.run(get("/evaluator/other"))
+    assert other.status_code == 503
+    assert other.json()["error"]["code"] == "service_unavailable"
+    assert other.headers["retry-after"] == "1"

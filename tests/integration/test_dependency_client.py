@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from clip_testkit.images import b64, jpeg_bytes
-from clip_testkit.routes import BATCH, EMBED_IMAGE, EMBED_TEXT, RANK, SINGLE, UPLOAD
+from clip_testkit.routes import BATCH, EMBED_IMAGE, EMBED_TEXT, HEALTH, RANK, SINGLE, UPLOAD
 from clip_testkit.server import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -94,6 +94,7 @@ def test_an_unreachable_model_worker_is_503_model_not_ready_and_not_ready(
         }
         # BentoML 1.4.40 alone never answered this probe (see the adapter's is_ready).
         readyz = httpx.get(f"{server.url}/readyz", timeout=30)
+        health = httpx.get(f"{server.url}{HEALTH}", timeout=30)
     finally:
         hidden.rename(socket_path)
     for path, response in answers.items():
@@ -102,6 +103,9 @@ def test_an_unreachable_model_worker_is_503_model_not_ready_and_not_ready(
         assert response.headers["retry-after"] == "2", path
         assert response.elapsed.total_seconds() < 10, path  # refused, not left hanging
     assert readyz.status_code == 503 and readyz.elapsed.total_seconds() < 10
+    assert health.status_code == 503 and "status" in health.json(), health.text
+    assert health.json()["status"] == "unavailable", health.text
+    assert not any(model["ready"] for model in health.json()["models"])
     # Reachable again: served again.
     again = httpx.post(f"{server.url}{SINGLE}", json=body, timeout=60)
     assert again.status_code == 200, again.text

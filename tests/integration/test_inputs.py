@@ -299,6 +299,9 @@ def test_probes_answered_at_once_while_models_load(locked_server: ServerProcess)
     arbiter opens it before the worker has imported BentoML and the service; seen: 2.5 to 5 s,
     one or two probes, on a loaded 2-core box; queued connections are answered after that)."""
     probes = locked_server.startup_probes
+    # Printed first: pytest shows it with any failure below.
+    shown = (f"{p.path}@{p.at_s:.1f}s={p.outcome} in {p.took_s:.2f}s" for p in probes)
+    print("start-up probes:", ", ".join(shown))
     answered = [i for i, p in enumerate(probes) if p.outcome not in ("refused", "timeout")]
     assert answered, probes
     before, after = probes[: answered[0]], probes[answered[0] :]
@@ -315,7 +318,6 @@ def test_probes_answered_at_once_while_models_load(locked_server: ServerProcess)
     assert {p.outcome for p in health[:-1]} <= {"503"}, health
     assert len(readiness) >= 3, "the models loaded before the worker answered: nothing tested"
     assert max(p.took_s for p in after) < PROBE_TIMEOUT_S
-    print("start-up probes:", " ".join(f"{p.path}@{p.at_s:.1f}s={p.outcome}" for p in probes))
 
 
 def _load_script(name: str) -> ModuleType:
