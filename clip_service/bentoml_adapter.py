@@ -303,7 +303,16 @@ _MARK = "_clip_retires_old_sessions"
 
 
 class BentoMLChangedError(RuntimeError):
-    """BentoML no longer looks like what the session fix was written for."""
+    """BentoML no longer looks like what a patch here was written for."""
+
+
+def require_patched_version(version: str, patch: str, advice: str = "") -> None:
+    """Raise unless ``version`` is the BentoML every patch here was written for."""
+    if version != PATCHED_BENTOML_VERSION:
+        raise BentoMLChangedError(
+            f"bentoml {version} is installed; the {patch} in {__name__} was written for "
+            f"{PATCHED_BENTOML_VERSION}{advice}"
+        )
 
 
 def _session_manager_class() -> type[Any]:
@@ -348,12 +357,12 @@ async def _is_ready(self: Any, timeout: int | None = None) -> bool:
 
 def check_session_manager(manager_class: type[Any], version: str) -> None:
     """Raise unless ``manager_class`` is the SessionManager this adapter was written for."""
-    if version != PATCHED_BENTOML_VERSION:
-        raise BentoMLChangedError(
-            f"bentoml {version} is installed; the dependency session fix in {__name__} was "
-            f"written for {PATCHED_BENTOML_VERSION}: check whether SessionManager still closes "
-            "sessions under in-flight calls, then update or drop the fix"
-        )
+    require_patched_version(
+        version,
+        "dependency session fix",
+        ": check whether SessionManager still closes sessions under in-flight calls, then "
+        "update or drop the fix",
+    )
     missing = [m for m in REQUIRED_METHODS if not callable(getattr(manager_class, m, None))]
     probe = manager_class(url="http://127.0.0.1:1", timeout=1.0, headers={})
     missing += [name for name in REQUIRED_INIT_STATE if not hasattr(probe, name)]
@@ -465,11 +474,7 @@ _FAST_RESTART_MARK = "_clip_fast_worker_restart"
 
 def check_arbiter(arbiter_class: type[Any], controller_class: type[Any], version: str) -> None:
     """Raise unless BentoML's arbiter and circus's controller are what the patch expects."""
-    if version != PATCHED_BENTOML_VERSION:
-        raise BentoMLChangedError(
-            f"bentoml {version} is installed; the worker restart patch in {__name__} was written "
-            f"for {PATCHED_BENTOML_VERSION}"
-        )
+    require_patched_version(version, "worker restart patch")
     if "check_delay" not in inspect.signature(controller_class.__init__).parameters:
         raise BentoMLChangedError(f"{controller_class.__qualname__} takes no check_delay")
     if not callable(arbiter_class.__dict__.get("start")):
@@ -519,11 +524,7 @@ def install_cleanup_after_workers() -> None:
     arbiter_class = bentoml_circus.Arbiter
     if BENTOML_STOP_ATTRIBUTE in arbiter_class.__dict__:
         return
-    if bentoml.__version__ != PATCHED_BENTOML_VERSION:
-        raise BentoMLChangedError(
-            f"bentoml {bentoml.__version__} is installed; the socket cleanup patch in "
-            f"{__name__} was written for {PATCHED_BENTOML_VERSION}"
-        )
+    require_patched_version(bentoml.__version__, "socket cleanup patch")
     closing = "stop_controller_and_close_sockets"
     for owner, name in ((arbiter_class, "stop"), (CircusArbiter, closing)):
         if not callable(owner.__dict__.get(name)):

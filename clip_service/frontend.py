@@ -79,6 +79,8 @@ DEMO_PAGE = Path(__file__).resolve().parents[1] / "web" / "demo.html"
 # How long a probe (/readyz, /evaluator/health) waits for the model worker: probes must answer
 # within a Kubernetes probe's timeout, whether the model worker is up, loading or gone.
 SCORER_PROBE_TIMEOUT_S = 1.0
+# What a call to the model worker raises when it is restarting, killed or not listening.
+SCORER_UNREACHABLE = (aiohttp.ClientError, httpx.HTTPError, ConnectionError)
 EVALUATOR_PATH = "/evaluator"  # where the plain routes beside the APIs are mounted
 HEALTH_ROUTE = "/health"  # its 503 is a health document, not an error envelope
 
@@ -130,7 +132,7 @@ class EvaluatorImpl:
             return await asyncio.wait_for(
                 self.scorer.to_async.is_ready(SCORER_PROBE_TIMEOUT_S), SCORER_PROBE_TIMEOUT_S
             )
-        except (TimeoutError, aiohttp.ClientError, httpx.HTTPError, ConnectionError):
+        except (TimeoutError, *SCORER_UNREACHABLE):
             return False
 
     async def __is_ready__(self) -> bool:
@@ -154,7 +156,7 @@ class EvaluatorImpl:
         except bentoml.exceptions.ServiceUnavailable as exc:
             # The batcher cancels what cannot meet max_latency_ms: that is overload too.
             raise E.OverloadedError("the model queue is full; retry later") from exc
-        except (aiohttp.ClientError, httpx.HTTPError, ConnectionError) as exc:
+        except SCORER_UNREACHABLE as exc:
             # The model worker is restarting (or was just killed): a 503 to retry, not a 500.
             logger.warning("model worker unreachable: %s", exc)
             raise E.ModelNotReadyError("the model worker is not reachable; retry later") from exc
@@ -422,7 +424,7 @@ class EvaluatorImpl:
             described = await asyncio.wait_for(
                 self.scorer.to_async.describe(), SCORER_PROBE_TIMEOUT_S
             )
-        except (TimeoutError, aiohttp.ClientError, httpx.HTTPError, ConnectionError):
+        except (TimeoutError, *SCORER_UNREACHABLE):
             return []  # loading, restarting or unreachable: health says so
         except Exception:  # anything else is a finding: log it, do not fail the probe
             logger.warning("health: the model worker's description failed", exc_info=True)

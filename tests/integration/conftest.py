@@ -32,7 +32,7 @@ SERVER_ENV = {
 
 
 @pytest.fixture(scope="session")
-def l14_home(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def l14_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same store with random-init ViT-L-14 added (saved only when a test asks for it)."""
     return save_once(tmp_path_factory, ["ViT-B-32", "ViT-L-14"])
 

@@ -140,8 +140,9 @@ async def _start_request(url: str, body: bytes) -> Connection:
     """A batch request whose headers the service has taken up: it answered ``Expect:
     100-continue``, which uvicorn does on the app's first read of the body. The body is not sent
     yet, so the request stays in flight for as long as the test wants."""
-    host, port = httpx.URL(url).host, httpx.URL(url).port
-    reader, writer = await asyncio.open_connection(host, port)
+    address = httpx.URL(url)
+    host = address.host
+    reader, writer = await asyncio.open_connection(host, address.port)
     writer.write(
         f"POST {BATCH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
