@@ -58,7 +58,7 @@ class ClipSettings(BaseSettings):
     model_max_batch_size: Annotated[dict[str, int], NoDecode] = Field(
         default={},
         description="Per-model `CLIP_MAX_BATCH_SIZE`, comma-separated `NAME=N` "
-        "(e.g. `ViT-B-32=256,ViT-L-14=128` on a GPU); unnamed models use the global value.",
+        "(e.g. `ViT-B-32=256,ViT-L-14=64` on a GPU); unnamed models use the global value.",
     )
     model_max_latency_ms: Annotated[dict[str, int], NoDecode] = Field(
         default={},

@@ -31,9 +31,9 @@ mkdir -p "$out"
 models=${MODELS:-ViT-B-32 ViT-L-14}
 cores=$(nproc)
 generators=${GENERATORS:-$(( cores >= 8 ? 4 : 1 ))}
-# Batching per model: the GPU encoders are fastest at 128-256 (issue 14); to be re-chosen from
-# this script's own figures once a GPU run has been made (docs/benchmarks.md).
-batching=${MODEL_MAX_BATCH_SIZE:-ViT-B-32=256,ViT-L-14=128}
+# Batching per model, from this script's encoder scan on an H200 (docs/benchmarks.md, "Batching
+# choices"): ViT-B-32 gains up to 256, ViT-L-14 is compute-bound from 32 on.
+batching=${MODEL_MAX_BATCH_SIZE:-ViT-B-32=256,ViT-L-14=64}
 # shellcheck disable=SC2086  # word splitting of the model list is wanted
 "$py" scripts/save_models.py --models $models --random-init --seed 0 --if-missing
 echo "models saved after $(( $(date +%s) - started )) s"
