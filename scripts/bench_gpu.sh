@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine (`make bench-gpu`): install what is missing from wheels carried
 # in .whl/, save random-init ViT-B-32 and ViT-L-14, serve them, run scripts/benchmark.py for both
-# and write the markdown and JSON results to OUT_DIR. Budget: 8 minutes in all (BENCH_TIMEOUT_S
-# bounds the benchmark itself).
+# and write the markdown and JSON results and the server's log to OUT_DIR. Budget: 8 minutes in
+# all (BENCH_TIMEOUT_S bounds the benchmark itself).
 #
 #   scripts/bench_gpu.sh [OUT_DIR] [benchmark.py arguments ...]
 #   PYTHON=.venv/bin/python scripts/bench_gpu.sh /tmp/out --quick --models ViT-B-32   # CPU check
@@ -44,5 +44,9 @@ timeout "${BENCH_TIMEOUT_S:-420}" "$py" scripts/benchmark.py --models $models \
   --server-env "CLIP_HTTP_WORKERS=$(( cores > generators + 1 ? cores - generators : 1 ))" \
   "CLIP_MODEL_MAX_BATCH_SIZE=$batching" \
   --notes "scripts/bench_gpu.sh, $cores cores, $generators load generator processes" "$@" \
-  >"$out/benchmark.log" 2>&1 || { tail -40 "$out/benchmark.log"; exit 1; }
+  >"$out/benchmark.log" 2>&1 || status=$?
+# The server's own log: the benchmark counts failures, the log says why they happened.
+serve_log=$(sed -n 's/^starting bentoml serve (log \(.*\))$/\1/p' "$out/benchmark.log" | head -1)
+[ -n "$serve_log" ] && [ -f "$serve_log" ] && cp "$serve_log" "$out/serve.log"
+if [ "${status:-0}" != 0 ]; then tail -40 "$out/benchmark.log"; exit 1; fi
 echo "done in $(( $(date +%s) - started )) s: $out/benchmark.md, $out/benchmark.json"
