@@ -30,6 +30,10 @@ pinned to 1.4.40 for it).
   ``_bentoml_impl/serde.py``) runs ``json.loads`` on every text part, so an upload whose caption
   is ``1`` was refused (a number, not a string), ``"a cat"`` lost its quotes and ``null`` became
   no caption. Parts the API declares as text now arrive as sent; other parts as before.
+- ``document_openapi``: the service's OpenAPI document (``/docs.json``, the Bento's
+  ``apis/openapi.yaml``) is BentoML's, rewritten by the service (``clip_service/openapi.py``).
+  BentoML 1.4.40 builds it in ``Service.openapi_spec`` with its own title, version ("None"),
+  error bodies and no nullable fields, and has no option to change any of it.
 
 Why ``setup_tracing`` is ours and not BentoML's ``tracing`` configuration: in 1.4.40 that
 configuration turns export on only through ``BENTOML_CONFIG``/``BENTOML_CONFIG_OPTIONS``
@@ -87,10 +91,13 @@ PRIVATE_API: tuple[tuple[str, str], ...] = (
     ("circus.arbiter", "Arbiter.stop"),
     ("circus.arbiter", "Arbiter.stop_controller_and_close_sockets"),
     ("circus.controller", "Controller.start"),
+    ("_bentoml_sdk.service.factory", "Service.openapi_spec"),
     ("_bentoml_impl.serde", "MultipartSerde.parse_request"),
     ("_bentoml_impl.serde", "MultipartSerde.ensure_file"),
     ("_bentoml_sdk.typing_utils", "is_list_type"),
     ("_bentoml_sdk.typing_utils", "is_union_type"),
+    ("bentoml._internal.service.openapi.specification", "OpenAPISpecification"),
+    ("bentoml._internal.utils.cattr", "bentoml_cattr"),
 )
 
 # What a client too slow with its headers is told before the connection is closed.
@@ -117,6 +124,29 @@ def forbid_unknown_fields(apis: Iterable[Any]) -> None:
         spec = api.input_spec
         spec.model_config = {**spec.model_config, "extra": "forbid"}
         spec.model_rebuild(force=True)
+
+
+def document_openapi(
+    service: bentoml.Service[Any], rewrite: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    """``service.openapi_spec`` becomes ``rewrite`` of the document BentoML generates: what
+    ``/docs.json`` serves and ``bentoml build`` writes. The service's class is swapped for a
+    subclass (its attrs slots leave no instance attribute to set)."""
+    from bentoml._internal.service.openapi.specification import OpenAPISpecification
+    from bentoml._internal.utils.cattr import bentoml_cattr
+
+    base = type(service)
+    generated = base.openapi_spec.fget  # type: ignore[attr-defined]
+
+    class DocumentedService(base):  # type: ignore[valid-type,misc]
+        __slots__ = ()
+
+        @property
+        def openapi_spec(self) -> OpenAPISpecification:
+            document = rewrite(generated(self).asdict())
+            return bentoml_cattr.structure(document, OpenAPISpecification)
+
+    service.__class__ = DocumentedService
 
 
 def gpu_count() -> int:
