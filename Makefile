@@ -109,8 +109,9 @@ test-unit run-unit-test-suite-local: install-dev
 test-integration: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m integration
 
+# docs/configuration.md is generated from the settings' descriptions (a test fails when stale).
 settings-table: install
-	$(PY) -m clip_runtime.settings
+	$(PY) -m clip_runtime.settings > docs/configuration.md
 
 # scripts/benchmark.py: ceiling, in-process pipeline, naive per-pair loop and the service over
 # HTTP, appended to docs/benchmarks.md. BENCH_ARGS e.g. "--models ViT-B-32 --notes 'shared box'".
