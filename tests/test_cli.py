@@ -584,3 +584,31 @@ def test_the_plot_shows_the_cosine_beside_the_score_and_flags_untrained_weights(
     assert any("UNTRAINED" in text.get_text() for text in figure.texts)
     trained = histogram_figure(results)
     assert not any("UNTRAINED" in text.get_text() for text in trained.texts)
+
+
+def test_the_remote_engine_reads_untrained_models_from_health() -> None:
+    """The remote engine names the untrained models the service reports (and none when the
+    service cannot say)."""
+    from clip_eval.engines.remote import RemoteConfig, RemoteEngine
+    from tests.local_http import local_server
+
+    health = {
+        "status": "ok",
+        "models": [
+            {"name": "ViT-B-32", "untrained": True},
+            {"name": "ViT-L-14", "untrained": False},
+            {"name": "not-asked", "untrained": True},
+        ],
+    }
+    body = json.dumps(health).encode()
+    with local_server() as running:
+        running.routes["/evaluator/health"] = (200, {"Content-Type": "application/json"}, body)
+        config = RemoteConfig(
+            url=running.url(""),
+            models=("ViT-B-32", "ViT-L-14"),
+            loader=LoaderConfig(image_root=Path(".")),
+            api_key="k",
+        )
+        assert RemoteEngine(config).untrained_models() == ["ViT-B-32"]
+        running.routes.clear()  # 404: the service cannot say
+        assert RemoteEngine(config).untrained_models() == []
