@@ -52,6 +52,8 @@ ERROR_STATUSES = {
     500: "internal_error: a bug; quote the request_id",
     503: "overloaded or model_not_ready; retry after Retry-After seconds",
 }
+# BentoML's error bodies (not this service's) and its task API's status (no task APIs here).
+BENTOML_ONLY = {"InvalidArgument", "NotFound", "InternalServerError", "TaskStatusResponse"}
 OUTPUTS: dict[str, type[BaseModel]] = {
     "/evaluator/v1/evaluation/single": SingleResult,
     "/evaluator/v1/evaluation/single/upload": SingleResult,
@@ -284,8 +286,17 @@ def service_document(spec: dict[str, Any], settings: ClipSettings) -> dict[str, 
             "200": {"description": "scored", "content": answer},
             **_error_responses(ERROR_STATUSES),
         }
+    for route, path_item in document["paths"].items():
+        operation = path_item.get("post", {})
+        if "x-bentoml-name" in operation and route not in requests:  # an API added since
+            operation["responses"] = {
+                "200": operation["responses"]["200"],
+                **_error_responses(ERROR_STATUSES),
+            }
     document["paths"].update(_plain_routes(components))
     readiness = document["paths"]["/readyz"]["get"]["responses"]
     readiness["503"] = {"description": "a model or the front end is not ready yet"}
-    document["components"] = {"schemas": components}
+    generated = spec.get("components", {}).get("schemas", {})
+    kept = {name: schema for name, schema in generated.items() if name not in BENTOML_ONLY}
+    document["components"] = {"schemas": kept | components}
     return document

@@ -11,7 +11,13 @@ import pytest
 
 from clip_runtime.settings import ClipSettings
 from clip_service.bentoml_adapter import document_openapi
-from clip_service.openapi import _openapi_30, _request_schemas
+from clip_service.openapi import (
+    ERROR_STATUSES,
+    _fields,
+    _openapi_30,
+    _request_schemas,
+    service_document,
+)
 
 
 @bentoml.service(name="openapi-probe")
@@ -58,3 +64,45 @@ def test_requests_declare_the_limits_the_service_enforces(route: str) -> None:
             schema["properties"]["texts"]["minItems"],
             schema["properties"]["texts"]["maxItems"],
         ) == (1, 7)
+
+
+def _bentoml_like_spec(settings: ClipSettings, extra_route: str) -> dict[str, Any]:
+    """A document shaped as BentoML 1.4.40 generates it: the service's routes, one more API,
+    its infrastructure routes and its own error components."""
+    bentoml_errors = {
+        "400": {"content": {"application/json": {"schema": {"$ref": "#/x/InvalidArgument"}}}},
+        "404": {"content": {"application/json": {"schema": {"$ref": "#/x/NotFound"}}}},
+    }
+
+    def api(fields: set[str]) -> dict[str, Any]:
+        body = {"schema": {"properties": {field: {} for field in fields}}}
+        return {
+            "post": {
+                "x-bentoml-name": "api",
+                "requestBody": {"content": {"application/json": body}},
+                "responses": {"200": {"description": "ok"}, **bentoml_errors},
+            }
+        }
+
+    paths = {route: api(_fields(schema)) for route, schema in _request_schemas(settings).items()}
+    paths[extra_route] = api({"prompt"})
+    paths["/readyz"] = {"get": {"responses": {"200": {"description": "ready"}}}}
+    components = {"InvalidArgument": {}, "NotFound": {}, "ExtraInput": {"type": "object"}}
+    return {"openapi": "3.0.2", "info": {}, "paths": paths, "components": {"schemas": components}}
+
+
+def test_every_api_route_declares_the_error_envelope() -> None:
+    """An API the rewrite has no request schema for (one added later) still declares the
+    service's error body for every status instead of BentoML's; its own components stay."""
+    settings = ClipSettings(models=["ViT-B-32"])
+    document = service_document(_bentoml_like_spec(settings, "/evaluator/v1/extra"), settings)
+    extra = document["paths"]["/evaluator/v1/extra"]["post"]["responses"]
+    assert set(extra) == {"200"} | {str(status) for status in ERROR_STATUSES}
+    envelope = {"$ref": "#/components/schemas/ErrorEnvelope"}
+    assert extra["422"]["content"]["application/json"]["schema"] == envelope
+    schemas = document["components"]["schemas"]
+    assert (
+        "ExtraInput" in schemas and "InvalidArgument" not in schemas and "NotFound" not in schemas
+    )
+    assert document["info"]["title"] == "CLIP score service"
+    assert document["info"]["version"] not in ("", "None")
