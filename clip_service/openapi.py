@@ -10,6 +10,7 @@ service enforces (taken from the settings), nullable answers, and the plain rout
 from __future__ import annotations
 
 import copy
+import json
 from importlib import metadata
 from typing import Any
 
@@ -52,7 +53,8 @@ ERROR_STATUSES = {
     500: "internal_error: a bug; quote the request_id",
     503: "overloaded or model_not_ready; retry after Retry-After seconds",
 }
-# BentoML's error bodies (not this service's) and its task API's status (no task APIs here).
+EVALUATOR_PREFIX = "/evaluator/"  # the routes that answer errors in ERROR_ENVELOPE's shape
+# BentoML's error bodies (not this service's) and its task API's status: dropped once unused.
 BENTOML_ONLY = {"InvalidArgument", "NotFound", "InternalServerError", "TaskStatusResponse"}
 OUTPUTS: dict[str, type[BaseModel]] = {
     "/evaluator/v1/evaluation/single": SingleResult,
@@ -288,7 +290,8 @@ def service_document(spec: dict[str, Any], settings: ClipSettings) -> dict[str, 
         }
     for route, path_item in document["paths"].items():
         operation = path_item.get("post", {})
-        if "x-bentoml-name" in operation and route not in requests:  # an API added since
+        added = "x-bentoml-name" in operation and route not in requests  # an API added since
+        if added and route.startswith(EVALUATOR_PREFIX):  # other prefixes answer in their shape
             operation["responses"] = {
                 "200": operation["responses"]["200"],
                 **_error_responses(ERROR_STATUSES),
@@ -297,6 +300,8 @@ def service_document(spec: dict[str, Any], settings: ClipSettings) -> dict[str, 
     readiness = document["paths"]["/readyz"]["get"]["responses"]
     readiness["503"] = {"description": "a model or the front end is not ready yet"}
     generated = spec.get("components", {}).get("schemas", {})
-    kept = {name: schema for name, schema in generated.items() if name not in BENTOML_ONLY}
+    text = json.dumps(document["paths"])
+    unused = {name for name in BENTOML_ONLY if f'"{SCHEMAS}{name}"' not in text}
+    kept = {name: schema for name, schema in generated.items() if name not in unused}
     document["components"] = {"schemas": kept | components}
     return document

@@ -69,9 +69,10 @@ def test_requests_declare_the_limits_the_service_enforces(route: str) -> None:
 def _bentoml_like_spec(settings: ClipSettings, extra_route: str) -> dict[str, Any]:
     """A document shaped as BentoML 1.4.40 generates it: the service's routes, one more API,
     its infrastructure routes and its own error components."""
+    ref = "#/components/schemas/"
     bentoml_errors = {
-        "400": {"content": {"application/json": {"schema": {"$ref": "#/x/InvalidArgument"}}}},
-        "404": {"content": {"application/json": {"schema": {"$ref": "#/x/NotFound"}}}},
+        "400": {"content": {"application/json": {"schema": {"$ref": f"{ref}InvalidArgument"}}}},
+        "404": {"content": {"application/json": {"schema": {"$ref": f"{ref}NotFound"}}}},
     }
 
     def api(fields: set[str]) -> dict[str, Any]:
@@ -105,4 +106,10 @@ def test_every_api_route_declares_the_error_envelope() -> None:
         "ExtraInput" in schemas and "InvalidArgument" not in schemas and "NotFound" not in schemas
     )
     assert document["info"]["title"] == "CLIP score service"
+    # A route outside /evaluator/ answers in a shape of its own: its responses are left alone,
+    # and the BentoML schemas they refer to stay.
+    other = service_document(_bentoml_like_spec(settings, "/v1/other"), settings)
+    kept = other["paths"]["/v1/other"]["post"]["responses"]
+    assert set(kept) == {"200", "400", "404"}
+    assert {"InvalidArgument", "NotFound"} <= set(other["components"]["schemas"])
     assert document["info"]["version"] not in ("", "None")
