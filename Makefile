@@ -109,8 +109,9 @@ test-unit run-unit-test-suite-local: install-dev
 test-integration: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m integration
 
+# docs/configuration.md is generated from the settings' descriptions (a test fails when stale).
 settings-table: install
-	$(PY) -m clip_runtime.settings
+	$(PY) -m clip_runtime.settings > docs/configuration.md
 
 # scripts/benchmark.py: ceiling, in-process pipeline, naive per-pair loop and the service over
 # HTTP, appended to docs/benchmarks.md. BENCH_ARGS e.g. "--models ViT-B-32 --notes 'shared box'".
@@ -128,12 +129,13 @@ bench-gpu:
 	scripts/bench_gpu.sh $(BENCH_OUT) $(BENCH_ARGS)
 
 # Locust headless against URL (default: a service started here on 127.0.0.1, random-init models
-# when none are saved). Reports under reports/; non-zero exit on unexpected failures.
+# when none are saved; on PORT when given, `make load-test PORT=3100`, else a free port).
+# Reports under reports/; non-zero exit on unexpected failures.
 USERS ?= 8
 RUN_TIME ?= 60s
 load-test: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m load_tests.run --users $(USERS) --run-time $(RUN_TIME) \
-		$(if $(URL),--url $(URL))
+		$(if $(URL),--url $(URL)) $(if $(filter command line environment,$(origin PORT)),--port $(PORT))
 
 # The long fault checks (overload at 2x capacity, worker SIGKILL, soak), each with a verdict.
 reliability: install-dev

@@ -26,7 +26,7 @@ from clip_eval.engines import Engine
 from clip_eval.errors import ClipEvalError, UsageError
 from clip_eval.images import LoaderConfig
 from clip_eval.output import OutputFile, read_results
-from clip_eval.summary import format_summary, plot_histogram, summarize
+from clip_eval.summary import format_summary, plot_histogram, summarize, untrained_note
 from clip_runtime.registry import DEFAULT_MODELS
 
 logger = logging.getLogger("clip_eval")
@@ -296,8 +296,13 @@ def run(args: argparse.Namespace) -> int:
     )
     results = read_results(args.output, output_format)
     print(format_summary(summarize(results)))
+    untrained = engine.untrained_models()
+    note = untrained_note(untrained)
+    if note is not None:
+        print(note)
     if args.plot is not None:
-        plot_histogram(results, args.plot, title=f"CLIP scores: {args.input.name}")
+        title = f"CLIP scores: {args.input.name}"
+        plot_histogram(results, args.plot, title=title, untrained=untrained)
         print(f"histogram: {args.plot}")
     return 0
 

@@ -211,8 +211,9 @@ def _merge_parts(files: list[Path], output: Path) -> None:
 
 
 def read_results(path: Path, fmt: TableFormat) -> pd.DataFrame:
-    """The ``model``, ``score`` and ``error`` columns of a finished output (for the summary)."""
-    columns = ["model", "score", "error"]
+    """The ``model``, ``score``, ``cosine`` and ``error`` columns of a finished output (for the
+    summary and the plot)."""
+    columns = ["model", "score", "cosine", "error"]
     if fmt == "parquet":
         return pd.read_parquet(path, columns=columns)
     if fmt == "csv":

@@ -3,11 +3,16 @@ histogram of the scores (matplotlib's Agg renderer: no display needed)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PERCENTILES: tuple[int, ...] = (5, 25, 75, 95)
 
@@ -78,30 +83,61 @@ def format_summary(summaries: list[ModelSummary]) -> str:
     return "\n".join(lines)
 
 
-def plot_histogram(results: pd.DataFrame, path: Path, title: str = "CLIP scores") -> None:
-    """A PNG histogram of the scores, one overlaid series per model."""
+UNTRAINED_NOTE = (
+    "UNTRAINED weights (random-init) for {models}: the pipeline ran, but the numbers mean "
+    "nothing. Their cosines are mostly negative, and a negative cosine scores 0."
+)
+
+
+def untrained_note(untrained: Sequence[str]) -> str | None:
+    """The plain warning for models whose weights are random-init, or None when there are none."""
+    return UNTRAINED_NOTE.format(models=", ".join(untrained)) if untrained else None
+
+
+def _histogram(axes: Any, scored: pd.DataFrame, column: str, label: str) -> None:
+    values = pd.to_numeric(scored[column])
+    low, high = float(values.min()), float(values.max())
+    if high - low < 1e-6:  # all equal (random-init weights often score 0): a visible bar
+        low, high = low - 0.5, high + 0.5
+    bins = np.linspace(low, high, 41)
+    for model, rows in scored.groupby("model", sort=False):
+        axes.hist(
+            pd.to_numeric(rows[column]), bins=bins, alpha=0.6, label=f"{model} (n={len(rows)})"
+        )
+    axes.legend()
+    axes.set_xlabel(label)
+    axes.set_ylabel("pairs")
+
+
+def histogram_figure(
+    results: pd.DataFrame, title: str = "CLIP scores", untrained: Sequence[str] = ()
+) -> Figure:
+    """Histograms of the scores and, beside them, of the raw cosines, one overlaid series per
+    model; a banner when any model's weights are untrained."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 5), dpi=100)
+    figure = Figure(figsize=(12, 5), dpi=100)
     FigureCanvasAgg(figure)  # the Agg renderer, without pyplot's global backend state
-    axes = figure.subplots()
+    score_axes, cosine_axes = figure.subplots(1, 2)
     scored = results[results["score"].notna()]
     if scored.empty:
-        axes.text(0.5, 0.5, "no pair was scored", ha="center", va="center")
+        score_axes.text(0.5, 0.5, "no pair was scored", ha="center", va="center")
     else:
-        values = pd.to_numeric(scored["score"])
-        low, high = float(values.min()), float(values.max())
-        if high - low < 1e-6:  # all equal (random-init weights often give 0): a visible bar
-            low, high = low - 0.5, high + 0.5
-        bins = np.linspace(low, high, 41)
-        for model, rows in scored.groupby("model", sort=False):
-            axes.hist(
-                pd.to_numeric(rows["score"]), bins=bins, alpha=0.6, label=f"{model} (n={len(rows)})"
-            )
-        axes.legend()
-    axes.set_title(title)
-    axes.set_xlabel("score = 100 * max(cosine, 0)")
-    axes.set_ylabel("pairs")
-    figure.tight_layout()
-    figure.savefig(path, format="png")
+        _histogram(score_axes, scored, "score", "score = 100 * max(cosine, 0)")
+        _histogram(cosine_axes, scored, "cosine", "cosine of the image and text embeddings")
+    score_axes.set_title("score")
+    cosine_axes.set_title("cosine")
+    figure.suptitle(title)
+    note = untrained_note(untrained)
+    if note is not None:
+        figure.text(0.5, 0.01, note, ha="center", va="bottom", color="darkred", wrap=True)
+    figure.tight_layout(rect=(0, 0.06 if note else 0, 1, 1))
+    return figure
+
+
+def plot_histogram(
+    results: pd.DataFrame, path: Path, title: str = "CLIP scores", untrained: Sequence[str] = ()
+) -> None:
+    """``histogram_figure`` as a PNG."""
+    histogram_figure(results, title, untrained).savefig(path, format="png")

@@ -26,6 +26,14 @@ pinned to 1.4.40 for it).
 - ``forbid_unknown_fields``: the input models BentoML builds from each API's signature refuse
   fields they do not have (pydantic ignores them by default: a misspelt ``caption`` was dropped
   silently). ``bentoml.api(input_spec=...)`` would need each signature written twice.
+- ``keep_form_text_as_sent``: BentoML's form deserialiser (``MultipartSerde.parse_request`` in
+  ``_bentoml_impl/serde.py``) runs ``json.loads`` on every text part, so an upload whose caption
+  is ``1`` was refused (a number, not a string), ``"a cat"`` lost its quotes and ``null`` became
+  no caption. Parts the API declares as text now arrive as sent; other parts as before.
+- ``document_openapi``: the service's OpenAPI document (``/docs.json``, the Bento's
+  ``apis/openapi.yaml``) is BentoML's, rewritten by the service (``clip_service/openapi.py``).
+  BentoML 1.4.40 builds it in ``Service.openapi_spec`` with its own title, version ("None"),
+  error bodies and no nullable fields, and has no option to change any of it.
 
 Why ``setup_tracing`` is ours and not BentoML's ``tracing`` configuration: in 1.4.40 that
 configuration turns export on only through ``BENTOML_CONFIG``/``BENTOML_CONFIG_OPTIONS``
@@ -42,11 +50,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar, cast
+from types import UnionType
+from typing import Any, TypeVar, Union, cast, get_args, get_origin
 
 import aiohttp
 import bentoml
@@ -81,6 +91,13 @@ PRIVATE_API: tuple[tuple[str, str], ...] = (
     ("circus.arbiter", "Arbiter.stop"),
     ("circus.arbiter", "Arbiter.stop_controller_and_close_sockets"),
     ("circus.controller", "Controller.start"),
+    ("_bentoml_sdk.service.factory", "Service.openapi_spec"),
+    ("_bentoml_impl.serde", "MultipartSerde.parse_request"),
+    ("_bentoml_impl.serde", "MultipartSerde.ensure_file"),
+    ("_bentoml_sdk.typing_utils", "is_list_type"),
+    ("_bentoml_sdk.typing_utils", "is_union_type"),
+    ("bentoml._internal.service.openapi.specification", "OpenAPISpecification"),
+    ("bentoml._internal.utils.cattr", "bentoml_cattr"),
 )
 
 # What a client too slow with its headers is told before the connection is closed.
@@ -107,6 +124,29 @@ def forbid_unknown_fields(apis: Iterable[Any]) -> None:
         spec = api.input_spec
         spec.model_config = {**spec.model_config, "extra": "forbid"}
         spec.model_rebuild(force=True)
+
+
+def document_openapi(
+    service: bentoml.Service[Any], rewrite: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    """``service.openapi_spec`` becomes ``rewrite`` of the document BentoML generates: what
+    ``/docs.json`` serves and ``bentoml build`` writes. The service's class is swapped for a
+    subclass (its attrs slots leave no instance attribute to set)."""
+    from bentoml._internal.service.openapi.specification import OpenAPISpecification
+    from bentoml._internal.utils.cattr import bentoml_cattr
+
+    base = type(service)
+    generated = base.openapi_spec.fget  # type: ignore[attr-defined]
+
+    class DocumentedService(base):  # type: ignore[valid-type,misc]
+        __slots__ = ()
+
+        @property
+        def openapi_spec(self) -> OpenAPISpecification:
+            document = rewrite(generated(self).asdict())
+            return bentoml_cattr.structure(document, OpenAPISpecification)
+
+    service.__class__ = DocumentedService
 
 
 def gpu_count() -> int:
@@ -543,8 +583,70 @@ def install_cleanup_after_workers() -> None:
     setattr(arbiter_class, BENTOML_STOP_ATTRIBUTE, bentoml_stop)
 
 
+FORM_TEXT_ATTRIBUTE = "_clip_form_text_as_sent"
+BENTOML_PARSE_ATTRIBUTE = "_clip_bentoml_parse_request"  # BentoML's own, kept for the tests
+
+
+def _declared_text(model: Any, name: str) -> bool:
+    """Whether the API declares form field ``name`` as a string (``str`` or ``str | None``)."""
+    field = model.model_fields.get(name)
+    if field is None:
+        return False
+    annotation = field.annotation
+    return annotation is str or (
+        get_origin(annotation) in (Union, UnionType)
+        and str in get_args(annotation)
+        and all(arg in (str, type(None)) for arg in get_args(annotation))
+    )
+
+
+async def _form_text_as_sent(self: Any, request: Any, cls: Any) -> Any:
+    """BentoML 1.4.40's ``MultipartSerde.parse_request`` with one change: a text part the API
+    declares as a string is kept as sent instead of going through ``json.loads``."""
+    from _bentoml_sdk.typing_utils import is_list_type, is_union_type
+    from starlette.datastructures import UploadFile
+
+    form = await request.form()
+    data: dict[str, Any] = {}
+    for name in form:
+        if name in cls.multipart_fields:
+            files = [await self.ensure_file(value) for value in form.getlist(name)]
+            annotation = cls.model_fields[name].annotation
+            if is_union_type(annotation):
+                annotation = get_args(annotation)[0]
+            if is_list_type(annotation):
+                data[name] = files
+            elif files:
+                data[name] = files[0]
+            continue
+        value = form[name]
+        if isinstance(value, UploadFile):
+            value = await value.read()
+        if isinstance(value, str) and _declared_text(cls, name):
+            data[name] = value
+            continue
+        try:
+            data[name] = json.loads(value)
+        except json.JSONDecodeError:
+            data[name] = value
+    return cls.model_validate(data)
+
+
+def keep_form_text_as_sent() -> None:
+    """Install ``_form_text_as_sent`` as BentoML's form deserialiser (once)."""
+    from _bentoml_impl.serde import MultipartSerde
+
+    if getattr(MultipartSerde.parse_request, FORM_TEXT_ATTRIBUTE, False):
+        return
+    require_patched_version(bentoml.__version__, "form text patch")
+    setattr(_form_text_as_sent, FORM_TEXT_ATTRIBUTE, True)
+    setattr(MultipartSerde, BENTOML_PARSE_ATTRIBUTE, MultipartSerde.parse_request)
+    MultipartSerde.parse_request = _form_text_as_sent
+
+
 def install_bentoml_fixes() -> None:
     """Every patch; call once at import of the service module (every process imports it)."""
+    keep_form_text_as_sent()
     install_dependency_session_fix()
     install_fast_worker_restart()
     install_cleanup_after_workers()

@@ -34,6 +34,7 @@ from clip_service.admission import InFlightLimitMiddleware, PairQueue
 from clip_service.bentoml_adapter import (
     bound_graceful_shutdown,
     call_with_reconnect,
+    document_openapi,
     forbid_unknown_fields,
     metrics_text,
 )
@@ -53,6 +54,7 @@ from clip_service.observability import (
     record_pairs_scored,
     tracer,
 )
+from clip_service.openapi import service_document
 from clip_service.schemas import (
     BatchItem,
     BatchItemResult,
@@ -508,6 +510,7 @@ Evaluator = bentoml.service(
     image=BENTO_IMAGE,  # the Bento's container image (the entry service's is the Bento's)
 )(bentoml.asgi_app(evaluator_routes, path=EVALUATOR_PATH)(EvaluatorImpl))
 forbid_unknown_fields(Evaluator.apis.values())
+document_openapi(Evaluator, lambda spec: service_document(spec, settings))
 Evaluator.add_asgi_middleware(
     RequestGuardMiddleware,
     max_request_bytes=settings.max_request_bytes,

@@ -103,10 +103,11 @@ class ServerProcess:
         target: str = "service:Evaluator",
         python: Path = Path(sys.executable),
         cwd: Path = ROOT,
+        port: int | None = None,
     ) -> None:
         """Serve ``target`` (the source tree's service, or a Bento tag from ``cwd``) with the
-        ``bentoml`` of ``python``'s environment."""
-        self.port = free_port()
+        ``bentoml`` of ``python``'s environment, on ``port`` (default: a free one)."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.home = own_home(bentoml_home, log_path.parent)

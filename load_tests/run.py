@@ -1,6 +1,7 @@
 """Run the Locust workloads headless and judge the result.
 
     python -m load_tests.run                       # starts a service (random-init if none saved)
+    python -m load_tests.run --port 3100           # ... on that port
     python -m load_tests.run --url http://127.0.0.1:3000 --users 20 --run-time 60
 
 Writes ``reports/<name>.html`` and ``reports/<name>.json`` (Locust's own), prints p50/p95/p99
@@ -33,6 +34,9 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running service; default: start one on 127.0.0.1")
+    parser.add_argument(
+        "--port", type=int, help="the port of the service started here (default: a free one)"
+    )
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--spawn-rate", type=float, default=4.0)
     parser.add_argument("--run-time", default="30s", help="Locust's format: 30s, 5m, ...")
@@ -66,7 +70,7 @@ def bentoml_home() -> Path:
     return ROOT / ".bentoml-home"
 
 
-def start_service(models: str, log_dir: Path) -> object:
+def start_service(models: str, log_dir: Path, port: int | None = None) -> object:
     sys.path.insert(0, str(ROOT))
     from clip_runtime.model_entry import store_name
     from clip_testkit.server import ServerProcess, save_random_init_models
@@ -77,8 +81,8 @@ def start_service(models: str, log_dir: Path) -> object:
     if missing:
         print(f"no saved {missing} in {home}: saving RANDOM-INIT demo weights", flush=True)
         save_random_init_models(home, missing)
-    server = ServerProcess(home, log_dir / "serve.log", {"CLIP_MODELS": models})
-    print(f"starting the service ({models}) ...", flush=True)
+    server = ServerProcess(home, log_dir / "serve.log", {"CLIP_MODELS": models}, port=port)
+    print(f"starting the service ({models}) on {server.url} ...", flush=True)
     return server.start()
 
 
@@ -120,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     server = None
     url = args.url
     if url is None:
-        server = start_service(args.models, Path(tempfile.mkdtemp(prefix="load-test-")))
+        log_dir = Path(tempfile.mkdtemp(prefix="load-test-"))
+        server = start_service(args.models, log_dir, args.port)
         url = server.url  # type: ignore[attr-defined]
     check_target(url, args.allow_remote)
     prefix = args.reports / args.name

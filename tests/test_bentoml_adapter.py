@@ -14,19 +14,24 @@ import importlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import reduce
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import bentoml
 import pytest
 from _bentoml_impl.client import proxy2
+from _bentoml_impl.serde import MultipartSerde
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
 
 from clip_service.bentoml_adapter import (
+    BENTOML_PARSE_ATTRIBUTE,
     BENTOML_STOP_ATTRIBUTE,
     PATCHED_BENTOML_VERSION,
     PRIVATE_API,
     BentoMLChangedError,
+    _form_text_as_sent,
     apply_readiness_fix,
     apply_session_fix,
     call_with_reconnect,
@@ -36,6 +41,12 @@ from clip_service.bentoml_adapter import (
     install_cleanup_after_workers,
     install_dependency_session_fix,
     install_fast_worker_restart,
+    keep_form_text_as_sent,
+)
+
+# BentoML's own form deserialiser, whether or not the patch was installed in this process.
+BENTOML_PARSE_REQUEST = getattr(
+    MultipartSerde, BENTOML_PARSE_ATTRIBUTE, MultipartSerde.parse_request
 )
 
 
@@ -404,3 +415,58 @@ def test_the_socket_folder_is_deleted_after_the_workers_stopped(
     assert events == ["workers stopped"]
     arbiter.stop_controller_and_close_sockets()  # circus: once every worker has exited
     assert events == ["workers stopped", "sockets closed", "socket folder deleted"]
+
+
+# -- form text parts --------------------------------------------------------------------------
+
+
+class _UploadForm(BaseModel):
+    """What BentoML builds from an upload API's signature, as much as its deserialiser reads."""
+
+    multipart_fields: ClassVar[set[str]] = set()
+    text: str
+    model: str | None = None
+    count: int = 0
+
+
+def _form_request(fields: dict[str, str]) -> Request:
+    boundary = "clipboundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields.items()
+    ]
+    body = ("".join(parts) + f"--{boundary}--\r\n").encode()
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())]
+    return Request({"type": "http", "method": "POST", "headers": headers}, receive)
+
+
+@pytest.mark.parametrize("caption", ["1", '"a cat"', "null", "[1, 2]", "a cat"])
+def test_form_text_parts_arrive_as_sent(caption: str) -> None:
+    fields = {"text": caption, "model": "null", "count": "3"}
+    parsed = asyncio.run(_form_text_as_sent(MultipartSerde(), _form_request(fields), _UploadForm))
+    assert (parsed.text, parsed.model, parsed.count) == (caption, "null", 3)
+
+
+def test_bentoml_json_decodes_form_text_parts() -> None:
+    """Why the patch exists: BentoML's own deserialiser turns the caption ``1`` into a number
+    (refused) and strips the quotes of ``"a cat"``."""
+    bentoml_parse = BENTOML_PARSE_REQUEST
+    with pytest.raises(ValidationError, match="valid string"):
+        asyncio.run(bentoml_parse(MultipartSerde(), _form_request({"text": "1"}), _UploadForm))
+    quoted = _form_request({"text": '"a cat"'})
+    assert asyncio.run(bentoml_parse(MultipartSerde(), quoted, _UploadForm)).text == "a cat"
+
+
+def test_form_text_patch_installs_once() -> None:
+    keep_form_text_as_sent()
+    keep_form_text_as_sent()
+    assert MultipartSerde.parse_request is _form_text_as_sent

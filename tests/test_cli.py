@@ -226,16 +226,20 @@ def test_killed_run_loses_nothing_and_resumes(
     check_output(output, dataset, tiny_model_dir)
 
 
-def test_plot_is_a_png_histogram(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_plot_is_a_png_histogram(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dataset = make_dataset(tmp_path / "data")
     plot = tmp_path / "hist.png"
     code = run_cli(
         dataset.path, "-o", tmp_path / "s.csv", "--plot", plot, *tiny_args(tiny_model_dir)
     )
     assert code == 0
+    # The tiny model is random-init: the run says so in words, not only with zero scores.
+    assert "UNTRAINED weights (random-init)" in capsys.readouterr().out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(plot) as image:
-        assert image.format == "PNG" and image.size == (800, 500)
+        assert image.format == "PNG" and image.size == (1200, 500)
         # Not a blank canvas: the bars and labels are drawn in several colours.
         assert len(image.convert("RGB").getcolors(1 << 16) or []) > 10
 
@@ -561,3 +565,50 @@ def test_console_script_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
         entry(["--help"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.startswith("usage: clip-eval [-h]")
+
+
+def test_the_plot_shows_the_cosine_beside_the_score_and_flags_untrained_weights() -> None:
+    """Random-init scores clamp to 0 (negative cosines): the cosine panel shows the spread the
+    score panel cannot, and the figure says the weights are untrained."""
+    from clip_eval.summary import histogram_figure
+
+    cosines = [-0.08, -0.05, -0.02, 0.01]
+    results = pd.DataFrame(
+        {"model": "ViT-B-32", "cosine": cosines, "score": [max(c, 0) * 100 for c in cosines]}
+    )
+    figure = histogram_figure(results, untrained=["ViT-B-32"])
+    score_axes, cosine_axes = figure.axes
+    assert (score_axes.get_title(), cosine_axes.get_title()) == ("score", "cosine")
+    low, high = cosine_axes.get_xlim()
+    assert low <= min(cosines) and high >= max(cosines)
+    assert any("UNTRAINED" in text.get_text() for text in figure.texts)
+    trained = histogram_figure(results)
+    assert not any("UNTRAINED" in text.get_text() for text in trained.texts)
+
+
+def test_the_remote_engine_reads_untrained_models_from_health() -> None:
+    """The remote engine names the untrained models the service reports (and none when the
+    service cannot say)."""
+    from clip_eval.engines.remote import RemoteConfig, RemoteEngine
+    from tests.local_http import local_server
+
+    health = {
+        "status": "ok",
+        "models": [
+            {"name": "ViT-B-32", "untrained": True},
+            {"name": "ViT-L-14", "untrained": False},
+            {"name": "not-asked", "untrained": True},
+        ],
+    }
+    body = json.dumps(health).encode()
+    with local_server() as running:
+        running.routes["/evaluator/health"] = (200, {"Content-Type": "application/json"}, body)
+        config = RemoteConfig(
+            url=running.url(""),
+            models=("ViT-B-32", "ViT-L-14"),
+            loader=LoaderConfig(image_root=Path(".")),
+            api_key="k",
+        )
+        assert RemoteEngine(config).untrained_models() == ["ViT-B-32"]
+        running.routes.clear()  # 404: the service cannot say
+        assert RemoteEngine(config).untrained_models() == []

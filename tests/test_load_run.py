@@ -86,3 +86,21 @@ def test_without_the_key_every_request_fails(
     code, _ = run_load(service, tmp_path)
     assert code == 1
     assert service.unauthorized == service.answered > 0
+
+
+def test_the_started_service_takes_a_port(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`make load-test PORT=N` (and `--port N`) serves the service it starts on N; without it, a
+    free port."""
+    import subprocess
+
+    from clip_testkit.server import ServerProcess
+
+    make = ["make", "-n", "load-test", "VENV=/no-venv"]
+    given = subprocess.run([*make, "PORT=3100"], capture_output=True, text=True, check=True)
+    assert "--port 3100" in given.stdout
+    monkeypatch.delenv("PORT", raising=False)
+    default = subprocess.run(make, capture_output=True, text=True, check=True)
+    assert "--port" not in default.stdout
+    assert run.parse_args(["--port", "3100"]).port == 3100
+    server = ServerProcess(tmp_path / "home", tmp_path / "serve.log", port=3100)
+    assert server.url == "http://127.0.0.1:3100"

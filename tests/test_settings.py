@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from clip_runtime.settings import ClipSettings, settings_table
+from clip_runtime.settings import ClipSettings
 
 
 def test_defaults_serve_both_models() -> None:
@@ -32,12 +32,23 @@ def test_invalid_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         ClipSettings(models=["ViT-L-14"], default_model="ViT-B-32")
 
 
-def test_readme_documents_every_setting() -> None:
+def test_configuration_doc_is_what_the_settings_generate() -> None:
+    """docs/configuration.md is exactly the output of `python -m clip_runtime.settings`."""
+    import subprocess
+    import sys
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for line in settings_table().splitlines()[2:]:
-        assert line in readme, f"README settings table is stale; regenerate: {line}"
+    root = Path(__file__).resolve().parent.parent
+    generated = subprocess.run(
+        [sys.executable, "-m", "clip_runtime.settings"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+    ).stdout
+    assert "| `CLIP_MODELS` |" in generated
+    checked_in = (root / "docs" / "configuration.md").read_text()
+    assert checked_in == generated, "docs/configuration.md is stale: run make settings-table"
 
 
 def test_device_and_precision_resolution() -> None:

@@ -18,3 +18,7 @@ class Engine(Protocol):
     models: tuple[str, ...]
 
     def run(self, dataset: DatasetSpec, skip: int) -> Generator[list[Outcome], None, None]: ...
+
+    def untrained_models(self) -> list[str]:
+        """The models whose weights are random-init (untrained): their scores mean nothing."""
+        ...

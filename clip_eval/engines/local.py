@@ -159,10 +159,18 @@ class LocalScorer:
         return self.score_loaded(self.load(pairs))
 
 
+def untrained_in(model_dirs: dict[str, Path]) -> list[str]:
+    """The models whose saved entry says random-init."""
+    return [name for name, folder in model_dirs.items() if read_entry(folder).is_untrained]
+
+
 class LocalEngine:
     def __init__(self, config: LocalConfig) -> None:
         self.config = config
         self.models = config.models
+
+    def untrained_models(self) -> list[str]:
+        return untrained_in(self.config.model_dirs)
 
     def run(self, dataset: DatasetSpec, skip: int) -> Generator[list[Outcome], None, None]:
         scorer = LocalScorer(self.config)

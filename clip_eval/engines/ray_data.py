@@ -90,6 +90,11 @@ class RayEngine:
         self.config = config
         self.models = config.local.models
 
+    def untrained_models(self) -> list[str]:
+        from clip_eval.engines.local import untrained_in
+
+        return untrained_in(self.config.local.model_dirs)
+
     def run(self, dataset: DatasetSpec, skip: int) -> Generator[list[Outcome], None, None]:
         import ray
         import ray.data

@@ -180,6 +180,9 @@ async def open_client(
         raise ClipEvalError(f"cannot use the service at {url}: {_brief(error)}") from error
 
 
+HEALTH = "/evaluator/health"
+
+
 async def wait_ready(url: str, timeout_s: float) -> None:
     """Poll ``/readyz`` until it answers 200 (models loaded and warmed up) or time runs out."""
 
@@ -324,6 +327,18 @@ class RemoteEngine:
     def __init__(self, config: RemoteConfig) -> None:
         self.config = config
         self.models = config.models
+
+    def untrained_models(self) -> list[str]:
+        """From the service's health document (empty when it cannot be read: the run is done)."""
+        headers = {"authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        try:
+            response = httpx.get(
+                f"{self.config.url.rstrip('/')}{HEALTH}", headers=headers, timeout=10
+            )
+            served = response.json()["models"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return []
+        return [m["name"] for m in served if m.get("untrained") and m["name"] in self.models]
 
     def run(self, dataset: DatasetSpec, skip: int) -> Generator[list[Outcome], None, None]:
         """A synchronous generator driving an event loop: requests overlap one another (up to

@@ -162,24 +162,26 @@ def test_demo_page_renders_the_api_scores(server: ServerProcess, tmp_path: Path)
         page.goto(f"{server.url}/evaluator/demo")
         page.wait_for_selector("#model option", state="attached")
         assert page.is_visible("#untrained")  # random-init weights are flagged
+        assert "untrained" in page.inner_text("#untrained")
         page.set_input_files("#image", str(image_path))
         page.wait_for_function("document.getElementById('preview').src.startsWith('data:')")
         page.fill("#captions", "\n".join(captions))
         page.click("#score")
         page.wait_for_selector("body[data-state=scored]", timeout=120_000)
-        rows = page.query_selector_all(".result")
+        rows = page.query_selector_all(".result:not(.head)")
         rendered = [float(row.get_attribute("data-score")) for row in rows]
+        cosines = [float(row.query_selector(".cosine").inner_text()) for row in rows]
         shown = [row.query_selector(".caption").inner_text() for row in rows]
         browser.close()
     assert shown == captions
     with httpx.Client(base_url=server.url, timeout=300) as client:
-        expected = [
-            client.post(SINGLE, json={"image": b64(image_path.read_bytes()), "text": c}).json()[
-                "score"
-            ]
+        answers = [
+            client.post(SINGLE, json={"image": b64(image_path.read_bytes()), "text": c}).json()
             for c in captions
         ]
-    np.testing.assert_allclose(rendered, expected, atol=1e-3)
+    np.testing.assert_allclose(rendered, [a["score"] for a in answers], atol=1e-3)
+    # The cosine is shown beside the score (random-init scores clamp to 0; cosines do not).
+    np.testing.assert_allclose(cosines, [a["cosine"] for a in answers], atol=1e-3)
 
 
 def test_generated_client_for_every_endpoint(

@@ -200,8 +200,9 @@ def test_alert_rules_and_the_autoscaling_metric_exist(client: httpx.Client) -> N
 
 
 def test_stack_configuration() -> None:
-    """The compose stack wires what the README says: Prometheus scrapes the service's /metrics,
-    the collector takes OTLP/HTTP on 4318 and sends to Jaeger, Grafana gets both datasources."""
+    """The compose stack wires what docs/operations.md says: Prometheus scrapes the service's
+    /metrics, the collector takes OTLP/HTTP on 4318 and sends to Jaeger, Grafana gets both
+    datasources."""
     stack = ROOT / "deploy" / "observability"
     prometheus = yaml.safe_load((stack / "prometheus.yml").read_text())
     (job,) = prometheus["scrape_configs"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -176,17 +177,20 @@ def test_concurrent_singles_share_model_batches(
     assert 1 <= batches < requests, f"{requests} requests ran in {batches} model batches"
 
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT_DIR = Path(__file__).resolve().parents[2]
+# The README's first request and the API document's examples, run as a user would.
+EXAMPLE_DOCS = (ROOT_DIR / "README.md", ROOT_DIR / "docs" / "api.md")
+SAMPLE_IMAGE = Path("examples") / "grace_hopper.jpg"  # ships with the repository
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # Request examples are made of these lines; blocks that also save models or start a server are
 # walkthroughs for other set-ups (a third model), not examples against the default service.
 _REQUEST_LINE = re.compile(r"^(IMG=|printf |curl |\s)")
 
 
-def _readme_examples() -> list[tuple[str, str, str | None]]:
+def _doc_examples() -> list[tuple[str, str, str | None]]:
     """(language, block, the ```json block right after it, if any) for every fenced block that
     calls the service: curl commands, and ``POST /path {json} -> {answer}`` sketches."""
-    fences = list(_FENCE.finditer(README.read_text()))
+    fences = [fence for doc in EXAMPLE_DOCS for fence in _FENCE.finditer(doc.read_text())]
     examples = []
     for index, fence in enumerate(fences):
         language, block = fence.group(1), fence.group(2)
@@ -228,15 +232,17 @@ def _sketch_requests(block: str) -> tuple[list[tuple[str, str]], str]:
     return [(path, body.replace(", ...]", "]")) for path, body in requests], answer
 
 
-def test_readme_request_examples_work_as_written(server: ServerProcess, tmp_path: Path) -> None:
-    """Every curl example of the README runs (its image a generated cat.jpg) and answers 200
-    with the fields the README shows; every ``POST`` sketch is sent with a real image."""
-
-    (tmp_path / "cat.jpg").write_bytes(jpeg_bytes(9, 224, 224))
-    image = b64((tmp_path / "cat.jpg").read_bytes())
-    examples = [e for e in _readme_examples() if "docker" not in e[1]]
-    assert len(examples) >= 6, "the README's request examples were not found"
-    shared = "IMG=$(base64 -w0 cat.jpg)\n"  # the Single example's variable, reused below it
+def test_doc_request_examples_work_as_written(server: ServerProcess, tmp_path: Path) -> None:
+    """Every curl example of the README and docs/api.md runs from a copy of the repository's
+    sample image and answers 200 with the fields shown; every ``POST`` sketch is sent with that
+    image."""
+    (tmp_path / SAMPLE_IMAGE.parent).mkdir()
+    shutil.copyfile(ROOT_DIR / SAMPLE_IMAGE, tmp_path / SAMPLE_IMAGE)
+    image = b64((ROOT_DIR / SAMPLE_IMAGE).read_bytes())
+    examples = [e for e in _doc_examples() if "docker" not in e[1]]
+    assert len(examples) >= 7, "the request examples of the docs were not found"
+    # The Single example's variable, reused by the examples below it.
+    shared = f"IMG=$(base64 -w0 {SAMPLE_IMAGE})\n"
     shown_by_path: dict[str, set[str]] = {}
     answers: list[tuple[str, str, set[str]]] = []  # (example, status, fields answered)
     for language, block, answer in examples:
@@ -255,8 +261,8 @@ def test_readme_request_examples_work_as_written(server: ServerProcess, tmp_path
             path = re.findall(r"localhost:3000(/\S+)", block)[0]
             if answer:
                 shown_by_path[path] = _keys(answer)
-            # The upload example has no answer of its own: "Same answer as the JSON endpoint".
-            shown = shown_by_path[path.removesuffix("/upload")]
+            # An upload example without an answer of its own: "Same answer as the JSON endpoint".
+            shown = shown_by_path.get(path) or shown_by_path[path.removesuffix("/upload")]
             answers.append((block, status, shown - _all_keys(json.loads(body))))
             continue
         requests, answer_sketch = _sketch_requests(block)
