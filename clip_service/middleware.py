@@ -35,6 +35,8 @@ _DETAIL_KEYS = ("type", "loc", "msg")
 # Content types BentoML parses as a form; a JSON API then sees none of the fields that were sent.
 _FORM_TYPES = (b"application/x-www-form-urlencoded", b"multipart/form-data")
 SEND_JSON = "send JSON with `Content-Type: application/json`"
+# An upload route takes a form only: BentoML would download any other body's text as a URL.
+SEND_FORM = "send the file as multipart/form-data (curl -F image=@photo.jpg -F text=...)"
 
 # Codes for errors the framework raises before or around our handlers, by HTTP status.
 FRAMEWORK_CODES: dict[int, str] = {
@@ -422,10 +424,19 @@ class RequestGuardMiddleware:
             if media_type in _FORM_TYPES and not self.file_fields.get(scope["path"])
             else None
         )
+        upload = rewrite and bool(self.file_fields.get(path)) and scope["method"] == "POST"
+        if upload and not is_multipart(content_type):  # other methods: the router's 405
+            await reply(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", SEND_FORM)
+            return
         if rewrite and is_multipart(content_type):
             try:
                 body = await _read_body(limited_receive)
-                check_form(content_type, body, self.file_fields.get(scope["path"], frozenset()))
+                check_form(
+                    content_type,
+                    body,
+                    self.file_fields.get(path, frozenset()),
+                    self.input_fields.get(path),
+                )
             except _BodyRefused as refused:
                 await refuse(refused)
                 return
