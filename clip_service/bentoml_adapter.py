@@ -23,6 +23,12 @@ pinned to 1.4.40 for it).
   Kubernetes) gets it.
 - ``gpu_count``, ``accelerator_resources``: the model worker's ``resources``, from NVIDIA GPUs as
   BentoML's resource allocator counts them (NVML).
+- ``install_plain_text_forms``: BentoML's form deserialiser (``_bentoml_impl/serde.py``,
+  ``MultipartSerde.parse_request``) runs ``json.loads`` on every text value, so a caption
+  ``123`` became a number (a 400), ``"hi"`` was scored as ``hi``, and 100,000 ``[`` raised
+  ``RecursionError`` (a 500); and it downloads a text value sent for a file field as a URL,
+  outside our fetch policy. The replacement keeps a value as text for string fields, parses JSON
+  only for other fields (a parse failure is a 400 naming the field), and never downloads.
 - ``forbid_unknown_fields``: the input models BentoML builds from each API's signature refuse
   fields they do not have (pydantic ignores them by default: a misspelt ``caption`` was dropped
   silently). ``bentoml.api(input_spec=...)`` would need each signature written twice.
@@ -42,9 +48,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import os
 import time
+import types
+import typing
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar, cast
 
@@ -54,6 +63,7 @@ import h11
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from clip_service.multipart_guard import takes_text
 from clip_service.observability import TRACING_EXCLUDED_URLS, UNKNOWN_PATH
 
 logger = logging.getLogger("clip_service.bentoml_adapter")
@@ -81,6 +91,8 @@ PRIVATE_API: tuple[tuple[str, str], ...] = (
     ("circus.arbiter", "Arbiter.stop"),
     ("circus.arbiter", "Arbiter.stop_controller_and_close_sockets"),
     ("circus.controller", "Controller.start"),
+    ("_bentoml_impl.serde", "ALL_SERDE"),
+    ("_bentoml_impl.serde", "MultipartSerde.parse_request"),
 )
 
 # What a client too slow with its headers is told before the connection is closed.
@@ -107,6 +119,71 @@ def forbid_unknown_fields(apis: Iterable[Any]) -> None:
         spec = api.input_spec
         spec.model_config = {**spec.model_config, "extra": "forbid"}
         spec.model_rebuild(force=True)
+
+
+FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_PLAIN_TEXT_MARK = "_clip_plain_text_forms"
+
+
+async def _form_value(name: str, value: Any, annotation: Any) -> Any:
+    """A form part's value for a field of type ``annotation``: the text itself for a string
+    field, else the JSON it holds; a 400 (``InvalidArgument``) naming the field otherwise."""
+    from bentoml.exceptions import InvalidArgument
+
+    if not isinstance(value, str):  # a file part sent for a non-file field
+        raw = await value.read()
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"form field {name!r} is not UTF-8 text") from None
+    if takes_text(annotation):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        raise InvalidArgument(f"form field {name!r} is not valid JSON") from None
+
+
+async def _parse_form(self: Any, request: Any, cls: Any) -> Any:
+    """BentoML's ``MultipartSerde.parse_request`` with text kept as text and no downloads."""
+    from bentoml.exceptions import InvalidArgument
+
+    form = await request.form()
+    data: dict[str, Any] = {}
+    for name in form:
+        if name in cls.multipart_fields:
+            files = form.getlist(name)
+            if any(isinstance(value, str) for value in files):
+                raise InvalidArgument(f"form field {name!r} must be a file upload")
+            data[name] = files if _takes_many(cls.model_fields[name].annotation) else files[0]
+        elif name in cls.model_fields:
+            data[name] = await _form_value(name, form[name], cls.model_fields[name].annotation)
+        else:
+            data[name] = form[name]  # refused by the model (extra="forbid")
+    return cls.model_validate(data)
+
+
+def _takes_many(annotation: Any) -> bool:
+    """``list[Path]`` or an optional one: every file sent under the name, as BentoML does."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_many(arg) for arg in typing.get_args(annotation))
+    return typing.get_origin(annotation) is list
+
+
+def install_plain_text_forms() -> None:
+    """Give BentoML's form deserialiser our ``parse_request`` (idempotent; raises if BentoML
+    changed). Takes effect in every process that imports the service module."""
+    from _bentoml_impl import serde
+
+    base = serde.MultipartSerde
+    if base.__dict__.get(_PLAIN_TEXT_MARK, False):
+        return
+    require_patched_version(bentoml.__version__, "plain-text form patch")
+    if any(serde.ALL_SERDE.get(media_type) is not base for media_type in FORM_MEDIA_TYPES):
+        raise BentoMLChangedError("BentoML no longer parses forms with MultipartSerde")
+    base._clip_unfixed_parse_request = base.parse_request
+    base.parse_request = _parse_form
+    setattr(base, _PLAIN_TEXT_MARK, True)
 
 
 def gpu_count() -> int:
@@ -548,6 +625,7 @@ def install_bentoml_fixes() -> None:
     install_dependency_session_fix()
     install_fast_worker_restart()
     install_cleanup_after_workers()
+    install_plain_text_forms()
 
 
 def limit_header_time(timeout_s: float) -> None:

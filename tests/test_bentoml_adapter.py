@@ -14,10 +14,12 @@ import importlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import reduce
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import bentoml
+import httpx
 import pytest
 from _bentoml_impl.client import proxy2
 from aiohttp import web
@@ -36,6 +38,7 @@ from clip_service.bentoml_adapter import (
     install_cleanup_after_workers,
     install_dependency_session_fix,
     install_fast_worker_restart,
+    install_plain_text_forms,
 )
 
 
@@ -404,3 +407,90 @@ def test_the_socket_folder_is_deleted_after_the_workers_stopped(
     assert events == ["workers stopped"]
     arbiter.stop_controller_and_close_sockets()  # circus: once every worker has exited
     assert events == ["workers stopped", "sockets closed", "socket folder deleted"]
+
+
+# -- forms: text stays text ---------------------------------------------------------------------
+
+
+@bentoml.service
+class _Forms:
+    @bentoml.api(route="/up")
+    def up(
+        self, image: Path, text: str, model: str | None = None, count: int = 0
+    ) -> str:  # pragma: no cover - never called, only its input model is used
+        return text
+
+
+def _parse_form(files: list[tuple[str, Any]], original: bool = False) -> Any:
+    """Run BentoML's form deserialiser (patched, or its own with ``original``) on a form."""
+    import tempfile
+
+    from _bentoml_impl import serde
+    from bentoml._internal.context import _request_var
+    from starlette.requests import Request
+
+    install_plain_text_forms()
+    built = httpx.Request("POST", "http://x/up", files=files)
+    body = built.read()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/up",
+        "query_string": b"",
+        "headers": [(b"content-type", built.headers["content-type"].encode())],
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    multipart = serde.ALL_SERDE["multipart/form-data"]
+    parse = multipart._clip_unfixed_parse_request if original else multipart.parse_request
+    spec = _Forms.apis["up"].input_spec
+
+    async def in_request(temp_dir: str) -> Any:
+        # BentoML stores uploads in the request's temporary folder (request_temp_dir)
+        request = Request({**scope, "state": {"temp_dir": temp_dir}}, receive)
+        _request_var.set(request)
+        return await parse(multipart(), request, spec)
+
+    with tempfile.TemporaryDirectory() as temp_dir:
+        return asyncio.run(in_request(temp_dir))
+
+
+IMAGE_PART = ("image", ("x.jpg", b"\xff\xd8", "image/jpeg"))
+
+
+@pytest.mark.parametrize("caption", ["123", "true", "null", '"hi"', "[" * 100_000, "{}"])
+def test_a_form_caption_is_plain_text(caption: str) -> None:
+    parsed = _parse_form([IMAGE_PART, ("text", (None, caption)), ("model", (None, caption))])
+    assert (parsed.text, parsed.model) == (caption, caption)
+
+
+def test_bentoml_parses_form_captions_as_json() -> None:
+    """What the patch is for: BentoML's own deserialiser turns `"hi"` into `hi` and `123` into
+    a number (fails when BentoML starts keeping form text as text: then drop the patch)."""
+    parsed = _parse_form([IMAGE_PART, ("text", (None, '"hi"'))], original=True)
+    assert parsed.text == "hi"
+    with pytest.raises(Exception, match="valid string"):
+        _parse_form([IMAGE_PART, ("text", (None, "123"))], original=True)
+    with pytest.raises(RecursionError):
+        _parse_form([IMAGE_PART, ("text", (None, "[" * 100_000))], original=True)
+
+
+def test_non_string_form_fields_are_json_and_a_bad_one_is_a_400() -> None:
+    from bentoml.exceptions import InvalidArgument
+
+    parsed = _parse_form([IMAGE_PART, ("text", (None, "a")), ("count", (None, "3"))])
+    assert parsed.count == 3
+    for bad in ("[" * 100_000, "not json"):
+        with pytest.raises(InvalidArgument, match="form field 'count' is not valid JSON"):
+            _parse_form([IMAGE_PART, ("text", (None, "a")), ("count", (None, bad))])
+    with pytest.raises(InvalidArgument, match="'text' is not UTF-8 text"):
+        _parse_form([IMAGE_PART, ("text", ("t.bin", b"\xff\xfe", "application/octet-stream"))])
+
+
+def test_a_text_value_for_a_file_field_is_never_downloaded() -> None:
+    from bentoml.exceptions import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="'image' must be a file upload"):
+        _parse_form([("image", (None, "http://127.0.0.1:1/x.jpg")), ("text", (None, "a"))])
