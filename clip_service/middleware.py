@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_service.errors import CURRENT_REQUEST_ID, error_body
 from clip_service.multipart_guard import MultipartRefused, check_form, is_multipart
+from clip_service.observability import escape_logged_client_values
 
 logger = logging.getLogger("clip_service.middleware")
 
@@ -266,6 +267,7 @@ class RequestGuardMiddleware:
         self.input_fields = input_fields or {}
         self.protect_docs = protect_docs
         quiet_client_error_logs()
+        escape_logged_client_values()
 
     def _needs_key(self, path: str) -> bool:
         if not self.api_keys:
