@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clip_service.errors import CURRENT_REQUEST_ID, error_body
+from clip_service.errors import CLIENT_CLOSED_REQUEST, CURRENT_REQUEST_ID, error_body
 from clip_service.multipart_guard import MultipartRefused, check_form, is_multipart
 from clip_service.observability import escape_logged_client_values
 
@@ -52,6 +52,7 @@ FRAMEWORK_CODES: dict[int, str] = {
     HTTPStatus.TOO_MANY_REQUESTS: "overloaded",
     HTTPStatus.SERVICE_UNAVAILABLE: "service_unavailable",
     HTTPStatus.GATEWAY_TIMEOUT: "timeout",
+    CLIENT_CLOSED_REQUEST: "client_closed_request",
 }
 
 
@@ -207,7 +208,8 @@ class ClientErrorLogFilter(logging.Filter):
         path, method = (*args, "?", "?")[:2]
         record.msg = "client error %s on %s [%s]: %s" + with_id
         record.args = (status, path, method, type(exc).__name__)
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        level = logging.INFO if status == CLIENT_CLOSED_REQUEST else logging.WARNING
+        record.levelno, record.levelname = level, logging.getLevelName(level)
         record.exc_info = record.exc_text = None
         return True
 
@@ -215,7 +217,12 @@ class ClientErrorLogFilter(logging.Filter):
 def _client_error_status(exc: BaseException | None) -> int | None:
     from bentoml.exceptions import BentoMLException
     from pydantic import ValidationError
+    from starlette.requests import ClientDisconnect
 
+    if isinstance(exc, ClientDisconnect):  # the client left mid-body: not a server error
+        return CLIENT_CLOSED_REQUEST
+    if isinstance(exc, _BodyRefused):  # too large or too slow: the guard answers it
+        return exc.status
     if isinstance(exc, ValidationError):
         return int(HTTPStatus.BAD_REQUEST)
     if isinstance(exc, BentoMLException) and int(exc.error_code) < 500:
@@ -289,8 +296,14 @@ class RequestGuardMiddleware:
         async def reply(
             status: int, code: str, message: str, extra_headers: list[tuple[bytes, bytes]] = ()
         ) -> None:
-            logger.warning(
-                "%s %s on %s (request %s): %s", status, code, scope["path"], request_id, message
+            logger.log(
+                logging.INFO if status == CLIENT_CLOSED_REQUEST else logging.WARNING,
+                "%s %s on %s (request %s): %s",
+                status,
+                code,
+                scope["path"],
+                request_id,
+                message,
             )
             body = json.dumps(error_body(code, message, request_id)).encode()
             await send(
@@ -341,10 +354,10 @@ class RequestGuardMiddleware:
         async def limited_receive() -> Message:
             nonlocal received, body_complete, refusal
             deadline = self.body_deadline
-            if body_complete or deadline is None:  # later receives wait for the disconnect
+            if body_complete:  # later receives wait for the disconnect
                 return await receive()
             try:
-                async with asyncio.timeout_at(deadline.at(started, received)):
+                async with asyncio.timeout_at(deadline and deadline.at(started, received)):
                     message = await receive()
             except TimeoutError:
                 refusal = _BodyRefused(
@@ -356,7 +369,12 @@ class RequestGuardMiddleware:
                 )
                 raise refusal from None
             if message["type"] != "http.request":
-                body_complete = True  # the client left
+                body_complete = True  # the client left: whatever the app answers is a 499
+                refusal = _BodyRefused(
+                    CLIENT_CLOSED_REQUEST,
+                    "client_closed_request",
+                    f"the client closed the connection after {received} bytes of its body",
+                )
                 return message
             received += len(message.get("body", b""))
             body_complete = not message.get("more_body", False)
@@ -433,6 +451,8 @@ class RequestGuardMiddleware:
         if rewrite and is_multipart(content_type):
             try:
                 body = await _read_body(limited_receive)
+                if refusal is not None:  # the client left mid-body
+                    raise refusal
                 check_form(
                     content_type,
                     body,
