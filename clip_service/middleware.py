@@ -27,6 +27,8 @@ from clip_service.observability import escape_logged_client_values
 logger = logging.getLogger("clip_service.middleware")
 
 REQUEST_ID_HEADER = "x-request-id"
+# BentoML's own id header (its span id): overwritten with ours, so an answer shows one id.
+BENTOML_REQUEST_ID_HEADER = b"x-bentoml-request-id"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 GENERIC_5XX = "internal error; quote the request_id when reporting it"
 # API documentation pages: open, or behind the API key with CLIP_AUTH_DOCS=protected.
@@ -400,7 +402,7 @@ class RequestGuardMiddleware:
                 replaced = True
                 return
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), header]}
+                message = {**message, "headers": _with_request_id(message, header)}
                 if rewrite and message["status"] >= 400:
                     pending_start = message  # hold it until the body is known
                     return
@@ -497,6 +499,15 @@ class _BodyRefused(Exception):
     def __init__(self, status: int, code: str, message: str, close: bool = False) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.close = status, code, message, close
+
+
+def _with_request_id(start: Message, header: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    """A response's headers with ours added and BentoML's id header, if any, set to ours."""
+    headers = [
+        (name, header[1] if name.lower() == BENTOML_REQUEST_ID_HEADER else value)
+        for name, value in start.get("headers", [])
+    ]
+    return [*headers, header]
 
 
 async def _read_body(receive: Receive) -> bytes:
