@@ -38,6 +38,7 @@ from clip_service.bentoml_adapter import (
     metrics_text,
 )
 from clip_service.errors import ClientGoneError, api_errors
+from clip_service.framing import AmbiguousLengthMiddleware
 from clip_service.image import BENTO_IMAGE
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
 from clip_service.middleware import (
@@ -508,6 +509,8 @@ Evaluator = bentoml.service(
     image=BENTO_IMAGE,  # the Bento's container image (the entry service's is the Bento's)
 )(bentoml.asgi_app(evaluator_routes, path=EVALUATOR_PATH)(EvaluatorImpl))
 forbid_unknown_fields(Evaluator.apis.values())
+# First, so outermost: no other answer (a 401, a 413) may leave such a connection open.
+Evaluator.add_asgi_middleware(AmbiguousLengthMiddleware)
 Evaluator.add_asgi_middleware(
     RequestGuardMiddleware,
     max_request_bytes=settings.max_request_bytes,
