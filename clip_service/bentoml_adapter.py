@@ -31,7 +31,9 @@ pinned to 1.4.40 for it).
   only for other fields (a parse failure is a 400 naming the field), and never downloads.
 - ``forbid_unknown_fields``: the input models BentoML builds from each API's signature refuse
   fields they do not have (pydantic ignores them by default: a misspelt ``caption`` was dropped
-  silently). ``bentoml.api(input_spec=...)`` would need each signature written twice.
+  silently), naming at most ``MAX_NAMED_UNKNOWN_FIELDS`` of them (pydantic's own ``forbid``
+  builds an error per key: a body of a million keys took seconds and a 16 MB answer).
+  ``bentoml.api(input_spec=...)`` would need each signature written twice.
 
 Why ``setup_tracing`` is ours and not BentoML's ``tracing`` configuration: in 1.4.40 that
 configuration turns export on only through ``BENTOML_CONFIG``/``BENTOML_CONFIG_OPTIONS``
@@ -65,6 +67,7 @@ from opentelemetry import trace
 
 from clip_service.multipart_guard import takes_text
 from clip_service.observability import TRACING_EXCLUDED_URLS, UNKNOWN_PATH
+from clip_service.schemas import refuse_unknown_fields
 
 logger = logging.getLogger("clip_service.bentoml_adapter")
 
@@ -114,11 +117,24 @@ def metrics_text() -> tuple[bytes, str]:
 
 
 def forbid_unknown_fields(apis: Iterable[Any]) -> None:
-    """Each API's generated input model (``input_spec``) gets ``extra="forbid"``, rebuilt."""
+    """Each API's generated input model (``input_spec``) gets ``extra="forbid"``, rebuilt, and
+    is replaced by a subclass that refuses unknown fields before pydantic does, naming a bounded
+    number of them (``refuse_unknown_fields``): pydantic builds one error per unknown key."""
+    from pydantic import create_model, model_validator
+
     for api in apis:
         spec = api.input_spec
         spec.model_config = {**spec.model_config, "extra": "forbid"}
         spec.model_rebuild(force=True)
+        bounded = model_validator(mode="before")(
+            classmethod(lambda cls, data: refuse_unknown_fields(cls, data))
+        )
+        api.input_spec = create_model(
+            spec.__name__,
+            __base__=spec,
+            __module__=spec.__module__,
+            __validators__={"_bounded_unknown_fields": bounded},
+        )
 
 
 FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from clip_service.errors import CLIENT_CLOSED_REQUEST, CURRENT_REQUEST_ID, error_body
 from clip_service.multipart_guard import MultipartRefused, check_form, is_multipart
 from clip_service.observability import escape_logged_client_values
+from clip_service.schemas import MAX_NAMED_UNKNOWN_FIELDS, MORE_UNKNOWN_FIELDS
 
 logger = logging.getLogger("clip_service.middleware")
 
@@ -35,6 +36,8 @@ GENERIC_5XX = "internal error; quote the request_id when reporting it"
 DOC_PATHS = ("/", "/docs.json", "/schema.json", "/evaluator/docs", "/evaluator/demo")
 # What a validation error item keeps: not pydantic's docs URL (it names the version) nor the input.
 _DETAIL_KEYS = ("type", "loc", "msg")
+# How many problems an error answer lists (message and detail); the rest are counted.
+MAX_LISTED_PROBLEMS = 2 * MAX_NAMED_UNKNOWN_FIELDS
 # Content types BentoML parses as a form; a JSON API then sees none of the fields that were sent.
 _FORM_TYPES = (b"application/x-www-form-urlencoded", b"multipart/form-data")
 SEND_JSON = "send JSON with `Content-Type: application/json`"
@@ -85,7 +88,7 @@ def _content_length(scope: Scope) -> int | None:
 def _public_detail(detail: list[Any]) -> list[Any]:
     return [
         {key: item[key] for key in _DETAIL_KEYS if key in item} if isinstance(item, dict) else item
-        for item in detail
+        for item in detail[:MAX_LISTED_PROBLEMS]
     ]
 
 
@@ -113,7 +116,7 @@ def validation_message(
             "fields were read"
         )
     problems = []
-    for item in detail:
+    for item in detail[:MAX_LISTED_PROBLEMS]:
         if not isinstance(item, dict):
             continue
         where, kind, msg = _location(item.get("loc", ())), item.get("type"), item.get("msg", "")
@@ -122,10 +125,14 @@ def validation_message(
         elif kind == "extra_forbidden":
             known = f" (fields: {', '.join(fields)})" if fields and "." not in where else ""
             problems.append(f"unknown field {where!r}{known}")
+        elif kind == MORE_UNKNOWN_FIELDS:
+            problems.append(f"{msg} in {where}" if item.get("loc") else msg)
         elif kind == "json_invalid":
             problems.append(f"the body is not valid JSON ({msg}); {SEND_JSON}")
         else:
             problems.append(f"{where}: {msg}")
+    if len(detail) > MAX_LISTED_PROBLEMS:
+        problems.append(f"and {len(detail) - MAX_LISTED_PROBLEMS} more problems")
     return "; ".join(problems) or "invalid request"
 
 
