@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from clip_service.errors import CLIENT_CLOSED_REQUEST, CURRENT_REQUEST_ID, error_body
 from clip_service.multipart_guard import MultipartRefused, check_form, is_multipart
 from clip_service.observability import escape_logged_client_values
-from clip_service.schemas import MAX_NAMED_UNKNOWN_FIELDS, MORE_UNKNOWN_FIELDS
+from clip_service.schemas import MAX_NAMED_UNKNOWN_FIELDS, MORE_UNKNOWN_FIELDS, echoed
 
 logger = logging.getLogger("clip_service.middleware")
 
@@ -85,9 +85,16 @@ def _content_length(scope: Scope) -> int | None:
         return None
 
 
+def _public_item(item: dict[str, Any]) -> dict[str, Any]:
+    public = {key: item[key] for key in _DETAIL_KEYS if key in item}
+    if isinstance(public.get("loc"), list | tuple):
+        public["loc"] = [echoed(part) for part in public["loc"]]
+    return public
+
+
 def _public_detail(detail: list[Any]) -> list[Any]:
     return [
-        {key: item[key] for key in _DETAIL_KEYS if key in item} if isinstance(item, dict) else item
+        _public_item(item) if isinstance(item, dict) else item
         for item in detail[:MAX_LISTED_PROBLEMS]
     ]
 
@@ -99,7 +106,7 @@ def input_fields_by_route(apis: Iterable[Any]) -> dict[str, tuple[str, ...]]:
 
 def _location(loc: Iterable[Any]) -> str:
     text = ""
-    for part in loc:
+    for part in map(echoed, loc):
         text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
     return text or "body"
 

@@ -35,32 +35,33 @@ MAX_ECHOED_FIELD_NAME = 64
 MORE_UNKNOWN_FIELDS = "unknown_fields_more"  # the error type that counts the rest
 
 
-def _echoed(name: Any) -> Any:
+def echoed(name: Any) -> Any:
+    """A client's field name as an error repeats it: cut to ``MAX_ECHOED_FIELD_NAME``."""
     if isinstance(name, str) and len(name) > MAX_ECHOED_FIELD_NAME:
         return name[:MAX_ECHOED_FIELD_NAME] + "..."
     return name
 
 
 def refuse_unknown_fields(model: type[BaseModel], data: Any) -> Any:
-    """A before-validator: ``data`` unchanged when it has no key ``model`` lacks; else a
+    """A before-validator for a model with ``extra="forbid"``: ``data`` unchanged when it has
+    at most ``MAX_NAMED_UNKNOWN_FIELDS`` keys ``model`` lacks (pydantic names each); else a
     ``ValidationError`` with one ``extra_forbidden`` item for each of the first
     ``MAX_NAMED_UNKNOWN_FIELDS`` unknown keys and one ``unknown_fields_more`` item counting the
     rest, instead of pydantic's one item per unknown key."""
-    if not isinstance(data, dict):
-        return data
+    if not isinstance(data, dict) or len(data) <= len(model.model_fields):
+        return data  # too few keys to hold more unknown ones than pydantic may name
     unknown = (key for key in data if key not in model.model_fields)
     named = list(itertools.islice(unknown, MAX_NAMED_UNKNOWN_FIELDS))
-    if not named:
+    more = sum(1 for _ in unknown)
+    if not more:
         return data
     errors = [
-        InitErrorDetails(type="extra_forbidden", loc=(_echoed(key),), input=None) for key in named
+        InitErrorDetails(type="extra_forbidden", loc=(echoed(key),), input=None) for key in named
     ]
-    more = sum(1 for _ in unknown)
-    if more:
-        counted = PydanticCustomError(
-            MORE_UNKNOWN_FIELDS, "{count} more unknown fields", {"count": more}
-        )
-        errors.append(InitErrorDetails(type=counted, loc=(), input=None))
+    counted = PydanticCustomError(
+        MORE_UNKNOWN_FIELDS, "{count} more unknown fields", {"count": more}
+    )
+    errors.append(InitErrorDetails(type=counted, loc=(), input=None))
     raise ValidationError.from_exception_data(model.__name__, errors)
 
 
