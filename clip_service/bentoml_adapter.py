@@ -23,13 +23,17 @@ pinned to 1.4.40 for it).
   Kubernetes) gets it.
 - ``gpu_count``, ``accelerator_resources``: the model worker's ``resources``, from NVIDIA GPUs as
   BentoML's resource allocator counts them (NVML).
+- ``install_plain_text_forms``: BentoML's form deserialiser (``_bentoml_impl/serde.py``,
+  ``MultipartSerde.parse_request``) runs ``json.loads`` on every text value, so a caption
+  ``123`` became a number (a 400), ``"hi"`` was scored as ``hi``, and 100,000 ``[`` raised
+  ``RecursionError`` (a 500); and it downloads a text value sent for a file field as a URL,
+  outside our fetch policy. The replacement keeps a value as text for string fields, parses JSON
+  only for other fields (a parse failure is a 400 naming the field), and never downloads.
 - ``forbid_unknown_fields``: the input models BentoML builds from each API's signature refuse
   fields they do not have (pydantic ignores them by default: a misspelt ``caption`` was dropped
-  silently). ``bentoml.api(input_spec=...)`` would need each signature written twice.
-- ``keep_form_text_as_sent``: BentoML's form deserialiser (``MultipartSerde.parse_request`` in
-  ``_bentoml_impl/serde.py``) runs ``json.loads`` on every text part, so an upload whose caption
-  is ``1`` was refused (a number, not a string), ``"a cat"`` lost its quotes and ``null`` became
-  no caption. Parts the API declares as text now arrive as sent; other parts as before.
+  silently), naming at most ``MAX_NAMED_UNKNOWN_FIELDS`` of them (pydantic's own ``forbid``
+  builds an error per key: a body of a million keys took seconds and a 16 MB answer).
+  ``bentoml.api(input_spec=...)`` would need each signature written twice.
 - ``document_openapi``: the service's OpenAPI document (``/docs.json``, the Bento's
   ``apis/openapi.yaml``) is BentoML's, rewritten by the service (``clip_service/openapi.py``).
   BentoML 1.4.40 builds it in ``Service.openapi_spec`` with its own title, version ("None"),
@@ -54,9 +58,10 @@ import json
 import logging
 import os
 import time
+import types
+import typing
 from collections.abc import Awaitable, Callable, Iterable
-from types import UnionType
-from typing import Any, TypeVar, Union, cast, get_args, get_origin
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import bentoml
@@ -64,7 +69,9 @@ import h11
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from clip_service.multipart_guard import takes_text
 from clip_service.observability import TRACING_EXCLUDED_URLS, UNKNOWN_PATH
+from clip_service.schemas import refuse_unknown_fields
 
 logger = logging.getLogger("clip_service.bentoml_adapter")
 
@@ -92,12 +99,10 @@ PRIVATE_API: tuple[tuple[str, str], ...] = (
     ("circus.arbiter", "Arbiter.stop_controller_and_close_sockets"),
     ("circus.controller", "Controller.start"),
     ("_bentoml_sdk.service.factory", "Service.openapi_spec"),
-    ("_bentoml_impl.serde", "MultipartSerde.parse_request"),
-    ("_bentoml_impl.serde", "MultipartSerde.ensure_file"),
-    ("_bentoml_sdk.typing_utils", "is_list_type"),
-    ("_bentoml_sdk.typing_utils", "is_union_type"),
     ("bentoml._internal.service.openapi.specification", "OpenAPISpecification"),
     ("bentoml._internal.utils.cattr", "bentoml_cattr"),
+    ("_bentoml_impl.serde", "ALL_SERDE"),
+    ("_bentoml_impl.serde", "MultipartSerde.parse_request"),
 )
 
 # What a client too slow with its headers is told before the connection is closed.
@@ -119,11 +124,89 @@ def metrics_text() -> tuple[bytes, str]:
 
 
 def forbid_unknown_fields(apis: Iterable[Any]) -> None:
-    """Each API's generated input model (``input_spec``) gets ``extra="forbid"``, rebuilt."""
+    """Each API's generated input model (``input_spec``) gets ``extra="forbid"``, rebuilt, and
+    is replaced by a subclass that refuses unknown fields before pydantic does, naming a bounded
+    number of them (``refuse_unknown_fields``): pydantic builds one error per unknown key."""
+    from pydantic import create_model, model_validator
+
     for api in apis:
         spec = api.input_spec
         spec.model_config = {**spec.model_config, "extra": "forbid"}
         spec.model_rebuild(force=True)
+        bounded = model_validator(mode="before")(
+            classmethod(lambda cls, data: refuse_unknown_fields(cls, data))
+        )
+        api.input_spec = create_model(
+            spec.__name__,
+            __base__=spec,
+            __module__=spec.__module__,
+            __validators__={"_bounded_unknown_fields": bounded},
+        )
+
+
+FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_PLAIN_TEXT_MARK = "_clip_plain_text_forms"
+
+
+async def _form_value(name: str, value: Any, annotation: Any) -> Any:
+    """A form part's value for a field of type ``annotation``: the text itself for a string
+    field, else the JSON it holds; a 400 (``InvalidArgument``) naming the field otherwise."""
+    from bentoml.exceptions import InvalidArgument
+
+    if not isinstance(value, str):  # a file part sent for a non-file field
+        raw = await value.read()
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"form field {name!r} is not UTF-8 text") from None
+    if takes_text(annotation):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        raise InvalidArgument(f"form field {name!r} is not valid JSON") from None
+
+
+async def _parse_form(self: Any, request: Any, cls: Any) -> Any:
+    """BentoML's ``MultipartSerde.parse_request`` with text kept as text and no downloads."""
+    from bentoml.exceptions import InvalidArgument
+
+    form = await request.form()
+    data: dict[str, Any] = {}
+    for name in form:
+        if name in cls.multipart_fields:
+            files = form.getlist(name)
+            if any(isinstance(value, str) for value in files):
+                raise InvalidArgument(f"form field {name!r} must be a file upload")
+            data[name] = files if _takes_many(cls.model_fields[name].annotation) else files[0]
+        elif name in cls.model_fields:
+            data[name] = await _form_value(name, form[name], cls.model_fields[name].annotation)
+        else:
+            data[name] = form[name]  # refused by the model (extra="forbid")
+    return cls.model_validate(data)
+
+
+def _takes_many(annotation: Any) -> bool:
+    """``list[Path]`` or an optional one: every file sent under the name, as BentoML does."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_many(arg) for arg in typing.get_args(annotation))
+    return typing.get_origin(annotation) is list
+
+
+def install_plain_text_forms() -> None:
+    """Give BentoML's form deserialiser our ``parse_request`` (idempotent; raises if BentoML
+    changed). Takes effect in every process that imports the service module."""
+    from _bentoml_impl import serde
+
+    base = serde.MultipartSerde
+    if base.__dict__.get(_PLAIN_TEXT_MARK, False):
+        return
+    require_patched_version(bentoml.__version__, "plain-text form patch")
+    if any(serde.ALL_SERDE.get(media_type) is not base for media_type in FORM_MEDIA_TYPES):
+        raise BentoMLChangedError("BentoML no longer parses forms with MultipartSerde")
+    base._clip_unfixed_parse_request = base.parse_request
+    base.parse_request = _parse_form
+    setattr(base, _PLAIN_TEXT_MARK, True)
 
 
 def document_openapi(
@@ -583,73 +666,12 @@ def install_cleanup_after_workers() -> None:
     setattr(arbiter_class, BENTOML_STOP_ATTRIBUTE, bentoml_stop)
 
 
-FORM_TEXT_ATTRIBUTE = "_clip_form_text_as_sent"
-BENTOML_PARSE_ATTRIBUTE = "_clip_bentoml_parse_request"  # BentoML's own, kept for the tests
-
-
-def _declared_text(model: Any, name: str) -> bool:
-    """Whether the API declares form field ``name`` as a string (``str`` or ``str | None``)."""
-    field = model.model_fields.get(name)
-    if field is None:
-        return False
-    annotation = field.annotation
-    return annotation is str or (
-        get_origin(annotation) in (Union, UnionType)
-        and str in get_args(annotation)
-        and all(arg in (str, type(None)) for arg in get_args(annotation))
-    )
-
-
-async def _form_text_as_sent(self: Any, request: Any, cls: Any) -> Any:
-    """BentoML 1.4.40's ``MultipartSerde.parse_request`` with one change: a text part the API
-    declares as a string is kept as sent instead of going through ``json.loads``."""
-    from _bentoml_sdk.typing_utils import is_list_type, is_union_type
-    from starlette.datastructures import UploadFile
-
-    form = await request.form()
-    data: dict[str, Any] = {}
-    for name in form:
-        if name in cls.multipart_fields:
-            files = [await self.ensure_file(value) for value in form.getlist(name)]
-            annotation = cls.model_fields[name].annotation
-            if is_union_type(annotation):
-                annotation = get_args(annotation)[0]
-            if is_list_type(annotation):
-                data[name] = files
-            elif files:
-                data[name] = files[0]
-            continue
-        value = form[name]
-        if isinstance(value, UploadFile):
-            value = await value.read()
-        if isinstance(value, str) and _declared_text(cls, name):
-            data[name] = value
-            continue
-        try:
-            data[name] = json.loads(value)
-        except json.JSONDecodeError:
-            data[name] = value
-    return cls.model_validate(data)
-
-
-def keep_form_text_as_sent() -> None:
-    """Install ``_form_text_as_sent`` as BentoML's form deserialiser (once)."""
-    from _bentoml_impl.serde import MultipartSerde
-
-    if getattr(MultipartSerde.parse_request, FORM_TEXT_ATTRIBUTE, False):
-        return
-    require_patched_version(bentoml.__version__, "form text patch")
-    setattr(_form_text_as_sent, FORM_TEXT_ATTRIBUTE, True)
-    setattr(MultipartSerde, BENTOML_PARSE_ATTRIBUTE, MultipartSerde.parse_request)
-    MultipartSerde.parse_request = _form_text_as_sent
-
-
 def install_bentoml_fixes() -> None:
     """Every patch; call once at import of the service module (every process imports it)."""
-    keep_form_text_as_sent()
     install_dependency_session_fix()
     install_fast_worker_restart()
     install_cleanup_after_workers()
+    install_plain_text_forms()
 
 
 def limit_header_time(timeout_s: float) -> None:

@@ -39,6 +39,8 @@ from clip_service.bentoml_adapter import (
     metrics_text,
 )
 from clip_service.errors import ClientGoneError, api_errors
+from clip_service.framing import AmbiguousLengthMiddleware
+from clip_service.health import WorkerModels, health_result
 from clip_service.image import BENTO_IMAGE
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
 from clip_service.middleware import (
@@ -62,7 +64,6 @@ from clip_service.schemas import (
     EmbeddingsResult,
     HealthResult,
     ItemError,
-    ModelHealth,
     ModelStatus,
     RankCandidate,
     RankResult,
@@ -113,7 +114,10 @@ class EvaluatorImpl:
         self.preprocessing = Preprocessing(settings, model_folders(self, settings))
         self._jobs = JobBuilder(settings, self.preprocessing, fetch_policy(settings))
         self.queue = PairQueue(settings.max_queued_pairs)
-        self._statuses: dict[str, ModelStatus] = {}
+        # Learned from the model worker once it is ready, and kept (see clip_service.health).
+        self.worker_models = WorkerModels(
+            lambda: call_with_reconnect(self.scorer.to_async.describe)
+        )
         for name, entry in self.preprocessing.entries.items():
             if entry.is_untrained:
                 logger.warning("%s serves RANDOM-INIT weights: scores are meaningless", name)
@@ -185,11 +189,7 @@ class EvaluatorImpl:
         return scored
 
     async def _model_status(self, name: str) -> ModelStatus:
-        if name not in self._statuses:
-            for status in await call_with_reconnect(self.scorer.to_async.describe):
-                parsed = ModelStatus.model_validate(status)
-                self._statuses[parsed.name] = parsed
-        return self._statuses[name]
+        return await self.worker_models.status(name)
 
     async def _embed(
         self, name: str, jobs: list[Job], field: str
@@ -418,50 +418,21 @@ class EvaluatorImpl:
         vectors, outcomes = await self._embed(name, jobs, "texts")
         return self._embeddings(name, vectors, [o.text_truncated for o in outcomes])
 
-    async def _described_models(self) -> list[ModelStatus]:
-        """The model worker's own account of its models, or none while it loads or is gone,
-        within one probe timeout: while it loads, its socket accepts connections that nobody
-        answers, so no readiness call is needed first (that made two timeouts)."""
-        try:
-            described = await asyncio.wait_for(
-                self.scorer.to_async.describe(), SCORER_PROBE_TIMEOUT_S
-            )
-        except (TimeoutError, *SCORER_UNREACHABLE):
-            return []  # loading, restarting or unreachable: health says so
-        except Exception:  # anything else is a finding: log it, do not fail the probe
-            logger.warning("health: the model worker's description failed", exc_info=True)
-            return []
-        return [ModelStatus.model_validate(s) for s in described]
-
     async def health(self) -> tuple[HealthResult, bool]:
-        """Every served model's status from the model worker (none while it is loading or
-        unreachable), within about one probe timeout."""
-        statuses = await self._described_models() if self.preprocessing.ready else []
-        served = {status.name: status for status in statuses}
-        models = []
-        for name in settings.models:
-            entry = self._entry(name)
-            status = served.get(name)
-            models.append(
-                ModelHealth(
-                    name=name,
-                    architecture=entry.architecture,
-                    pretrained=entry.pretrained,
-                    weights=entry.weights_source,
-                    untrained=entry.is_untrained,
-                    family=entry.family,
-                    device=status.device if status else None,
-                    dtype=status.dtype if status else None,
-                    ready=bool(status and status.ready),
-                )
-            )
-        ready = self.preprocessing.ready and all(model.ready for model in models)
-        result = HealthResult(
-            status="ok" if ready else "unavailable",
-            default_model=settings.default_model,
-            models=models,
-        )
-        return result, ready
+        """Every served model's status within about one probe timeout: readiness from the model
+        worker's readiness probe (answered ahead of its batch queue), descriptions from what the
+        front end keeps (asked for once per worker start, never waited on for long)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        worker_ready = self.preprocessing.ready and await self._scorer_ready()
+        if worker_ready:
+            left_s = SCORER_PROBE_TIMEOUT_S - (loop.time() - started)
+            described = await self.worker_models.known(left_s)
+        else:
+            self.worker_models.forget()  # gone or restarting: describe the next one anew
+            described = {}
+        entries = {name: self._entry(name) for name in settings.models}
+        return health_result(entries, settings.default_model, worker_ready, described)
 
 
 # -- plain routes beside the APIs ---------------------------------------------------------------
@@ -511,6 +482,8 @@ Evaluator = bentoml.service(
 )(bentoml.asgi_app(evaluator_routes, path=EVALUATOR_PATH)(EvaluatorImpl))
 forbid_unknown_fields(Evaluator.apis.values())
 document_openapi(Evaluator, lambda spec: service_document(spec, settings))
+# First, so outermost: no other answer (a 401, a 413) may leave such a connection open.
+Evaluator.add_asgi_middleware(AmbiguousLengthMiddleware)
 Evaluator.add_asgi_middleware(
     RequestGuardMiddleware,
     max_request_bytes=settings.max_request_bytes,

@@ -20,21 +20,29 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clip_service.errors import CURRENT_REQUEST_ID, error_body
+from clip_service.errors import CLIENT_CLOSED_REQUEST, CURRENT_REQUEST_ID, error_body
 from clip_service.multipart_guard import MultipartRefused, check_form, is_multipart
+from clip_service.observability import escape_logged_client_values
+from clip_service.schemas import MAX_NAMED_UNKNOWN_FIELDS, MORE_UNKNOWN_FIELDS, echoed
 
 logger = logging.getLogger("clip_service.middleware")
 
 REQUEST_ID_HEADER = "x-request-id"
+# BentoML's own id header (its span id): overwritten with ours, so an answer shows one id.
+BENTOML_REQUEST_ID_HEADER = b"x-bentoml-request-id"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 GENERIC_5XX = "internal error; quote the request_id when reporting it"
 # API documentation pages: open, or behind the API key with CLIP_AUTH_DOCS=protected.
 DOC_PATHS = ("/", "/docs.json", "/schema.json", "/evaluator/docs", "/evaluator/demo")
 # What a validation error item keeps: not pydantic's docs URL (it names the version) nor the input.
 _DETAIL_KEYS = ("type", "loc", "msg")
+# How many problems an error answer lists (message and detail); the rest are counted.
+MAX_LISTED_PROBLEMS = 2 * MAX_NAMED_UNKNOWN_FIELDS
 # Content types BentoML parses as a form; a JSON API then sees none of the fields that were sent.
 _FORM_TYPES = (b"application/x-www-form-urlencoded", b"multipart/form-data")
 SEND_JSON = "send JSON with `Content-Type: application/json`"
+# An upload route takes a form only: BentoML would download any other body's text as a URL.
+SEND_FORM = "send the file as multipart/form-data (curl -F image=@photo.jpg -F text=...)"
 
 # Codes for errors the framework raises before or around our handlers, by HTTP status.
 FRAMEWORK_CODES: dict[int, str] = {
@@ -49,6 +57,7 @@ FRAMEWORK_CODES: dict[int, str] = {
     HTTPStatus.TOO_MANY_REQUESTS: "overloaded",
     HTTPStatus.SERVICE_UNAVAILABLE: "service_unavailable",
     HTTPStatus.GATEWAY_TIMEOUT: "timeout",
+    CLIENT_CLOSED_REQUEST: "client_closed_request",
 }
 
 
@@ -76,10 +85,17 @@ def _content_length(scope: Scope) -> int | None:
         return None
 
 
+def _public_item(item: dict[str, Any]) -> dict[str, Any]:
+    public = {key: item[key] for key in _DETAIL_KEYS if key in item}
+    if isinstance(public.get("loc"), list | tuple):
+        public["loc"] = [echoed(part) for part in public["loc"]]
+    return public
+
+
 def _public_detail(detail: list[Any]) -> list[Any]:
     return [
-        {key: item[key] for key in _DETAIL_KEYS if key in item} if isinstance(item, dict) else item
-        for item in detail
+        _public_item(item) if isinstance(item, dict) else item
+        for item in detail[:MAX_LISTED_PROBLEMS]
     ]
 
 
@@ -90,7 +106,7 @@ def input_fields_by_route(apis: Iterable[Any]) -> dict[str, tuple[str, ...]]:
 
 def _location(loc: Iterable[Any]) -> str:
     text = ""
-    for part in loc:
+    for part in map(echoed, loc):
         text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
     return text or "body"
 
@@ -107,7 +123,7 @@ def validation_message(
             "fields were read"
         )
     problems = []
-    for item in detail:
+    for item in detail[:MAX_LISTED_PROBLEMS]:
         if not isinstance(item, dict):
             continue
         where, kind, msg = _location(item.get("loc", ())), item.get("type"), item.get("msg", "")
@@ -116,10 +132,14 @@ def validation_message(
         elif kind == "extra_forbidden":
             known = f" (fields: {', '.join(fields)})" if fields and "." not in where else ""
             problems.append(f"unknown field {where!r}{known}")
+        elif kind == MORE_UNKNOWN_FIELDS:
+            problems.append(f"{msg} in {where}" if item.get("loc") else msg)
         elif kind == "json_invalid":
             problems.append(f"the body is not valid JSON ({msg}); {SEND_JSON}")
         else:
             problems.append(f"{where}: {msg}")
+    if len(detail) > MAX_LISTED_PROBLEMS:
+        problems.append(f"and {len(detail) - MAX_LISTED_PROBLEMS} more problems")
     return "; ".join(problems) or "invalid request"
 
 
@@ -204,7 +224,8 @@ class ClientErrorLogFilter(logging.Filter):
         path, method = (*args, "?", "?")[:2]
         record.msg = "client error %s on %s [%s]: %s" + with_id
         record.args = (status, path, method, type(exc).__name__)
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        level = logging.INFO if status == CLIENT_CLOSED_REQUEST else logging.WARNING
+        record.levelno, record.levelname = level, logging.getLevelName(level)
         record.exc_info = record.exc_text = None
         return True
 
@@ -212,7 +233,12 @@ class ClientErrorLogFilter(logging.Filter):
 def _client_error_status(exc: BaseException | None) -> int | None:
     from bentoml.exceptions import BentoMLException
     from pydantic import ValidationError
+    from starlette.requests import ClientDisconnect
 
+    if isinstance(exc, ClientDisconnect):  # the client left mid-body: not a server error
+        return CLIENT_CLOSED_REQUEST
+    if isinstance(exc, _BodyRefused):  # too large or too slow: the guard answers it
+        return exc.status
     if isinstance(exc, ValidationError):
         return int(HTTPStatus.BAD_REQUEST)
     if isinstance(exc, BentoMLException) and int(exc.error_code) < 500:
@@ -264,6 +290,7 @@ class RequestGuardMiddleware:
         self.input_fields = input_fields or {}
         self.protect_docs = protect_docs
         quiet_client_error_logs()
+        escape_logged_client_values()
 
     def _needs_key(self, path: str) -> bool:
         if not self.api_keys:
@@ -285,8 +312,14 @@ class RequestGuardMiddleware:
         async def reply(
             status: int, code: str, message: str, extra_headers: list[tuple[bytes, bytes]] = ()
         ) -> None:
-            logger.warning(
-                "%s %s on %s (request %s): %s", status, code, scope["path"], request_id, message
+            logger.log(
+                logging.INFO if status == CLIENT_CLOSED_REQUEST else logging.WARNING,
+                "%s %s on %s (request %s): %s",
+                status,
+                code,
+                scope["path"],
+                request_id,
+                message,
             )
             body = json.dumps(error_body(code, message, request_id)).encode()
             await send(
@@ -337,10 +370,10 @@ class RequestGuardMiddleware:
         async def limited_receive() -> Message:
             nonlocal received, body_complete, refusal
             deadline = self.body_deadline
-            if body_complete or deadline is None:  # later receives wait for the disconnect
+            if body_complete:  # later receives wait for the disconnect
                 return await receive()
             try:
-                async with asyncio.timeout_at(deadline.at(started, received)):
+                async with asyncio.timeout_at(deadline and deadline.at(started, received)):
                     message = await receive()
             except TimeoutError:
                 refusal = _BodyRefused(
@@ -352,7 +385,12 @@ class RequestGuardMiddleware:
                 )
                 raise refusal from None
             if message["type"] != "http.request":
-                body_complete = True  # the client left
+                body_complete = True  # the client left: whatever the app answers is a 499
+                refusal = _BodyRefused(
+                    CLIENT_CLOSED_REQUEST,
+                    "client_closed_request",
+                    f"the client closed the connection after {received} bytes of its body",
+                )
                 return message
             received += len(message.get("body", b""))
             body_complete = not message.get("more_body", False)
@@ -378,7 +416,7 @@ class RequestGuardMiddleware:
                 replaced = True
                 return
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), header]}
+                message = {**message, "headers": _with_request_id(message, header)}
                 if rewrite and message["status"] >= 400:
                     pending_start = message  # hold it until the body is known
                     return
@@ -422,10 +460,21 @@ class RequestGuardMiddleware:
             if media_type in _FORM_TYPES and not self.file_fields.get(scope["path"])
             else None
         )
+        upload = rewrite and bool(self.file_fields.get(path)) and scope["method"] == "POST"
+        if upload and not is_multipart(content_type):  # other methods: the router's 405
+            await reply(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", SEND_FORM)
+            return
         if rewrite and is_multipart(content_type):
             try:
                 body = await _read_body(limited_receive)
-                check_form(content_type, body, self.file_fields.get(scope["path"], frozenset()))
+                if refusal is not None:  # the client left mid-body
+                    raise refusal
+                check_form(
+                    content_type,
+                    body,
+                    self.file_fields.get(path, frozenset()),
+                    self.input_fields.get(path),
+                )
             except _BodyRefused as refused:
                 await refuse(refused)
                 return
@@ -464,6 +513,15 @@ class _BodyRefused(Exception):
     def __init__(self, status: int, code: str, message: str, close: bool = False) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.close = status, code, message, close
+
+
+def _with_request_id(start: Message, header: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    """A response's headers with ours added and BentoML's id header, if any, set to ours."""
+    headers = [
+        (name, header[1] if name.lower() == BENTOML_REQUEST_ID_HEADER else value)
+        for name, value in start.get("headers", [])
+    ]
+    return [*headers, header]
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -9,6 +9,7 @@ is switched on inside BentoML lives in ``bentoml_adapter``.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -235,6 +236,47 @@ def record_model_info(models: Iterable[ClipModel]) -> None:
 
 # -- logs ---------------------------------------------------------------------------------------
 
+# C0 and C1 controls, DEL and the Unicode line and paragraph separators: anything a log reader
+# could take for the end of a line (or a terminal for a command).
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Loggers whose handlers every record passes through (BentoML's config: root and "bentoml").
+_HANDLER_LOGGERS = ("", "bentoml", "bentoml.access")
+
+
+def escape_control_characters(text: str) -> str:
+    """``text`` with each control character written as its Python escape (``\\r``, ``\\x1b``)."""
+    return _CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape_control_characters(value)
+    if isinstance(value, bytes | bytearray):
+        return escape_control_characters(bytes(value).decode("latin-1"))
+    return value
+
+
+class EscapeClientValues(logging.Filter):
+    """Escapes control characters in a record's arguments, where client values go (a path, a
+    method, a model name): a ``%0d%0a`` in a URL cannot start a forged log line. The format
+    string is the program's own and is left alone, as is a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_escaped(arg) for arg in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {key: _escaped(value) for key, value in record.args.items()}
+        return True
+
+
+def escape_logged_client_values() -> None:
+    """Put ``EscapeClientValues`` on every handler BentoML installed (idempotent), so that it
+    covers our loggers, BentoML's access log and its API error log alike."""
+    loggers = [logging.getLogger(name) for name in _HANDLER_LOGGERS]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if not any(isinstance(f, EscapeClientValues) for f in handler.filters):
+            handler.addFilter(EscapeClientValues())
+
 
 class _TraceIds(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -246,7 +288,9 @@ class _TraceIds(logging.Filter):
 
 def configure_logging(log_format: str) -> None:
     """JSON lines with the trace id on every handler BentoML installed (``text`` keeps
-    BentoML's format, which already carries ``trace=...`` while a span is active)."""
+    BentoML's format, which already carries ``trace=...`` while a span is active); client values
+    escaped in either."""
+    escape_logged_client_values()
     if log_format != "json":
         return
     from pythonjsonlogger.json import JsonFormatter

@@ -3,10 +3,12 @@ them). Optional scores appear only when asked for, so plain answers keep the pla
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 Scale = Literal["torchmetrics", "paper"]
 
@@ -23,6 +25,44 @@ def model_parameter(served: Sequence[str], default: str) -> Any:
             examples=list(served),
         ),
     ]
+
+
+# How many unknown fields an error names (the rest are counted): an answer to a body of a
+# million unknown keys stays small, and the million errors are never built.
+MAX_NAMED_UNKNOWN_FIELDS = 10
+# How much of a client's field name an error repeats.
+MAX_ECHOED_FIELD_NAME = 64
+MORE_UNKNOWN_FIELDS = "unknown_fields_more"  # the error type that counts the rest
+
+
+def echoed(name: Any) -> Any:
+    """A client's field name as an error repeats it: cut to ``MAX_ECHOED_FIELD_NAME``."""
+    if isinstance(name, str) and len(name) > MAX_ECHOED_FIELD_NAME:
+        return name[:MAX_ECHOED_FIELD_NAME] + "..."
+    return name
+
+
+def refuse_unknown_fields(model: type[BaseModel], data: Any) -> Any:
+    """A before-validator for a model with ``extra="forbid"``: ``data`` unchanged when it has
+    at most ``MAX_NAMED_UNKNOWN_FIELDS`` keys ``model`` lacks (pydantic names each); else a
+    ``ValidationError`` with one ``extra_forbidden`` item for each of the first
+    ``MAX_NAMED_UNKNOWN_FIELDS`` unknown keys and one ``unknown_fields_more`` item counting the
+    rest, instead of pydantic's one item per unknown key."""
+    if not isinstance(data, dict) or len(data) <= len(model.model_fields):
+        return data  # too few keys to hold more unknown ones than pydantic may name
+    unknown = (key for key in data if key not in model.model_fields)
+    named = list(itertools.islice(unknown, MAX_NAMED_UNKNOWN_FIELDS))
+    more = sum(1 for _ in unknown)
+    if not more:
+        return data
+    errors = [
+        InitErrorDetails(type="extra_forbidden", loc=(echoed(key),), input=None) for key in named
+    ]
+    counted = PydanticCustomError(
+        MORE_UNKNOWN_FIELDS, "{count} more unknown fields", {"count": more}
+    )
+    errors.append(InitErrorDetails(type=counted, loc=(), input=None))
+    raise ValidationError.from_exception_data(model.__name__, errors)
 
 
 def _absent(value: object) -> bool:
@@ -59,6 +99,11 @@ class BatchItem(BaseModel):
     image: str | None = Field(default=None, description="base64, data: URI or http(s) URL")
     text: str | None = None
     references: list[str] | None = Field(default=None, description="reference captions")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_unknown_fields(cls, data: Any) -> Any:
+        return refuse_unknown_fields(cls, data)
 
 
 class BatchItemResult(BaseModel):

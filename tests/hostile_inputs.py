@@ -48,6 +48,10 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def image_part(image: bytes) -> tuple[str, tuple[str, bytes, str]]:
+    return ("image", ("x.jpg", image, "image/jpeg"))
+
+
 @dataclass
 class Case:
     name: str
@@ -322,6 +326,68 @@ def build_cases() -> list[Case]:
             "invalid_request",
             path=UPLOAD,
             files={"image": ("x.jpg", jpeg, "image/jpeg")},
+        ),
+        Case(
+            "upload with the image under another name (BentoML ran json.loads on it: a 500)",
+            400,
+            "invalid_request",
+            path=UPLOAD,
+            files_list=[("file", ("x.jpg", jpeg, "image/jpeg")), ("text", (None, "a"))],
+            message=("unknown form field 'file'", "fields: image, text"),
+        ),
+        Case(
+            "upload with an undeclared text field",
+            400,
+            "invalid_request",
+            path=UPLOAD,
+            files_list=[image_part(jpeg), ("text", (None, "a")), ("caption", (None, "a"))],
+            message=("unknown form field 'caption'",),
+        ),
+        Case(
+            "upload with a file name too long for a temporary file",
+            400,
+            "invalid_request",
+            path=UPLOAD,
+            files_list=[("image", ("x" * 300 + ".jpg", jpeg, "image/jpeg")), ("text", (None, "a"))],
+            message=("file name", "at most 200"),
+        ),
+        Case(
+            "upload with a caption of 100,000 [ (RecursionError in json.loads)",
+            422,
+            "text_too_long",
+            path=UPLOAD,
+            files_list=[image_part(jpeg), ("text", (None, "[" * 100_000))],
+        ),
+        Case(
+            "upload with a model of 100,000 [",
+            422,
+            "unknown_model",
+            path=UPLOAD,
+            files_list=[image_part(jpeg), ("text", (None, "a")), ("model", (None, "[" * 100_000))],
+            absent=("[" * 1000,),
+        ),
+        Case(
+            "upload with a caption that is JSON (text, not a number)",
+            200,
+            None,
+            path=UPLOAD,
+            files_list=[image_part(jpeg), ("text", (None, "123"))],
+        ),
+        Case(
+            "upload as a urlencoded form (BentoML would download the image as a URL)",
+            415,
+            "unsupported_media_type",
+            path=UPLOAD,
+            content=b"image=http%3A%2F%2F127.0.0.1%3A1%2Fx.jpg&text=a",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+            message=("multipart/form-data",),
+        ),
+        Case(
+            "upload as JSON",
+            415,
+            "unsupported_media_type",
+            path=UPLOAD,
+            content=b'"http://127.0.0.1:1/x.jpg"',
         ),
         Case(
             "upload of a real image",

@@ -80,3 +80,14 @@ def test_lines_carry_the_request_id_of_the_answer(records: list[logging.LogRecor
     client, server = (record.getMessage() for record in records)
     assert client == "client error 400 on /evaluator/x [POST]: InvalidArgument (request req-7)"
     assert server.endswith("(request req-7)") and records[1].exc_info
+
+
+def test_a_client_that_left_mid_body_is_no_server_error(records: list[logging.LogRecord]) -> None:
+    """Starlette raises ClientDisconnect when the client leaves while its body is read; BentoML
+    logged that as an ERROR with a traceback, like a crash."""
+    from starlette.requests import ClientDisconnect
+
+    log_failure(ClientDisconnect())
+    assert [r.levelno for r in records] == [logging.INFO]
+    assert records[0].exc_info is None
+    assert records[0].getMessage() == "client error 499 on /evaluator/x [POST]: ClientDisconnect"

@@ -424,3 +424,62 @@ def test_generated_requests_get_what_the_openapi_document_declares(server: Serve
     assert failures == [], "\n\n".join(failures)
     scored = {path for path, mode, status in statuses if mode == "positive" and status == 200}
     assert scored >= {SINGLE, SINGLE + "/upload", RANK, "/evaluator/v1/evaluation/batch"}
+
+
+def test_logged_paths_cannot_forge_log_lines(locked_server: ServerProcess) -> None:
+    """A CR LF in a URL (401 without a key, 404 with one) stays inside its log line, in our
+    lines and BentoML's access log alike."""
+    forged = "FORGED-LINE-7f3a [ERROR] bentoml: admin logged in"
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    with httpx.Client(base_url=locked_server.url, timeout=30) as client:
+        for headers in ({}, auth):
+            answer = client.get(f"/evaluator/x%0d%0a{forged.replace(' ', '%20')}", headers=headers)
+            assert answer.status_code in (401, 404)
+    time.sleep(1)  # the access log line is written after the answer
+    lines = [line for line in locked_server.log_path.read_text().splitlines() if forged in line]
+    assert len(lines) >= 3, lines  # the 401 line, the access log lines
+    assert all(not line.startswith("FORGED") and "\\r\\n" + forged in line for line in lines)
+
+
+def test_an_answer_has_one_request_id(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        answer = client.post(SINGLE, json={"image": 5})
+    assert answer.status_code == 400
+    request_id = answer.json()["error"]["request_id"]
+    assert answer.headers["x-request-id"] == request_id
+    assert answer.headers.get("x-bentoml-request-id", request_id) == request_id
+
+
+def test_a_form_caption_is_scored_as_written(server: ServerProcess) -> None:
+    """`-F 'text="hi"'` is the caption "hi" with its quotes, as the JSON route scores it."""
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        uploads = [
+            client.post(
+                SINGLE + "/upload",
+                files={"image": ("x.jpg", JPEG, "image/jpeg")},
+                data={"text": caption},
+            )
+            for caption in ('"hi"', "hi")
+        ]
+        as_json = client.post(SINGLE, json={"image": b64(JPEG), "text": '"hi"'}).json()
+    assert [u.status_code for u in uploads] == [200, 200], uploads[0].text
+    quoted, plain = (u.json()["cosine"] for u in uploads)
+    assert quoted == pytest.approx(as_json["cosine"], abs=1e-6)
+    assert quoted != pytest.approx(plain, abs=1e-6)
+
+
+def test_content_length_with_transfer_encoding_closes_the_connection(server: ServerProcess) -> None:
+    """RFC 9112 6.1: answered 400, then closed, so the bytes after the chunked body are never
+    run as a second request (request smuggling)."""
+    smuggled = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
+    request = (
+        f"POST {SINGLE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {5 + len(smuggled)}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ).encode() + smuggled
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(request)
+        received, after_s = _read_until_closed(sock, 10)
+    assert after_s < 10, "the connection was left open"
+    assert received.startswith(b"HTTP/1.1 400"), received[:200]
+    assert received.count(b"HTTP/1.1 ") == 1, received  # the smuggled request was not served
+    assert b"not both" in received
