@@ -163,6 +163,9 @@ class Preprocessing:
     def tokenize(self, model: str, text: str) -> tuple[np.ndarray, bool]:
         return self._transforms.result().tokenizers[model].tokenize(text)
 
+    def encoded_token_count(self, model: str, text: str) -> int:
+        return self._transforms.result().tokenizers[model].encoded_token_count(text)
+
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 

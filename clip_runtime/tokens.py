@@ -51,6 +51,11 @@ class TextTokenizer:
         than the context holds, so the end of the caption is not scored."""
         return token_count(self._tokenizer, text) > self.context_length
 
+    def encoded_token_count(self, text: str) -> int:
+        """Tokens of the caption that the model encodes: the tokenizer's count (its special tokens
+        included), cut to the context as the ids are."""
+        return min(token_count(self._tokenizer, text), self.context_length)
+
     def ids(self, texts: list[str]) -> torch.Tensor:
         """Token ids, one row of ``context_length`` per text."""
         return self._tokenizer(texts)

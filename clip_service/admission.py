@@ -36,10 +36,13 @@ class PairQueue:
 
 
 class InFlightLimitMiddleware:
-    """Pure ASGI: at most ``limit`` scoring requests (POST under ``prefix``) at once; the rest
-    get 503 ``overloaded`` with ``Retry-After`` before their body is read or decoded."""
+    """Pure ASGI: at most ``limit`` scoring requests (POST under ``prefix``, a path prefix or a
+    tuple of them) at once; the rest get 503 ``overloaded`` with ``Retry-After`` before their
+    body is read or decoded."""
 
-    def __init__(self, app: ASGIApp, limit: int, retry_after_s: int, prefix: str) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, retry_after_s: int, prefix: str | tuple[str, ...]
+    ) -> None:
         self.app = app
         self.limit = limit
         self.retry_after = str(retry_after_s).encode()

@@ -38,6 +38,9 @@ pinned to 1.4.40 for it).
   ``apis/openapi.yaml``) is BentoML's, rewritten by the service (``clip_service/openapi.py``).
   BentoML 1.4.40 builds it in ``Service.openapi_spec`` with its own title, version ("None"),
   error bodies and no nullable fields, and has no option to change any of it.
+- ``document_plain_routes``: plain Starlette routes mounted beside the APIs get a place in the
+  service's OpenAPI document (``/docs.json``); BentoML 1.4.40 describes only its own APIs and
+  mounted FastAPI apps (``_bentoml_sdk/service/openapi.py``: ``generate_spec``).
 
 Why ``setup_tracing`` is ours and not BentoML's ``tracing`` configuration: in 1.4.40 that
 configuration turns export on only through ``BENTOML_CONFIG``/``BENTOML_CONFIG_OPTIONS``
@@ -103,6 +106,10 @@ PRIVATE_API: tuple[tuple[str, str], ...] = (
     ("bentoml._internal.utils.cattr", "bentoml_cattr"),
     ("_bentoml_impl.serde", "ALL_SERDE"),
     ("_bentoml_impl.serde", "MultipartSerde.parse_request"),
+    ("_bentoml_sdk.service.openapi", "generate_spec"),
+    ("_bentoml_sdk.service.openapi", "REF_TEMPLATE"),
+    ("bentoml._internal.service.openapi.specification", "PathItem"),
+    ("bentoml._internal.service.openapi.specification", "Schema"),
 )
 
 # What a client too slow with its headers is told before the connection is closed.
@@ -230,6 +237,52 @@ def document_openapi(
             return bentoml_cattr.structure(document, OpenAPISpecification)
 
     service.__class__ = DocumentedService
+
+
+# Where BentoML's OpenAPI document keeps its schemas (``_bentoml_sdk.service.openapi``).
+OPENAPI_REF_TEMPLATE = "#/components/schemas/{model}"
+# Service name -> (path items, pydantic models their schemas refer to).
+_PLAIN_ROUTE_DOCS: dict[str, tuple[dict[str, dict[str, Any]], list[type[Any]]]] = {}
+_DOCUMENTS_PLAIN_ROUTES = "_clip_documents_plain_routes"
+
+
+def document_plain_routes(
+    service: Any, paths: dict[str, dict[str, Any]], models: list[type[Any]]
+) -> None:
+    """Add ``paths`` (OpenAPI path items, referring to ``models``' schemas through
+    ``OPENAPI_REF_TEMPLATE``) to ``service``'s OpenAPI document, wherever BentoML generates it
+    (``/docs.json``, ``bentoml build``). Raises if BentoML's generator is not the one expected."""
+    from _bentoml_sdk.service import openapi
+
+    if openapi.REF_TEMPLATE != OPENAPI_REF_TEMPLATE:
+        raise BentoMLChangedError(f"BentoML's OpenAPI schemas moved to {openapi.REF_TEMPLATE}")
+    _PLAIN_ROUTE_DOCS[service.name] = (paths, models)
+    if getattr(openapi.generate_spec, _DOCUMENTS_PLAIN_ROUTES, False):
+        return
+    bentoml_generate_spec = openapi.generate_spec
+
+    def generate_spec(svc: Any, **options: Any) -> Any:
+        spec = bentoml_generate_spec(svc, **options)
+        if svc.name in _PLAIN_ROUTE_DOCS:
+            _add_plain_routes(spec, *_PLAIN_ROUTE_DOCS[svc.name])
+        return spec
+
+    setattr(generate_spec, _DOCUMENTS_PLAIN_ROUTES, True)
+    openapi.generate_spec = generate_spec  # Service.openapi_spec imports it at each call
+
+
+def _add_plain_routes(spec: Any, paths: dict[str, dict[str, Any]], models: list[type[Any]]) -> None:
+    from bentoml._internal.service.openapi.specification import PathItem, Schema
+    from bentoml._internal.utils.cattr import bentoml_cattr
+
+    schemas = spec.components["schemas"]
+    for model in models:
+        schema = model.model_json_schema(ref_template=OPENAPI_REF_TEMPLATE)
+        for name, definition in schema.pop("$defs", {}).items():
+            schemas.setdefault(name, Schema(**definition))
+        schemas.setdefault(model.__name__, Schema(**schema))
+    for path, item in paths.items():
+        spec.paths[path] = bentoml_cattr.structure(item, PathItem)
 
 
 def gpu_count() -> int:

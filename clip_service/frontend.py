@@ -56,6 +56,13 @@ from clip_service.observability import (
     record_pairs_scored,
     tracer,
 )
+from clip_service.openai_api import (
+    OPENAI_PATH,
+    OpenAIEmbeddings,
+    OpenAIErrorShapeMiddleware,
+    mount_openai_routes,
+    openai_route_paths,
+)
 from clip_service.openapi import service_document
 from clip_service.schemas import (
     BatchItem,
@@ -103,7 +110,7 @@ def _with_optional_scores(
         result.ref_clip_score = ref_score
 
 
-class EvaluatorImpl:
+class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.openai_api)
     scorer = bentoml.depends(Scorer)
 
     def __init__(self) -> None:
@@ -480,10 +487,13 @@ Evaluator = bentoml.service(
     traffic={"timeout": 600},
     image=BENTO_IMAGE,  # the Bento's container image (the entry service's is the Bento's)
 )(bentoml.asgi_app(evaluator_routes, path=EVALUATOR_PATH)(EvaluatorImpl))
+mount_openai_routes(Evaluator)  # GET /v1/models, and its place in the OpenAPI document
 forbid_unknown_fields(Evaluator.apis.values())
 document_openapi(Evaluator, lambda spec: service_document(spec, settings))
 # First, so outermost: no other answer (a 401, a 413) may leave such a connection open.
 Evaluator.add_asgi_middleware(AmbiguousLengthMiddleware)
+# Before the guard, so outside it: its own refusals on /v1 get OpenAI's error shape too.
+Evaluator.add_asgi_middleware(OpenAIErrorShapeMiddleware, prefix=OPENAI_PATH + "/")
 Evaluator.add_asgi_middleware(
     RequestGuardMiddleware,
     max_request_bytes=settings.max_request_bytes,
@@ -492,6 +502,7 @@ Evaluator.add_asgi_middleware(
     retry_after_s=settings.retry_after_s,
     file_fields=file_fields_by_route(Evaluator.apis.values()),
     input_fields=input_fields_by_route(Evaluator.apis.values()),
+    error_prefix=(EVALUATOR_PATH + "/", OPENAI_PATH + "/"),
     protect_docs=settings.auth_docs == "protected",
     body_deadline=BodyDeadline(settings.body_timeout_s, settings.body_min_rate_bytes_s),
     own_error_bodies=frozenset({EVALUATOR_PATH + HEALTH_ROUTE}),
@@ -500,12 +511,13 @@ Evaluator.add_asgi_middleware(  # after the guard, so inside it: sheds carry the
     InFlightLimitMiddleware,
     limit=settings.max_in_flight,
     retry_after_s=settings.retry_after_s,
-    prefix="/evaluator/v1/",
+    prefix=("/evaluator/v1/", OPENAI_PATH + "/"),
 )
 
 # Paths BentoML's request metrics may label (anything else: "/{unknown}").
 ROUTES: frozenset[str] = frozenset(
     {api.route for service in (Evaluator, Scorer) for api in service.apis.values()}
     | {EVALUATOR_PATH + route.path for route in evaluator_routes.routes}
+    | openai_route_paths(settings.models)
     | {"/", "/docs.json", "/livez", "/readyz", "/healthz", "/metrics", "/schema.json"}
 )

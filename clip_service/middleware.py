@@ -255,7 +255,7 @@ def quiet_client_error_logs() -> None:
 class RequestGuardMiddleware:
     """Pure ASGI middleware (no body buffering on success paths, except forms, which are checked
     whole): request id, optional bearer auth, body size limit and deadline, form checks, and the
-    error envelope under ``error_prefix``.
+    error envelope under ``error_prefix`` (one path prefix, or a tuple of them).
 
     ``file_fields``: route -> form fields that must be file parts (``file_fields_by_route``).
     ``input_fields``: route -> its fields (``input_fields_by_route``), named in error messages.
@@ -270,7 +270,7 @@ class RequestGuardMiddleware:
         max_request_bytes: int,
         api_keys: tuple[str, ...] = (),
         open_paths: tuple[str, ...] = (),
-        error_prefix: str = "/evaluator/",
+        error_prefix: str | tuple[str, ...] = "/evaluator/",
         retry_after_s: int = 1,
         file_fields: dict[str, frozenset[str]] | None = None,
         input_fields: dict[str, tuple[str, ...]] | None = None,
@@ -285,7 +285,7 @@ class RequestGuardMiddleware:
         self.max_request_bytes = max_request_bytes
         self.api_keys = tuple(key.encode() for key in api_keys)
         self.open_paths = frozenset(path.rstrip("/") or "/" for path in open_paths)
-        self.error_prefix = error_prefix
+        self.error_prefixes = (error_prefix,) if isinstance(error_prefix, str) else error_prefix
         self.file_fields = file_fields or {}
         self.input_fields = input_fields or {}
         self.protect_docs = protect_docs
@@ -298,7 +298,7 @@ class RequestGuardMiddleware:
         normalized = path.rstrip("/") or "/"
         if normalized in DOC_PATHS:
             return self.protect_docs
-        protected = normalized.startswith(self.error_prefix.rstrip("/"))
+        protected = normalized.startswith(tuple(p.rstrip("/") for p in self.error_prefixes))
         return protected and normalized not in self.open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -404,7 +404,7 @@ class RequestGuardMiddleware:
             return message
 
         path = scope["path"]
-        rewrite = path.startswith(self.error_prefix) and path not in self.own_error_bodies
+        rewrite = path.startswith(self.error_prefixes) and path not in self.own_error_bodies
         pending_start: Message | None = None
         chunks: list[bytes] = []
 

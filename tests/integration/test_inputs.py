@@ -3,19 +3,22 @@ and a schemathesis run over the service's own OpenAPI document."""
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import itertools
 import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import bentoml
 import httpx
+import numpy as np
+import openai
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -26,7 +29,8 @@ from schemathesis.specs.openapi.formats import unregister_string_format
 
 from clip_eval import cli
 from clip_testkit.images import b64, jpeg_bytes
-from clip_testkit.routes import RANK, SINGLE
+from clip_testkit.metrics import metric
+from clip_testkit.routes import EMBED_IMAGE, EMBED_TEXT, RANK, SINGLE
 from clip_testkit.server import PROBE_TIMEOUT_S, ROOT, ServerProcess, run_load_test
 from tests.cli_helpers import make_dataset, read_table
 from tests.hostile_inputs import build_cases, run
@@ -483,3 +487,85 @@ def test_content_length_with_transfer_encoding_closes_the_connection(server: Ser
     assert received.startswith(b"HTTP/1.1 400"), received[:200]
     assert received.count(b"HTTP/1.1 ") == 1, received  # the smuggled request was not served
     assert b"not both" in received
+
+
+# -- the OpenAI-compatible door (/v1), driven by the `openai` package ------------------------
+
+CAPTIONS = ["a photo of a cat", "a bridge at night"]
+DATA_URI = "data:image/jpeg;base64," + b64(JPEG)
+
+
+def openai_client(server: ServerProcess, key: str = KEYS[0]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def native_vectors(server: ServerProcess, texts: list[str], images: list[str]) -> np.ndarray:
+    key = {"Authorization": f"Bearer {KEYS[0]}"}
+    with httpx.Client(base_url=server.url, timeout=120, headers=key) as client:
+        by_text = client.post(EMBED_TEXT, json={"texts": texts}).json()["embeddings"]
+        by_image = client.post(EMBED_IMAGE, json={"images": images}).json()["embeddings"]
+    return np.array(by_text + by_image)
+
+
+def test_openai_client_gets_the_native_routes_vectors(locked_server: ServerProcess) -> None:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    client = openai_client(locked_server)
+    texts = client.embeddings.create(model="ViT-B-32", input=CAPTIONS, encoding_format="float")
+    # Texts and images mixed; the client asks for base64 by default and decodes it itself.
+    mixed = client.embeddings.create(
+        model="ViT-B-32", input=[CAPTIONS[0], {"image": DATA_URI}, {"text": CAPTIONS[1]}]
+    )
+    raw = client.embeddings.create(model="ViT-B-32", input=CAPTIONS[1], encoding_format="base64")
+    native = native_vectors(locked_server, CAPTIONS, [DATA_URI])
+    assert [item.index for item in mixed.data] == [0, 1, 2] and mixed.model == "ViT-B-32"
+    assert texts.object == "list" and texts.data[0].object == "embedding"
+    np.testing.assert_allclose([d.embedding for d in texts.data], native[:2], atol=1e-6)
+    np.testing.assert_allclose([d.embedding for d in mixed.data], native[[0, 2, 1]], atol=1e-6)
+    assert isinstance(raw.data[0].embedding, str)
+    decoded = np.frombuffer(base64.b64decode(raw.data[0].embedding), dtype="<f4")
+    np.testing.assert_allclose(decoded, native[1], atol=1e-6)
+    tokenizer = SimpleTokenizer()  # ViT-B-32's own, with its start and end tokens
+    tokens = [len(tokenizer.encode(caption)) + 2 for caption in CAPTIONS]
+    assert texts.usage.prompt_tokens == texts.usage.total_tokens == sum(tokens)
+    assert mixed.usage.prompt_tokens == sum(tokens)  # the image counts 0
+    assert [model.id for model in client.models.list()] == ["ViT-B-32"]
+    assert client.models.retrieve("ViT-B-32").owned_by == "random-init"
+    with httpx.Client(base_url=locked_server.url, timeout=60) as http:
+        documented = http.get("/docs.json").json()["paths"]
+        metrics = http.get("/metrics").text
+    assert "post" in documented["/v1/embeddings"] and "get" in documented["/v1/models"]
+    assert metric(metrics, "bentoml_service_request_total", endpoint="/v1/embeddings") >= 3
+
+
+def openai_failure(call: Callable[[], object]) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as raised:
+        call()
+    return raised.value
+
+
+def test_openai_client_gets_errors_it_acts_on(locked_server: ServerProcess) -> None:
+    client = openai_client(locked_server)
+    create = client.embeddings.create
+    wrong_key = openai_failure(
+        lambda: openai_client(locked_server, "nope").embeddings.create(model="ViT-B-32", input="a")
+    )
+    assert isinstance(wrong_key, openai.AuthenticationError) and wrong_key.code == "unauthorized"
+    assert wrong_key.type == "authentication_error"
+    assert wrong_key.body["request_id"] == wrong_key.request_id  # type: ignore[index]
+    unknown = openai_failure(lambda: create(model="ViT-H-14", input="a"))
+    assert isinstance(unknown, openai.NotFoundError)
+    assert (unknown.code, unknown.param) == ("unknown_model", "model")
+    too_many = openai_failure(lambda: create(model="ViT-B-32", input=["a"] * 257))
+    assert too_many.status_code == 413 and too_many.code == "too_many_items"
+    bad_image = openai_failure(lambda: create(model="ViT-B-32", input=["a", {"image": "AAAA"}]))
+    assert isinstance(bad_image, openai.BadRequestError) and bad_image.param == "input"
+    assert bad_image.code == "invalid_image" and "input[1]" in bad_image.message
+    token_ids = openai_failure(lambda: create(model="ViT-B-32", input=[[15339, 1917]]))
+    assert token_ids.status_code == 400 and "check_embedding_ctx_length" in token_ids.message
+    shorter = openai_failure(lambda: create(model="ViT-B-32", input="a", dimensions=256))
+    assert shorter.status_code == 400 and shorter.param == "dimensions"
+    assert "512" in shorter.message
+    misspelt = openai_failure(lambda: create(model="ViT-B-32", input="a", extra_body={"inpt": 1}))
+    assert misspelt.status_code == 400 and misspelt.code == "invalid_request"
+    assert openai_failure(lambda: client.models.retrieve("nope")).status_code == 404
