@@ -68,6 +68,12 @@ class UrlNotAllowedError(ClipError):
     code = "url_not_allowed"
 
 
+class InvalidUrlError(ClipError):
+    """An image URL that does not parse: a bad IPv6 literal, port or host name label."""
+
+    code = "invalid_url"
+
+
 class UrlFetchFailedError(ClipError):
     """An allowed URL could not be fetched: DNS, connection, timeout, HTTP status, redirects."""
 

@@ -54,6 +54,7 @@ ERROR_STATUS: dict[type[ClipError], int] = {
     E.RequestTooLargeError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     E.UnknownModelError: HTTPStatus.UNPROCESSABLE_ENTITY,
     E.UrlNotAllowedError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    E.InvalidUrlError: HTTPStatus.UNPROCESSABLE_ENTITY,
     E.UrlFetchFailedError: HTTPStatus.UNPROCESSABLE_ENTITY,
     E.UnauthorizedError: HTTPStatus.UNAUTHORIZED,
     E.ModelNotReadyError: HTTPStatus.SERVICE_UNAVAILABLE,
