@@ -42,6 +42,13 @@ class ImageTooSmallError(ClipError):
     code = "image_too_small"
 
 
+class ImageAspectRatioError(ClipError):
+    """Too long and thin: the resize to the model's input would need more memory than the image
+    itself (its short side is scaled up to the input side, its long side with it)."""
+
+    code = "image_aspect_ratio_too_large"
+
+
 class EmptyTextError(ClipError):
     code = "empty_text"
 

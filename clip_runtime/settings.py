@@ -18,6 +18,9 @@ from clip_runtime.registry import DEFAULT_MODELS
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
+# The longest side over the shortest that an image may have (``CLIP_MAX_IMAGE_ASPECT_RATIO``).
+DEFAULT_MAX_IMAGE_ASPECT_RATIO = 50.0
+
 
 def _cores() -> int:
     return os.cpu_count() or 1
@@ -107,6 +110,15 @@ class ClipSettings(BaseSettings):
     )
     min_image_side: int = Field(
         default=4, ge=1, description="Smallest width or height accepted, in pixels."
+    )
+    max_image_aspect_ratio: float = Field(
+        default=DEFAULT_MAX_IMAGE_ASPECT_RATIO,
+        ge=1,
+        description="Longest side over shortest side an image may have; checked before "
+        "decoding. The model's resize scales the short side to its input side (224 or 336 px) "
+        "and the long side with it, so this bounds the resized image (a 4x50000 PNG of a few "
+        "hundred bytes would resize to 224x2800000); longer images get 422 "
+        "`image_aspect_ratio_too_large`.",
     )
     max_batch_items: int = Field(default=256, ge=1, description="Most items in one batch request.")
     max_candidates: int = Field(

@@ -129,6 +129,7 @@ class TensorPreprocessor:
         return (
             width * height <= self.limits.max_image_pixels
             and min(width, height) >= self.limits.min_image_side
+            and max(width, height) <= self.limits.max_aspect_ratio * min(width, height)
             and decodes_like_pillow(image)
         )
 

@@ -35,7 +35,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _png_header_only(width: int, height: int) -> bytes:
+def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height, with one tiny compressed row: a bomb's shape."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -46,6 +46,17 @@ def _png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+# Image URLs that do not parse: a bad IPv6 literal, port or host label.
+MALFORMED_URLS = (
+    "http://[x]/a.jpg",
+    "http://[::1/a.jpg",
+    "http://example.com:99999/a.jpg",
+    "http://example.com:-1/a.jpg",
+    "http://a..example.com/a.jpg",
+    "http://" + "a" * 300 + ".example.com/a.jpg",
+)
 
 
 @dataclass
@@ -97,7 +108,7 @@ def build_cases() -> list[Case]:
             "huge dimensions, tiny file",
             413,
             "image_dimensions_too_large",
-            {"image": _b64(_png_header_only(100_000, 100_000)), "text": "a"},
+            {"image": _b64(png_header_only(100_000, 100_000)), "text": "a"},
         ),
         Case(
             "GIF/HTML/ZIP polyglot decodes as its image",
@@ -263,6 +274,26 @@ def build_cases() -> list[Case]:
             for url in ("file:///etc/passwd", "gopher://127.0.0.1:70/_x", "ftp://example.com/a")
         ),
         Case("10k-item batch", 413, "too_many_items", ten_k, path=BATCH),
+        Case(
+            "a 4x50000 PNG (would resize to 224x2800000)",
+            422,
+            "image_aspect_ratio_too_large",
+            {"image": _b64(png_header_only(4, 50_000)), "text": "a"},
+            message=("CLIP_MAX_IMAGE_ASPECT_RATIO",),
+        ),
+        Case(
+            "batch items with URLs that do not parse",
+            200,
+            None,
+            path=BATCH,
+            json={
+                "items": [
+                    {"image": good, "text": "a"},
+                    *({"image": url, "text": "a"} for url in MALFORMED_URLS),
+                ]
+            },
+            item_codes=[None] + ["invalid_url"] * len(MALFORMED_URLS),
+        ),
         Case("batch items is a string", 400, "invalid_request", {"items": "abc"}, path=BATCH),
         Case(
             "batch with hostile items among good ones",

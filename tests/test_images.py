@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 
 import numpy as np
@@ -16,6 +17,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from clip_runtime.errors import (
+    ImageAspectRatioError,
     ImageDimensionsTooLargeError,
     ImageTooLargeError,
     ImageTooSmallError,
@@ -23,17 +25,28 @@ from clip_runtime.errors import (
     UnsupportedImageFormatError,
     UrlNotAllowedError,
 )
-from clip_runtime.images import ImageLimits, ImagePreprocessor, decode_image_field, open_image
+from clip_runtime.images import (
+    ImageLimits,
+    ImagePreprocessor,
+    decode_image_field,
+    open_header,
+    open_image,
+    resize_cost,
+)
+from clip_runtime.memory import DecodeBudget, Reservation
 from clip_testkit.images import encode, jpeg_bytes, photo_like
+from tests.hostile_inputs import png_header_only
 
 LIMITS = ImageLimits(max_image_bytes=5_000_000, max_image_pixels=4_000_000, min_image_side=4)
 L14_CFG = open_clip.get_pretrained_cfg("ViT-L-14", "laion2b_s32b_b82k")
 
 
-def preprocessor(tag_model: str = "ViT-B-32", tag: str = "laion2b_s34b_b79k") -> ImagePreprocessor:
+def preprocessor(
+    tag_model: str = "ViT-B-32", tag: str = "laion2b_s34b_b79k", limits: ImageLimits = LIMITS
+) -> ImagePreprocessor:
     cfg = {**open_clip.get_pretrained_cfg(tag_model, tag), "size": 224}
     keys = PreprocessCfg.__dataclass_fields__
-    return ImagePreprocessor({k: v for k, v in cfg.items() if k in keys}, LIMITS)
+    return ImagePreprocessor({k: v for k, v in cfg.items() if k in keys}, limits)
 
 
 # -- the JSON field -------------------------------------------------------------------------------
@@ -161,6 +174,35 @@ def test_limits() -> None:
         open_image(bomb, LIMITS)
 
 
+@pytest.mark.parametrize("size", [(4, 50_000), (1_000_000, 4), (300, 15_001)])
+def test_long_thin_images_are_refused_before_decoding(size: tuple[int, int]) -> None:
+    """Resizing the short side of a 4x50000 image to 224 px makes 224x2800000 pixels (2.5 GB)
+    from a PNG of a few hundred bytes: refused from the header, naming the limit."""
+    thin = png_header_only(*size)
+    limits = ImageLimits(10_000_000, 4_000_000_000, 4, max_aspect_ratio=50)
+    with pytest.raises(ImageAspectRatioError, match=r"over the limit of 50:1"):
+        preprocessor(limits=dataclasses.replace(limits, max_aspect_ratio=50.0)).from_bytes(thin)
+    with pytest.raises(ImageAspectRatioError, match="CLIP_MAX_IMAGE_ASPECT_RATIO"):
+        open_header(thin, limits)
+    assert open_header(png_header_only(200, 10_000), limits).size == (200, 10_000)  # 50:1
+
+
+def test_the_resize_is_counted_in_the_decode_cost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image is scaled up to the model's input side and its long side with it: the resize
+    allocates more than the decoded image, and its claim must say so."""
+    budget = DecodeBudget(max_bytes=1 << 40, wait_s=1)
+    claims: list[int] = []
+    original = Reservation.grow_to
+    monkeypatch.setattr(
+        Reservation, "grow_to", lambda self, total: (claims.append(total), original(self, total))
+    )
+    limits = dataclasses.replace(LIMITS, budget=budget)
+    thin = encode(photo_like(0, 4, 200), "PNG")  # 800 pixels, resized to 224x11200
+    preprocessor(limits=limits).from_bytes(thin)
+    assert claims[-1] >= 224 * 11_200 * 4 + 224 * 200 * 4  # vertical result + horizontal temp
+    assert resize_cost((4, 200), 224) == 4 * 224 * (200 + 11_200)
+
+
 # -- preprocessing parity -------------------------------------------------------------------------
 
 
@@ -202,6 +244,7 @@ def test_arbitrary_bytes_never_escape_as_unexpected_errors(data: bytes) -> None:
         ImageTooSmallError,
         ImageDimensionsTooLargeError,
         ImageTooLargeError,
+        ImageAspectRatioError,
     ):
         return
     assert crop.shape == (224, 224, 3)
@@ -210,7 +253,12 @@ def test_arbitrary_bytes_never_escape_as_unexpected_errors(data: bytes) -> None:
 @settings(max_examples=25, deadline=None)
 @given(st.integers(4, 400), st.integers(4, 400), st.sampled_from(["JPEG", "PNG", "WEBP", "BMP"]))
 def test_any_valid_image_size_gives_a_model_sized_crop(width: int, height: int, fmt: str) -> None:
-    crop = preprocessor().from_bytes(encode(photo_like(0, width, height), fmt))
+    data = encode(photo_like(0, width, height), fmt)
+    if max(width, height) > LIMITS.max_aspect_ratio * min(width, height):
+        with pytest.raises(ImageAspectRatioError):
+            preprocessor().from_bytes(data)
+        return
+    crop = preprocessor().from_bytes(data)
     assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
 
 

@@ -74,6 +74,8 @@ def test_unsupported_inputs_fall_back() -> None:
     assert not tensor.supports(encode(image.convert("CMYK"), "JPEG"))
     assert not tensor.supports(encode(image, "PNG"))
     assert not tensor.supports(b"\xff\xd8 not really a jpeg")
+    thin = encode(photo_like(3, 8, 8 * int(LIMITS.max_aspect_ratio) + 8), "JPEG")
+    assert not tensor.supports(thin)  # the PIL path refuses it, naming the limit
     assert tensor.supports(encode(image.convert("L"), "JPEG"))
     assert tensor.decode_each([b"\xff\xd8\xff broken"]) == [None]
 
