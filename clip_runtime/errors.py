@@ -49,6 +49,13 @@ class ImageAspectRatioError(ClipError):
     code = "image_aspect_ratio_too_large"
 
 
+class ImageTooManyScansError(ClipError):
+    """A progressive JPEG with more scans than allowed: each scan is a pass over the whole image,
+    so thousands of them in a small file cost seconds of decoding."""
+
+    code = "image_too_many_scans"
+
+
 class EmptyTextError(ClipError):
     code = "empty_text"
 

@@ -17,6 +17,7 @@ from clip_runtime.errors import (
     ImageAspectRatioError,
     ImageDimensionsTooLargeError,
     ImageTooLargeError,
+    ImageTooManyScansError,
     ImageTooSmallError,
     InvalidImageError,
     UnsupportedImageFormatError,
@@ -25,8 +26,9 @@ from clip_runtime.errors import (
 # The JSON field's decoding lives in a torch-free module (the remote CLI uses it); re-exported.
 from clip_runtime.image_field import decode_image_field as decode_image_field
 from clip_runtime.image_field import is_url as is_url
+from clip_runtime.jpeg_markers import jpeg_scan_count
 from clip_runtime.memory import DecodeBudget, Reservation
-from clip_runtime.settings import DEFAULT_MAX_IMAGE_ASPECT_RATIO
+from clip_runtime.settings import DEFAULT_MAX_IMAGE_ASPECT_RATIO, DEFAULT_MAX_JPEG_SCANS
 
 if TYPE_CHECKING:  # torch and torchvision are imported where used: the front end starts without
     import torch
@@ -52,6 +54,7 @@ class ImageLimits:
     max_image_pixels: int
     min_image_side: int
     max_aspect_ratio: float = DEFAULT_MAX_IMAGE_ASPECT_RATIO
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
     budget: DecodeBudget | None = None  # None: decodes are not counted (CLI, tests)
 
 
@@ -83,6 +86,15 @@ def check_aspect_ratio(width: int, height: int, limit: float) -> None:
         raise ImageAspectRatioError(
             f"image is {width}x{height}: its sides' ratio {ratio:.0f}:1 is over the limit of "
             f"{limit:g}:1 (CLIP_MAX_IMAGE_ASPECT_RATIO); crop it or pad it closer to square"
+        )
+
+
+def check_jpeg_scans(data: bytes, limit: int) -> None:
+    """Refuse a JPEG whose scans (each a pass over the whole image) exceed ``limit``."""
+    if jpeg_scan_count(data, stop_after=limit) > limit:
+        raise ImageTooManyScansError(
+            f"JPEG has more than {limit} scans (CLIP_MAX_JPEG_SCANS); re-encode it as a "
+            "baseline JPEG or with a standard progressive script"
         )
 
 
@@ -161,6 +173,8 @@ def open_header(data: bytes, limits: ImageLimits) -> Image.Image:
             f"image is {width}x{height}; both sides must be at least {limits.min_image_side} px"
         )
     check_aspect_ratio(width, height, limits.max_aspect_ratio)
+    if image.format in ("JPEG", "MPO"):
+        check_jpeg_scans(data, limits.max_jpeg_scans)
     return image
 
 

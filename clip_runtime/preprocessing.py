@@ -45,6 +45,7 @@ def image_limits(settings: ClipSettings) -> ImageLimits:
         max_image_pixels=settings.max_image_pixels,
         min_image_side=settings.min_image_side,
         max_aspect_ratio=settings.max_image_aspect_ratio,
+        max_jpeg_scans=settings.max_jpeg_scans,
         budget=DecodeBudget(settings.decode_memory_budget_bytes, settings.decode_budget_wait_s),
     )
 

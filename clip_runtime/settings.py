@@ -20,6 +20,8 @@ Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 # The longest side over the shortest that an image may have (``CLIP_MAX_IMAGE_ASPECT_RATIO``).
 DEFAULT_MAX_IMAGE_ASPECT_RATIO = 50.0
+# The most scans a JPEG may have (``CLIP_MAX_JPEG_SCANS``).
+DEFAULT_MAX_JPEG_SCANS = 100
 
 
 def _cores() -> int:
@@ -119,6 +121,14 @@ class ClipSettings(BaseSettings):
         "and the long side with it, so this bounds the resized image (a 4x50000 PNG of a few "
         "hundred bytes would resize to 224x2800000); longer images get 422 "
         "`image_aspect_ratio_too_large`.",
+    )
+    max_jpeg_scans: int = Field(
+        default=DEFAULT_MAX_JPEG_SCANS,
+        ge=1,
+        description="Most scans a JPEG may have, counted from its markers before decoding. "
+        "Baseline JPEGs have one and libjpeg's progressive ones about ten; each scan is a pass "
+        "over the whole image, so a small file of thousands of scans costs seconds of CPU. "
+        "More get 422 `image_too_many_scans`.",
     )
     max_batch_items: int = Field(default=256, ge=1, description="Most items in one batch request.")
     max_candidates: int = Field(

@@ -30,6 +30,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from clip_runtime.images import ImageLimits
+from clip_runtime.jpeg_markers import jpeg_scan_count
 
 TensorDecodeMode = Literal["auto", "on", "off"]
 
@@ -130,6 +131,7 @@ class TensorPreprocessor:
             width * height <= self.limits.max_image_pixels
             and min(width, height) >= self.limits.min_image_side
             and max(width, height) <= self.limits.max_aspect_ratio * min(width, height)
+            and jpeg_scan_count(data, self.limits.max_jpeg_scans) <= self.limits.max_jpeg_scans
             and decodes_like_pillow(image)
         )
 

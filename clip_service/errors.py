@@ -48,6 +48,7 @@ ERROR_STATUS: dict[type[ClipError], int] = {
     E.ImageDimensionsTooLargeError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     E.ImageTooSmallError: HTTPStatus.UNPROCESSABLE_ENTITY,
     E.ImageAspectRatioError: HTTPStatus.UNPROCESSABLE_ENTITY,
+    E.ImageTooManyScansError: HTTPStatus.UNPROCESSABLE_ENTITY,
     E.EmptyTextError: HTTPStatus.UNPROCESSABLE_ENTITY,
     E.InvalidTextError: HTTPStatus.UNPROCESSABLE_ENTITY,
     E.TextTooLongError: HTTPStatus.UNPROCESSABLE_ENTITY,

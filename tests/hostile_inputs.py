@@ -59,6 +59,19 @@ MALFORMED_URLS = (
 )
 
 
+def many_scan_jpeg(width: int, height: int, scans: int) -> bytes:
+    """A progressive JPEG of one colour with its smallest scan repeated to ``scans`` in all: a
+    few KB, and every scan a pass of the decoder over the whole image."""
+    progressive = _encode(
+        Image.new("RGB", (width, height), (120, 80, 40)), "JPEG", progressive=True
+    )
+    end = progressive.rindex(b"\xff\xd9")
+    starts = [i for i in range(len(progressive) - 1) if progressive[i : i + 2] == b"\xff\xda"]
+    pieces = [progressive[a:b] for a, b in zip(starts, [*starts[1:], end], strict=True)]
+    smallest = min(pieces, key=len)
+    return progressive[:end] + smallest * (scans - len(pieces)) + progressive[end:]
+
+
 @dataclass
 class Case:
     name: str
@@ -280,6 +293,13 @@ def build_cases() -> list[Case]:
             "image_aspect_ratio_too_large",
             {"image": _b64(png_header_only(4, 50_000)), "text": "a"},
             message=("CLIP_MAX_IMAGE_ASPECT_RATIO",),
+        ),
+        Case(
+            "a progressive JPEG of 2,000 scans",
+            422,
+            "image_too_many_scans",
+            {"image": _b64(many_scan_jpeg(1000, 1000, 2000)), "text": "a"},
+            message=("CLIP_MAX_JPEG_SCANS",),
         ),
         Case(
             "batch items with URLs that do not parse",

@@ -20,6 +20,7 @@ from clip_runtime.errors import (
     ImageAspectRatioError,
     ImageDimensionsTooLargeError,
     ImageTooLargeError,
+    ImageTooManyScansError,
     ImageTooSmallError,
     InvalidImageError,
     UnsupportedImageFormatError,
@@ -33,9 +34,10 @@ from clip_runtime.images import (
     open_image,
     resize_cost,
 )
+from clip_runtime.jpeg_markers import jpeg_scan_count
 from clip_runtime.memory import DecodeBudget, Reservation
 from clip_testkit.images import encode, jpeg_bytes, photo_like
-from tests.hostile_inputs import png_header_only
+from tests.hostile_inputs import many_scan_jpeg, png_header_only
 
 LIMITS = ImageLimits(max_image_bytes=5_000_000, max_image_pixels=4_000_000, min_image_side=4)
 L14_CFG = open_clip.get_pretrained_cfg("ViT-L-14", "laion2b_s32b_b82k")
@@ -187,6 +189,41 @@ def test_long_thin_images_are_refused_before_decoding(size: tuple[int, int]) -> 
     assert open_header(png_header_only(200, 10_000), limits).size == (200, 10_000)  # 50:1
 
 
+def test_jpeg_scans_are_counted_from_the_markers() -> None:
+    photo = photo_like(0, 96, 64)
+    assert jpeg_scan_count(encode(photo, "JPEG"), 100) == 1
+    assert jpeg_scan_count(encode(photo, "JPEG", progressive=True), 100) == 10  # libjpeg's script
+    assert jpeg_scan_count(encode(photo.convert("L"), "JPEG", progressive=True), 100) == 6
+    # A progressive thumbnail inside an APP1 segment is skipped by the segment's length.
+    thumbnail = encode(photo_like(1, 16, 16), "JPEG", progressive=True)
+    app1 = b"Exif\x00\x00" + thumbnail
+    baseline = encode(photo, "JPEG")
+    with_thumbnail = baseline[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1
+    assert jpeg_scan_count(with_thumbnail + baseline[2:], 100) == 1
+    many = many_scan_jpeg(64, 64, 500)
+    assert jpeg_scan_count(many, 1000) == 500
+    assert jpeg_scan_count(many, 100) == 101  # stops once past the limit
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=300))
+def test_scan_counting_never_raises(tail: bytes) -> None:
+    assert jpeg_scan_count(b"\xff\xd8" + tail, 10) >= 0
+
+
+def test_jpegs_of_many_scans_are_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each scan is a pass over the whole image: 2,000 scans of a 3000x2000 JPEG (70 KB) cost
+    seconds of decoding. Refused from the markers, before any pixel; not one is decoded."""
+    many = many_scan_jpeg(320, 240, 2000)
+    ten_scans = encode(photo_like(0, 96, 64), "JPEG", progressive=True)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded"))
+    with pytest.raises(ImageTooManyScansError, match=r"more than 100 scans.*CLIP_MAX_JPEG_SCANS"):
+        preprocessor().from_bytes(many)
+    tight = dataclasses.replace(LIMITS, max_jpeg_scans=9)
+    with pytest.raises(ImageTooManyScansError):
+        open_header(ten_scans, tight)
+
+
 def test_the_resize_is_counted_in_the_decode_cost(monkeypatch: pytest.MonkeyPatch) -> None:
     """An image is scaled up to the model's input side and its long side with it: the resize
     allocates more than the decoded image, and its claim must say so."""
@@ -245,6 +282,7 @@ def test_arbitrary_bytes_never_escape_as_unexpected_errors(data: bytes) -> None:
         ImageDimensionsTooLargeError,
         ImageTooLargeError,
         ImageAspectRatioError,
+        ImageTooManyScansError,
     ):
         return
     assert crop.shape == (224, 224, 3)

@@ -21,6 +21,7 @@ from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.tensor_decode import TensorPreprocessor, tensor_decode_enabled
 from clip_testkit.images import encode, jpeg_bytes, photo_like
+from tests.hostile_inputs import many_scan_jpeg
 
 LIMITS = ImageLimits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, min_image_side=4)
 CPU = torch.device("cpu")
@@ -76,6 +77,8 @@ def test_unsupported_inputs_fall_back() -> None:
     assert not tensor.supports(b"\xff\xd8 not really a jpeg")
     thin = encode(photo_like(3, 8, 8 * int(LIMITS.max_aspect_ratio) + 8), "JPEG")
     assert not tensor.supports(thin)  # the PIL path refuses it, naming the limit
+    assert not tensor.supports(many_scan_jpeg(64, 64, LIMITS.max_jpeg_scans + 1))
+    assert tensor.supports(encode(image, "JPEG", progressive=True))
     assert tensor.supports(encode(image.convert("L"), "JPEG"))
     assert tensor.decode_each([b"\xff\xd8\xff broken"]) == [None]
 
