@@ -122,7 +122,10 @@ class Preprocessing:
                 name: ImagePreprocessor(entry.preprocess_cfg, self.limits)
                 for name, entry in self.entries.items()
             },
-            tokenizers={name: TextTokenizer(folders[name]) for name in self.settings.models},
+            tokenizers={
+                name: TextTokenizer(folders[name], self.settings.max_text_word_chars)
+                for name in self.settings.models
+            },
             forwarded=device_decoded_models(self.settings, self.entries),
             decodes_like_pillow=decodes_like_pillow,
         )

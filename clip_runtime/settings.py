@@ -20,6 +20,10 @@ Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 # The longest side over the shortest that an image may have (``CLIP_MAX_IMAGE_ASPECT_RATIO``).
 DEFAULT_MAX_IMAGE_ASPECT_RATIO = 50.0
+# The longest word of a caption open_clip's BPE tokenizer is given (``CLIP_MAX_TEXT_WORD_CHARS``).
+DEFAULT_MAX_TEXT_WORD_CHARS = 100
+# The most reference captions one pair may carry (``CLIP_MAX_REFERENCES``).
+DEFAULT_MAX_REFERENCES = 32
 # The most scans a JPEG may have (``CLIP_MAX_JPEG_SCANS``).
 DEFAULT_MAX_JPEG_SCANS = 100
 
@@ -132,12 +136,25 @@ class ClipSettings(BaseSettings):
     )
     max_batch_items: int = Field(default=256, ge=1, description="Most items in one batch request.")
     max_candidates: int = Field(
-        default=256,
+        default=256, ge=1, description="Most candidates in one rank request."
+    )
+    max_references: int = Field(
+        default=DEFAULT_MAX_REFERENCES,
         ge=1,
-        description="Most candidates in one rank request, and most references per pair.",
+        description="Most reference captions (`references`, RefCLIPScore) per pair, checked "
+        "before any is tokenised; more get 413 `too_many_items`.",
     )
     max_text_chars: int = Field(
         default=10_000, ge=1, description="Longest caption accepted, in characters."
+    )
+    max_text_word_chars: int = Field(
+        default=DEFAULT_MAX_TEXT_WORD_CHARS,
+        ge=1,
+        description="Longest word (a run of letters, or of punctuation, as open_clip's BPE "
+        "tokenizer splits a caption) within the part of a caption the model reads; its BPE "
+        "costs time quadratic in the word's length. Longer words get 422 `text_too_long`; "
+        "words after the context is full are never tokenised. CLIP models' own BPE only "
+        "(Hugging Face tokenizers are not affected).",
     )
 
     # -- hostile-input hardening (issue 15) --

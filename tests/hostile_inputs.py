@@ -295,6 +295,20 @@ def build_cases() -> list[Case]:
             message=("CLIP_MAX_IMAGE_ASPECT_RATIO",),
         ),
         Case(
+            "100,000 references, counted before any is tokenised",
+            413,
+            "too_many_items",
+            {"image": good, "text": "a", "references": ["a cat"] * 100_000},
+            message=("CLIP_MAX_REFERENCES",),
+        ),
+        Case(
+            "a word of 10,000 letters (seconds of BPE)",
+            422,
+            "text_too_long",
+            {"image": good, "text": "a " + "qxz" * 3_333},
+            message=("CLIP_MAX_TEXT_WORD_CHARS",),
+        ),
+        Case(
             "a progressive JPEG of 2,000 scans",
             422,
             "image_too_many_scans",
