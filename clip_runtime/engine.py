@@ -192,8 +192,10 @@ class ClipEngine:
             decoded = tensor.decode_each([encoded[i] for i in fast], self.decode_pool)
             ok = [(i, image) for i, image in zip(fast, decoded, strict=True) if image is not None]
             if ok:
-                resized = tensor.crop([image for _, image in ok])
-                crops.update((i, row) for (i, _), row in zip(ok, resized, strict=True))
+                resized = tensor.crop_each([image for _, image in ok])
+                crops.update(
+                    (i, row) for (i, _), row in zip(ok, resized, strict=True) if row is not None
+                )
         slow = [i for i in encoded if i not in crops]
         preprocessor = self.models[name].preprocessor
         decoded_by_pil = self.decode_pool.map(

@@ -58,6 +58,13 @@ class ImageLimits:
     budget: DecodeBudget | None = None  # None: decodes are not counted (CLI, tests)
 
 
+def decodes_reduced(size: tuple[int, int], input_side: int) -> bool:
+    """True when a JPEG of ``size`` is decoded at a reduced DCT scale for a model whose input
+    side is ``input_side`` (``ImagePreprocessor.draft``): at least one halving keeps its
+    shorter side ``DRAFT_MIN_FACTOR`` times the input side."""
+    return min(size) >= 2 * DRAFT_MIN_FACTOR * input_side
+
+
 def decode_cost(image: Image.Image, encoded_bytes: int) -> int:
     """Bytes a decode of ``image`` claims at its peak, from the header alone: the encoded bytes,
     the decoded frame, one 4-byte intermediate (RGBA/L conversion) and the RGB result (Pillow
@@ -232,10 +239,9 @@ class ImagePreprocessor:
         or 1/8; libjpeg's own, before any pixel exists), keeping its shorter side at least
         ``DRAFT_MIN_FACTOR`` times the input side, so the bicubic resize that follows still
         sees plenty of pixels. Other formats cannot decode reduced and are left as they are."""
-        if image.format in ("JPEG", "MPO"):
+        if image.format in ("JPEG", "MPO") and decodes_reduced(image.size, max(self.size)):
             floor = DRAFT_MIN_FACTOR * max(self.size)
-            if min(image.size) >= 2 * floor:
-                image.draft(image.mode, (floor, floor))
+            image.draft(image.mode, (floor, floor))
         return image
 
     def from_bytes(self, data: bytes, claim: Reservation | None = None) -> np.ndarray:
