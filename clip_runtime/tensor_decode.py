@@ -165,12 +165,14 @@ class TensorPreprocessor:
     ) -> list[torch.Tensor | None]:
         """``decode``, with None for an image it cannot decode (the caller retries it with PIL,
         which names the error). nvjpeg fails a whole batch for one bad image, hence the retry one
-        by one; libjpeg decodes run in ``pool`` (it releases the GIL)."""
+        by one, on CUDA in this thread: its CUDA stream (``SideStream.producing``) is current
+        here only, and decodes made on another thread's stream would not be ordered before the
+        resize that reads them. libjpeg decodes (CPU) run in ``pool`` (it releases the GIL)."""
         if self.device.type == "cuda":
             try:
                 return list(self.decode(images))
             except RuntimeError:
-                pass
+                pool = None
 
         def one(data: bytes) -> torch.Tensor | None:
             try:

@@ -120,6 +120,28 @@ def test_engine_tensor_path_keeps_order_errors_and_fallbacks(tiny_model_dir: Pat
     assert got[2].cosine == pytest.approx(want[2].cosine, abs=1e-6)
 
 
+def test_cuda_retries_decode_in_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After nvjpeg fails a batch, each image is retried where the side stream is current (the
+    calling thread), never in the pool, whose threads would decode on their own streams."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensor = TensorPreprocessor({"size": 64}, LIMITS, torch.device("cuda"))
+    threads: list[str] = []
+
+    def decode(images: list[bytes]) -> list[torch.Tensor]:
+        if len(images) > 1:
+            raise RuntimeError("nvjpeg failed the batch")
+        threads.append(threading.current_thread().name)
+        return [torch.zeros(3, 8, 8, dtype=torch.uint8)]
+
+    monkeypatch.setattr(tensor, "decode", decode)
+    with ThreadPoolExecutor(2, thread_name_prefix="pool") as pool:
+        decoded = tensor.decode_each([b"a", b"b", b"c"], pool)
+    assert len(decoded) == 3 and all(image is not None for image in decoded)
+    assert threads == [threading.current_thread().name] * 3
+
+
 def test_a_failed_device_resize_falls_back_to_pil_for_its_images_only(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
