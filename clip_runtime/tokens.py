@@ -77,6 +77,17 @@ def _simple_tokens(tokenizer: Any, text: str, keep: int, max_word_chars: int) ->
     return tokens
 
 
+def token_count(tokenizer: Any, text: str) -> int:
+    """Tokens of ``text`` with the special tokens the tokenizer adds, before truncation: the
+    whole caption, at open_clip's own (unbounded) cost; the reference ``TextTokenizer`` is
+    checked against."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    if isinstance(tokenizer, SimpleTokenizer):
+        return len(tokenizer.encode(text)) + _SIMPLE_SPECIAL_TOKENS
+    return _hf_token_count(tokenizer, text)
+
+
 def _hf_token_count(tokenizer: Any, text: str) -> int:
     cleaned = tokenizer.clean_fn(text)
     if tokenizer.tokenizer_mode == "clips":
