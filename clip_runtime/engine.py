@@ -56,7 +56,13 @@ class ClipEngine:
         for name in settings.models:
             logger.info("loading %s from %s on %s", name, folders[name], device)
             self.models[name] = ClipModel(
-                name, folders[name], device, dtype, limits, settings.text_cache_size
+                name,
+                folders[name],
+                device,
+                dtype,
+                limits,
+                settings.text_cache_size,
+                settings.max_text_word_chars,
             )
         # Encoded JPEGs decoded in batches on the device (nvjpeg on CUDA); the rest with PIL.
         self.tensor_preprocessors: dict[str, TensorPreprocessor] = {}
@@ -112,7 +118,7 @@ class ClipEngine:
                     [chunk.texts[i] for i in good],
                     [jobs[i].keep_vectors for i in good],
                     report,
-                    _tokenized([jobs[i] for i in good]),
+                    {**chunk.tokenized, **_tokenized([jobs[i] for i in good])},
                 )
                 for i, outcome in zip(good, outcomes, strict=True):
                     results[i] = outcome
@@ -149,10 +155,15 @@ class ClipEngine:
 
     def _prepare(self, name: str, jobs: Sequence[Job], chunk: list[int]) -> _PreparedChunk:
         prepared = _PreparedChunk()
+        tokenizer = self.models[name].tokenizer
         for i in chunk:
             try:
-                prepared.texts[i] = _checked_text(self.settings, jobs[i].text)
+                text = prepared.texts[i] = _checked_text(self.settings, jobs[i].text)
+                if text is not None and jobs[i].token_ids is None:
+                    # Here, per job: a caption the tokenizer refuses fails its job alone.
+                    prepared.tokenized[text] = tokenizer.tokenize(text)
             except ClipError as error:
+                prepared.texts.pop(i, None)
                 prepared.errors[i] = error
         crops = self._crops(name, {i: jobs[i].image for i in prepared.texts})
         for i in prepared.texts:  # job order
@@ -181,8 +192,10 @@ class ClipEngine:
             decoded = tensor.decode_each([encoded[i] for i in fast], self.decode_pool)
             ok = [(i, image) for i, image in zip(fast, decoded, strict=True) if image is not None]
             if ok:
-                resized = tensor.crop([image for _, image in ok])
-                crops.update((i, row) for (i, _), row in zip(ok, resized, strict=True))
+                resized = tensor.crop_each([image for _, image in ok])
+                crops.update(
+                    (i, row) for (i, _), row in zip(ok, resized, strict=True) if row is not None
+                )
         slow = [i for i in encoded if i not in crops]
         preprocessor = self.models[name].preprocessor
         decoded_by_pil = self.decode_pool.map(
@@ -199,6 +212,7 @@ class _PreparedChunk:
     texts: dict[int, str | None] = field(default_factory=dict)
     crops: dict[int, Crop | None] = field(default_factory=dict)
     errors: dict[int, ClipError] = field(default_factory=dict)
+    tokenized: dict[str, Tokenized] = field(default_factory=dict)  # texts tokenised here
     ready: torch.cuda.Event | None = None  # the device crops are made once this has passed
 
 

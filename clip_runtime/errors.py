@@ -42,6 +42,20 @@ class ImageTooSmallError(ClipError):
     code = "image_too_small"
 
 
+class ImageAspectRatioError(ClipError):
+    """Too long and thin: the resize to the model's input would need more memory than the image
+    itself (its short side is scaled up to the input side, its long side with it)."""
+
+    code = "image_aspect_ratio_too_large"
+
+
+class ImageTooManyScansError(ClipError):
+    """A progressive JPEG with more scans than allowed: each scan is a pass over the whole image,
+    so thousands of them in a small file cost seconds of decoding."""
+
+    code = "image_too_many_scans"
+
+
 class EmptyTextError(ClipError):
     code = "empty_text"
 
@@ -66,6 +80,12 @@ class UrlNotAllowedError(ClipError):
     """A URL refused by policy: scheme, credentials, allow-list, or a non-public address."""
 
     code = "url_not_allowed"
+
+
+class InvalidUrlError(ClipError):
+    """An image URL that does not parse: a bad IPv6 literal, port or host name label."""
+
+    code = "invalid_url"
 
 
 class UrlFetchFailedError(ClipError):

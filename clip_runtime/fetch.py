@@ -16,12 +16,13 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import httpx
 
 from clip_runtime.errors import (
     ImageTooLargeError,
+    InvalidUrlError,
     UrlFetchFailedError,
     UrlNotAllowedError,
 )
@@ -29,6 +30,8 @@ from clip_runtime.errors import (
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = {301, 302, 303, 307, 308}
+# How much of a parser's complaint an error message repeats (it may quote the client's input).
+_REASON_CHARS = 120
 
 
 @dataclass(frozen=True)
@@ -118,18 +121,46 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     return addresses
 
 
+def _malformed(exc: Exception) -> InvalidUrlError:
+    reason = str(exc)[:_REASON_CHARS]
+    return InvalidUrlError(f"image URL cannot be parsed: {reason!r}")
+
+
+def _parsed(url: str) -> tuple[SplitResult, str, int | None]:
+    """The URL's parts, its host as IDNA ASCII (what DNS, ``Host`` and SNI get) and its port.
+
+    ``urlsplit`` and ``SplitResult.port`` raise ``ValueError`` for a bad IPv6 literal or port,
+    and the IDNA codec ``UnicodeError`` for an empty or over-long label: client input, so a
+    domain error, not a 500."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        ascii_host = (parts.hostname or "").encode("idna").decode("ascii")
+    except ValueError as exc:  # UnicodeError included
+        raise _malformed(exc) from exc
+    return parts, ascii_host, port
+
+
+def _next_hop(url: str, location: str) -> str:
+    try:
+        return urljoin(url, location)
+    except ValueError as exc:
+        raise _malformed(exc) from exc
+
+
 async def _checked_address(url: str, policy: FetchPolicy) -> tuple[str, str, int, IPAddress]:
-    """(scheme, host, port, address to connect to) after every check on this hop."""
-    parts = urlsplit(url)
+    """(scheme, host, port, address to connect to) after every check on this hop; the host
+    in IDNA ASCII."""
+    parts, host, explicit_port = _parsed(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise UrlNotAllowedError(f"URL scheme {scheme or '(none)'!r} is not allowed; use http(s)")
     if parts.username or parts.password:
         raise UrlNotAllowedError("URLs with credentials are not allowed")
-    host = (parts.hostname or "").lower()
+    host = host.lower()
     if not host:
         raise UrlNotAllowedError("URL has no host")
-    port = parts.port or (443 if scheme == "https" else 80)
+    port = explicit_port or (443 if scheme == "https" else 80)
     listed = bool(policy.allowed_hosts) and host_is_allow_listed(host, port, policy.allowed_hosts)
     if policy.allowed_hosts and not listed:
         raise UrlNotAllowedError(f"host {host!r} port {port} is not in the allow-list")
@@ -154,10 +185,10 @@ async def _fetch_hops(
 ) -> bytes:
     for _ in range(policy.max_redirects + 1):
         scheme, host, port, address = await _checked_address(url, policy)
-        parts = urlsplit(url)
+        parts, _, explicit_port = _parsed(url)
         literal = f"[{address}]" if address.version == 6 else str(address)
         target = parts._replace(netloc=f"{literal}:{port}").geturl()
-        host_header = host if parts.port is None else f"{host}:{parts.port}"
+        host_header = host if explicit_port is None else f"{host}:{explicit_port}"
         request = client.build_request(
             "GET",
             target,
@@ -170,7 +201,7 @@ async def _fetch_hops(
                 location = response.headers.get("location")
                 if not location:
                     raise UrlFetchFailedError("redirect without a Location header")
-                url = urljoin(url, location)
+                url = _next_hop(url, location)
                 continue
             if response.status_code != 200:
                 raise UrlFetchFailedError(f"URL answered HTTP {response.status_code}")
@@ -227,6 +258,8 @@ async def fetch_image_bytes(
             raise UrlFetchFailedError(f"URL took longer than {policy.total_timeout_s} s") from exc
         except httpx.HTTPError as exc:
             raise UrlFetchFailedError(f"URL fetch failed: {type(exc).__name__}") from exc
+        except httpx.InvalidURL as exc:  # not an HTTPError: e.g. a control character in a path
+            raise _malformed(exc) from exc
 
 
 def fetch_image_bytes_sync(url: str, policy: FetchPolicy) -> bytes:

@@ -5,6 +5,7 @@ transform for the saved tag."""
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -13,8 +14,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clip_runtime.errors import (
+    ImageAspectRatioError,
     ImageDimensionsTooLargeError,
     ImageTooLargeError,
+    ImageTooManyScansError,
     ImageTooSmallError,
     InvalidImageError,
     UnsupportedImageFormatError,
@@ -23,7 +26,9 @@ from clip_runtime.errors import (
 # The JSON field's decoding lives in a torch-free module (the remote CLI uses it); re-exported.
 from clip_runtime.image_field import decode_image_field as decode_image_field
 from clip_runtime.image_field import is_url as is_url
+from clip_runtime.jpeg_markers import jpeg_scan_count
 from clip_runtime.memory import DecodeBudget, Reservation
+from clip_runtime.settings import DEFAULT_MAX_IMAGE_ASPECT_RATIO, DEFAULT_MAX_JPEG_SCANS
 
 if TYPE_CHECKING:  # torch and torchvision are imported where used: the front end starts without
     import torch
@@ -48,7 +53,16 @@ class ImageLimits:
     max_image_bytes: int
     max_image_pixels: int
     min_image_side: int
+    max_aspect_ratio: float = DEFAULT_MAX_IMAGE_ASPECT_RATIO
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
     budget: DecodeBudget | None = None  # None: decodes are not counted (CLI, tests)
+
+
+def decodes_reduced(size: tuple[int, int], input_side: int) -> bool:
+    """True when a JPEG of ``size`` is decoded at a reduced DCT scale for a model whose input
+    side is ``input_side`` (``ImagePreprocessor.draft``): at least one halving keeps its
+    shorter side ``DRAFT_MIN_FACTOR`` times the input side."""
+    return min(size) >= 2 * DRAFT_MIN_FACTOR * input_side
 
 
 def decode_cost(image: Image.Image, encoded_bytes: int) -> int:
@@ -59,6 +73,36 @@ def decode_cost(image: Image.Image, encoded_bytes: int) -> int:
     mode = image.mode
     frame = 1 if mode in {"1", "L", "P"} else 2 if mode.startswith("I;16") else 4
     return encoded_bytes + pixels * (frame + 4 + 4)
+
+
+def resize_cost(size: tuple[int, int], input_side: int) -> int:
+    """Bytes the shortest-side resize of an RGB image of ``size`` to ``input_side`` allocates:
+    Pillow resamples horizontally into a temporary (new width x old height), then vertically
+    into the result (new width x new height), 4 bytes a pixel each."""
+    width, height = size
+    scale = input_side / min(width, height)
+    new_width, new_height = math.ceil(width * scale), math.ceil(height * scale)
+    return 4 * new_width * (height + new_height)
+
+
+def check_aspect_ratio(width: int, height: int, limit: float) -> None:
+    """Refuse an image too long and thin to resize: its short side goes to the model's input
+    side and its long side with it, so a 4x50000 image resizes to 224x2800000."""
+    ratio = max(width, height) / min(width, height)
+    if ratio > limit:
+        raise ImageAspectRatioError(
+            f"image is {width}x{height}: its sides' ratio {ratio:.0f}:1 is over the limit of "
+            f"{limit:g}:1 (CLIP_MAX_IMAGE_ASPECT_RATIO); crop it or pad it closer to square"
+        )
+
+
+def check_jpeg_scans(data: bytes, limit: int) -> None:
+    """Refuse a JPEG whose scans (each a pass over the whole image) exceed ``limit``."""
+    if jpeg_scan_count(data, stop_after=limit) > limit:
+        raise ImageTooManyScansError(
+            f"JPEG has more than {limit} scans (CLIP_MAX_JPEG_SCANS); re-encode it as a "
+            "baseline JPEG or with a standard progressive script"
+        )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -135,6 +179,9 @@ def open_header(data: bytes, limits: ImageLimits) -> Image.Image:
         raise ImageTooSmallError(
             f"image is {width}x{height}; both sides must be at least {limits.min_image_side} px"
         )
+    check_aspect_ratio(width, height, limits.max_aspect_ratio)
+    if image.format in ("JPEG", "MPO"):
+        check_jpeg_scans(data, limits.max_jpeg_scans)
     return image
 
 
@@ -192,10 +239,9 @@ class ImagePreprocessor:
         or 1/8; libjpeg's own, before any pixel exists), keeping its shorter side at least
         ``DRAFT_MIN_FACTOR`` times the input side, so the bicubic resize that follows still
         sees plenty of pixels. Other formats cannot decode reduced and are left as they are."""
-        if image.format in ("JPEG", "MPO"):
+        if image.format in ("JPEG", "MPO") and decodes_reduced(image.size, max(self.size)):
             floor = DRAFT_MIN_FACTOR * max(self.size)
-            if min(image.size) >= 2 * floor:
-                image.draft(image.mode, (floor, floor))
+            image.draft(image.mode, (floor, floor))
         return image
 
     def from_bytes(self, data: bytes, claim: Reservation | None = None) -> np.ndarray:
@@ -210,7 +256,7 @@ class ImagePreprocessor:
         image = self.draft(header)
         if self.limits.budget is None:
             return self.crop(decode_pixels(image))
-        cost = decode_cost(image, len(data))
+        cost = decode_cost(image, len(data)) + resize_cost(image.size, max(self.size))
         if claim is not None:
             claim.grow_to(cost)
             return self.crop(decode_pixels(image))

@@ -26,6 +26,7 @@ from clip_runtime.model_entry import (
     read_entry,
     verify_weights,
 )
+from clip_runtime.settings import DEFAULT_MAX_TEXT_WORD_CHARS
 from clip_runtime.tokens import TextTokenizer
 
 # A model-sized crop: HWC uint8 on the host (PIL path) or CHW uint8 on the device (tensor path).
@@ -87,6 +88,7 @@ class ClipModel:
         dtype: torch.dtype,
         limits: ImageLimits,
         text_cache_size: int,
+        max_text_word_chars: int = DEFAULT_MAX_TEXT_WORD_CHARS,
     ) -> None:
         import open_clip
 
@@ -95,7 +97,7 @@ class ClipModel:
         model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}", device="cpu")
         # Cast once, then move: weights never change after this point.
         self._model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.tokenizer = TextTokenizer(folder)
+        self.tokenizer = TextTokenizer(folder, max_text_word_chars)
         self.preprocessor = ImagePreprocessor(self.entry.preprocess_cfg, limits)
         self.device = device
         self.dtype = dtype

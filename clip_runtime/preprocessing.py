@@ -44,6 +44,8 @@ def image_limits(settings: ClipSettings) -> ImageLimits:
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
         min_image_side=settings.min_image_side,
+        max_aspect_ratio=settings.max_image_aspect_ratio,
+        max_jpeg_scans=settings.max_jpeg_scans,
         budget=DecodeBudget(settings.decode_memory_budget_bytes, settings.decode_budget_wait_s),
     )
 
@@ -120,7 +122,10 @@ class Preprocessing:
                 name: ImagePreprocessor(entry.preprocess_cfg, self.limits)
                 for name, entry in self.entries.items()
             },
-            tokenizers={name: TextTokenizer(folders[name]) for name in self.settings.models},
+            tokenizers={
+                name: TextTokenizer(folders[name], self.settings.max_text_word_chars)
+                for name in self.settings.models
+            },
             forwarded=device_decoded_models(self.settings, self.entries),
             decodes_like_pillow=decodes_like_pillow,
         )

@@ -18,6 +18,15 @@ from clip_runtime.registry import DEFAULT_MODELS
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
+# The longest side over the shortest that an image may have (``CLIP_MAX_IMAGE_ASPECT_RATIO``).
+DEFAULT_MAX_IMAGE_ASPECT_RATIO = 50.0
+# The longest word of a caption open_clip's BPE tokenizer is given (``CLIP_MAX_TEXT_WORD_CHARS``).
+DEFAULT_MAX_TEXT_WORD_CHARS = 100
+# The most reference captions one pair may carry (``CLIP_MAX_REFERENCES``).
+DEFAULT_MAX_REFERENCES = 32
+# The most scans a JPEG may have (``CLIP_MAX_JPEG_SCANS``).
+DEFAULT_MAX_JPEG_SCANS = 100
+
 
 def _cores() -> int:
     return os.cpu_count() or 1
@@ -108,14 +117,44 @@ class ClipSettings(BaseSettings):
     min_image_side: int = Field(
         default=4, ge=1, description="Smallest width or height accepted, in pixels."
     )
+    max_image_aspect_ratio: float = Field(
+        default=DEFAULT_MAX_IMAGE_ASPECT_RATIO,
+        ge=1,
+        description="Longest side over shortest side an image may have; checked before "
+        "decoding. The model's resize scales the short side to its input side (224 or 336 px) "
+        "and the long side with it, so this bounds the resized image (a 4x50000 PNG of a few "
+        "hundred bytes would resize to 224x2800000); longer images get 422 "
+        "`image_aspect_ratio_too_large`.",
+    )
+    max_jpeg_scans: int = Field(
+        default=DEFAULT_MAX_JPEG_SCANS,
+        ge=1,
+        description="Most scans a JPEG may have, counted from its markers before decoding. "
+        "Baseline JPEGs have one and libjpeg's progressive ones about ten; each scan is a pass "
+        "over the whole image, so a small file of thousands of scans costs seconds of CPU. "
+        "More get 422 `image_too_many_scans`.",
+    )
     max_batch_items: int = Field(default=256, ge=1, description="Most items in one batch request.")
     max_candidates: int = Field(
-        default=256,
+        default=256, ge=1, description="Most candidates in one rank request."
+    )
+    max_references: int = Field(
+        default=DEFAULT_MAX_REFERENCES,
         ge=1,
-        description="Most candidates in one rank request, and most references per pair.",
+        description="Most reference captions (`references`, RefCLIPScore) per pair, checked "
+        "before any is tokenised; more get 413 `too_many_items`.",
     )
     max_text_chars: int = Field(
         default=10_000, ge=1, description="Longest caption accepted, in characters."
+    )
+    max_text_word_chars: int = Field(
+        default=DEFAULT_MAX_TEXT_WORD_CHARS,
+        ge=1,
+        description="Longest word (a run of letters, or of punctuation, as open_clip's BPE "
+        "tokenizer splits a caption) within the part of a caption the model reads; its BPE "
+        "costs time quadratic in the word's length. Longer words get 422 `text_too_long`; "
+        "words after the context is full are never tokenised. CLIP models' own BPE only "
+        "(Hugging Face tokenizers are not affected).",
     )
 
     # -- hostile-input hardening (issue 15) --

@@ -18,6 +18,7 @@ proper error.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,9 +30,11 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from clip_runtime.images import ImageLimits
+from clip_runtime.images import ImageLimits, decodes_reduced
+from clip_runtime.jpeg_markers import jpeg_scan_count
 
 TensorDecodeMode = Literal["auto", "on", "off"]
+logger = logging.getLogger(__name__)
 
 _EXIF_ORIENTATION = 0x0112
 _INTERPOLATION = {
@@ -101,6 +104,14 @@ class SideStream:
             tensor.record_stream(current)
 
 
+def _by_shape(images: list[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
+    """Indices of the images, grouped by shape (each group resizes as one batch)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(index)
+    return groups
+
+
 class TensorPreprocessor:
     """Encoded JPEGs -> the model's normalised NCHW float32 input, batched on ``device``."""
 
@@ -129,6 +140,12 @@ class TensorPreprocessor:
         return (
             width * height <= self.limits.max_image_pixels
             and min(width, height) >= self.limits.min_image_side
+            and max(width, height) <= self.limits.max_aspect_ratio * min(width, height)
+            and jpeg_scan_count(data, self.limits.max_jpeg_scans) <= self.limits.max_jpeg_scans
+            # The PIL path decodes these at a reduced DCT scale, which this path does not;
+            # their full-size downscale also passes the factor (~11) past which CUDA's
+            # antialiased bicubic kernel runs out of shared memory and raises.
+            and not decodes_reduced((width, height), max(self.size))
             and decodes_like_pillow(image)
         )
 
@@ -148,12 +165,14 @@ class TensorPreprocessor:
     ) -> list[torch.Tensor | None]:
         """``decode``, with None for an image it cannot decode (the caller retries it with PIL,
         which names the error). nvjpeg fails a whole batch for one bad image, hence the retry one
-        by one; libjpeg decodes run in ``pool`` (it releases the GIL)."""
+        by one, on CUDA in this thread: its CUDA stream (``SideStream.producing``) is current
+        here only, and decodes made on another thread's stream would not be ordered before the
+        resize that reads them. libjpeg decodes (CPU) run in ``pool`` (it releases the GIL)."""
         if self.device.type == "cuda":
             try:
                 return list(self.decode(images))
             except RuntimeError:
-                pass
+                pool = None
 
         def one(data: bytes) -> torch.Tensor | None:
             try:
@@ -166,14 +185,33 @@ class TensorPreprocessor:
     def crop(self, decoded: list[torch.Tensor]) -> torch.Tensor:
         """Resize (shortest side) + centre crop, NCHW uint8; images of one size resize together."""
         out = torch.empty((len(decoded), 3, *self.size), dtype=torch.uint8, device=self.device)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for index, image in enumerate(decoded):
-            by_shape.setdefault(tuple(image.shape), []).append(index)
-        for indices in by_shape.values():
-            batch = torch.stack([decoded[i] for i in indices]).to(torch.float32)
-            resized = self._resize_like_pillow(batch)
-            out[indices] = TF.center_crop(resized, list(self.size)).to(torch.uint8)
+        for indices in _by_shape(decoded).values():
+            out[indices] = self._crop_group([decoded[i] for i in indices])
         return out
+
+    def crop_each(self, decoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """``crop``, one row per image, with None for the images whose resize failed (a device
+        kernel's limit, memory): the caller retries those with PIL, as for a failed decode,
+        instead of failing the whole batch."""
+        rows: list[torch.Tensor | None] = [None] * len(decoded)
+        for indices in _by_shape(decoded).values():
+            try:
+                group = self._crop_group([decoded[i] for i in indices])
+            except RuntimeError:
+                logger.warning(
+                    "device resize failed for %s; using PIL",
+                    tuple(decoded[indices[0]].shape),
+                    exc_info=True,
+                )
+                continue
+            for i, row in zip(indices, group, strict=True):
+                rows[i] = row
+        return rows
+
+    def _crop_group(self, images: list[torch.Tensor]) -> torch.Tensor:
+        batch = torch.stack(images).to(torch.float32)
+        resized = self._resize_like_pillow(batch)
+        return TF.center_crop(resized, list(self.size)).to(torch.uint8)
 
     def _resize_like_pillow(self, batch: torch.Tensor) -> torch.Tensor:
         """open_clip's Resize (shortest side to the crop's smaller side, torchvision's size rule)

@@ -362,9 +362,9 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
             raise E.TooManyItemsError(f"at most {settings.max_candidates} candidates")
         if by_texts:
             query = [await self.jobs.image_job(name, image)]
-            others = self.jobs.text_jobs(name, candidates, "texts")
+            others = await self.jobs.text_jobs(name, candidates, "texts")
         else:
-            query = [self.jobs.text_job(name, text)]
+            query = [await self.jobs.text_job(name, text)]
             others = await self.jobs.image_jobs(name, candidates, "images")
         (anchor, *vectors), _ = await self._embed(name, query + others, "candidates")
         status = await self._model_status(name)
@@ -421,7 +421,7 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
     ) -> EmbeddingsResult:
         """L2-normalised text embeddings (float32); `text_truncated` per text."""
         name = resolve_model_name(settings, model)
-        jobs = self.jobs.text_jobs(name, texts, "texts")
+        jobs = await self.jobs.text_jobs(name, texts, "texts")
         vectors, outcomes = await self._embed(name, jobs, "texts")
         return self._embeddings(name, vectors, [o.text_truncated for o in outcomes])
 

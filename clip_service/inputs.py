@@ -1,6 +1,6 @@
 """Wire inputs -> engine jobs, in the HTTP front end: validate and tokenise texts, fetch URLs,
 check images and decode and crop those the model worker does not decode itself, in a thread pool
-(decoding never blocks the event loop)."""
+(neither tokenising nor decoding runs on the event loop; counts are checked before either)."""
 
 from __future__ import annotations
 
@@ -84,12 +84,31 @@ class JobBuilder:
                 return await self._in_pool(self._image_bytes, model, image)
             return await self._in_pool(self._image_field, model, image)
 
-    def text_job(self, model: str, text: str | None, what: str = "text") -> Job:
+    def _text_job(self, model: str, text: str | None, what: str = "text") -> Job:
+        """Check and tokenise one caption: in the pool (BPE is client-sized work)."""
         if text is None:
             raise E.InvalidRequestError(f"{what} is missing")
         checked = check_text(self.settings, text)
         token_ids, truncated = self.preprocessing.tokenize(model, checked)
         return Job(model, text=checked, token_ids=token_ids, text_truncated=truncated)
+
+    def _text_list(self, model: str, texts: list[str], field: str, what: str) -> list[Job]:
+        jobs = []
+        for index, text in enumerate(texts):
+            try:
+                jobs.append(self._text_job(model, text, what))
+            except ClipError as error:
+                raise at_index(error, field, index) from error
+        return jobs
+
+    def _pair_texts(
+        self, model: str, text: str | None, references: list[str]
+    ) -> tuple[Job, list[Job]]:
+        caption = self._text_job(model, text)
+        return caption, self._text_list(model, references, "references", "reference")
+
+    async def text_job(self, model: str, text: str | None, what: str = "text") -> Job:
+        return await self._in_pool(self._text_job, model, text, what)
 
     async def pair(
         self,
@@ -98,13 +117,18 @@ class JobBuilder:
         text: str | None,
         references: list[str] | None = None,
     ) -> PreparedPair:
-        """One pair (and its references), validated, its image cropped."""
-        caption = self.text_job(model, text)
-        reference_jobs = [self.text_job(model, r, "reference") for r in references or []]
-        if references is not None and not reference_jobs:
+        """One pair (and its references), validated, its image cropped. The references are
+        counted before any is looked at (a 2 MB body holds 400,000 of them)."""
+        if references is not None and not references:
             raise E.InvalidRequestError("references is empty")
-        if len(reference_jobs) > self.settings.max_candidates:
-            raise E.TooManyItemsError(f"at most {self.settings.max_candidates} references per pair")
+        if references is not None and len(references) > self.settings.max_references:
+            raise E.TooManyItemsError(
+                f"{len(references)} references; at most {self.settings.max_references} per "
+                "pair (CLIP_MAX_REFERENCES)"
+            )
+        caption, reference_jobs = await self._in_pool(
+            self._pair_texts, model, text, references or []
+        )
         job = await self.image_job(model, image)
         job.text, job.keep_vectors = caption.text, bool(reference_jobs)
         job.token_ids, job.text_truncated = caption.token_ids, caption.text_truncated
@@ -125,15 +149,11 @@ class JobBuilder:
             jobs.append(job)
         return jobs
 
-    def text_jobs(self, model: str, texts: list[str], field: str) -> list[Job]:
+    async def text_jobs(self, model: str, texts: list[str], field: str) -> list[Job]:
+        """Text-only jobs, counted first, then checked and tokenised in the pool; the first bad
+        text fails the request, naming its index."""
         self.check_count(len(texts), field)
-        jobs = []
-        for index, text in enumerate(texts):
-            try:
-                jobs.append(self.text_job(model, text))
-            except ClipError as error:
-                raise at_index(error, field, index) from error
-        return jobs
+        return await self._in_pool(self._text_list, model, texts, field, "text")
 
     def check_count(self, count: int, field: str) -> None:
         if count > self.settings.max_batch_items:

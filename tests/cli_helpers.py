@@ -68,6 +68,7 @@ def make_dataset(folder: Path, fmt: str = "csv", url: str | None = None) -> Data
     add("img/missing.jpg", "no such file", error="image_not_found")
     add("img/0.jpg", "", error="empty_text")
     add("ftp://example.com/a.jpg", "not http", error="url_not_allowed")
+    add("http://[::1/a.jpg", "a URL that does not parse", error="invalid_url")
     add("img/broken.jpg", "corrupt", error="invalid_image")
     if url is not None:
         add(f"{url}/img/3.jpg", "fetched over http", images[3])

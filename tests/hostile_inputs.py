@@ -35,7 +35,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _png_header_only(width: int, height: int) -> bytes:
+def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height, with one tiny compressed row: a bomb's shape."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -50,6 +50,30 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 def image_part(image: bytes) -> tuple[str, tuple[str, bytes, str]]:
     return ("image", ("x.jpg", image, "image/jpeg"))
+
+
+# Image URLs that do not parse: a bad IPv6 literal, port or host label.
+MALFORMED_URLS = (
+    "http://[x]/a.jpg",
+    "http://[::1/a.jpg",
+    "http://example.com:99999/a.jpg",
+    "http://example.com:-1/a.jpg",
+    "http://a..example.com/a.jpg",
+    "http://" + "a" * 300 + ".example.com/a.jpg",
+)
+
+
+def many_scan_jpeg(width: int, height: int, scans: int) -> bytes:
+    """A progressive JPEG of one colour with its smallest scan repeated to ``scans`` in all: a
+    few KB, and every scan a pass of the decoder over the whole image."""
+    progressive = _encode(
+        Image.new("RGB", (width, height), (120, 80, 40)), "JPEG", progressive=True
+    )
+    end = progressive.rindex(b"\xff\xd9")
+    starts = [i for i in range(len(progressive) - 1) if progressive[i : i + 2] == b"\xff\xda"]
+    pieces = [progressive[a:b] for a, b in zip(starts, [*starts[1:], end], strict=True)]
+    smallest = min(pieces, key=len)
+    return progressive[:end] + smallest * (scans - len(pieces)) + progressive[end:]
 
 
 @dataclass
@@ -101,7 +125,7 @@ def build_cases() -> list[Case]:
             "huge dimensions, tiny file",
             413,
             "image_dimensions_too_large",
-            {"image": _b64(_png_header_only(100_000, 100_000)), "text": "a"},
+            {"image": _b64(png_header_only(100_000, 100_000)), "text": "a"},
         ),
         Case(
             "GIF/HTML/ZIP polyglot decodes as its image",
@@ -267,6 +291,47 @@ def build_cases() -> list[Case]:
             for url in ("file:///etc/passwd", "gopher://127.0.0.1:70/_x", "ftp://example.com/a")
         ),
         Case("10k-item batch", 413, "too_many_items", ten_k, path=BATCH),
+        Case(
+            "a 4x50000 PNG (would resize to 224x2800000)",
+            422,
+            "image_aspect_ratio_too_large",
+            {"image": _b64(png_header_only(4, 50_000)), "text": "a"},
+            message=("CLIP_MAX_IMAGE_ASPECT_RATIO",),
+        ),
+        Case(
+            "100,000 references, counted before any is tokenised",
+            413,
+            "too_many_items",
+            {"image": good, "text": "a", "references": ["a cat"] * 100_000},
+            message=("CLIP_MAX_REFERENCES",),
+        ),
+        Case(
+            "a word of 9,000 letters (seconds of BPE)",
+            422,
+            "text_too_long",
+            {"image": good, "text": "a " + "qxz" * 3_000},
+            message=("CLIP_MAX_TEXT_WORD_CHARS",),
+        ),
+        Case(
+            "a progressive JPEG of 2,000 scans",
+            422,
+            "image_too_many_scans",
+            {"image": _b64(many_scan_jpeg(1000, 1000, 2000)), "text": "a"},
+            message=("CLIP_MAX_JPEG_SCANS",),
+        ),
+        Case(
+            "batch items with URLs that do not parse",
+            200,
+            None,
+            path=BATCH,
+            json={
+                "items": [
+                    {"image": good, "text": "a"},
+                    *({"image": url, "text": "a"} for url in MALFORMED_URLS),
+                ]
+            },
+            item_codes=[None] + ["invalid_url"] * len(MALFORMED_URLS),
+        ),
         Case("batch items is a string", 400, "invalid_request", {"items": "abc"}, path=BATCH),
         Case(
             "batch with hostile items among good ones",

@@ -282,7 +282,10 @@ def test_models_from_the_bentoml_store_one_row_per_model(
     assert list(frame["id"].astype(int)) == [i for i in dataset.frame["id"] for _ in range(2)]
     b32, l14 = frame[frame["model"] == "ViT-B-32"], frame[frame["model"] == "ViT-L-14"]
     assert list(b32["cosine"]) == list(l14["cosine"])  # the same weights under both names
-    assert "ViT-B-32: 13 pairs" in result.stdout and "ViT-L-14: 13 pairs" in result.stdout
+    pairs = len(dataset.frame)
+    assert (
+        f"ViT-B-32: {pairs} pairs" in result.stdout and f"ViT-L-14: {pairs} pairs" in result.stdout
+    )
 
 
 def test_rows_and_outcomes_are_lined_up_whatever_the_batch_sizes() -> None:
@@ -402,6 +405,8 @@ def test_image_references(tmp_path: Path, image_server: tuple[str, Path]) -> Non
     assert code("http://example.com/a.jpg") == "url_not_allowed"  # not in the allow-list
     assert code("file:///etc/passwd") == "url_not_allowed"
     assert code("s3://bucket/key.jpg") == "url_not_allowed"
+    assert code("http://example.com:99999/a.jpg") == "invalid_url"
+    assert code("http://a..example.com/a.jpg") == "invalid_url"
     off = LoaderConfig(image_root=tmp_path, allow_urls=False, url_allowed_hosts=(host,))
     assert code(f"{url}/one.jpg", off) == "url_not_allowed"
     assert code("") == "invalid_request"

@@ -10,7 +10,12 @@ from collections.abc import Iterator
 import pytest
 
 from clip_runtime import fetch
-from clip_runtime.errors import ImageTooLargeError, UrlFetchFailedError, UrlNotAllowedError
+from clip_runtime.errors import (
+    ImageTooLargeError,
+    InvalidUrlError,
+    UrlFetchFailedError,
+    UrlNotAllowedError,
+)
 from clip_runtime.fetch import FetchPolicy, fetch_image_bytes, host_is_allow_listed
 from clip_testkit.images import jpeg_bytes
 from tests.local_http import LocalServer, endless_body, local_server, slow_body
@@ -119,6 +124,48 @@ def test_hosts_outside_the_allow_list_are_refused(server: LocalServer) -> None:
 def test_other_schemes_and_credentials_are_refused(url: str) -> None:
     with pytest.raises(UrlNotAllowedError):
         get(url, policy())
+
+
+MALFORMED_URLS = [
+    "http://[x]/a.jpg",  # not an IPv6 literal
+    "http://[::1/a.jpg",  # unclosed literal
+    "http://example.com:99999/a.jpg",  # port out of range
+    "http://example.com:-1/a.jpg",
+    "http://example.com:port/a.jpg",
+    "http://a..example.com/a.jpg",  # empty label (IDNA)
+    "http://.example.com/a.jpg",
+    "http://" + "a" * 300 + ".example.com/a.jpg",  # label over 63 characters
+    "http://[" + "f" * 5000 + "]/a.jpg",
+]
+
+
+@pytest.mark.parametrize("url", MALFORMED_URLS)
+def test_urls_that_do_not_parse_are_a_domain_error(url: str) -> None:
+    with pytest.raises(InvalidUrlError, match="cannot be parsed") as raised:
+        get(url, policy())
+    assert len(raised.value.message) < 200  # the client's input is not echoed at length
+
+
+def test_malformed_paths_and_redirects_are_a_domain_error(server: LocalServer) -> None:
+    allowed = policy(f"127.0.0.1:{server.port}")
+    with pytest.raises(InvalidUrlError):  # httpx.InvalidURL is no httpx.HTTPError
+        get(server.url("/a\x01b.jpg"), allowed)
+    server.routes["/to-bad-port"] = (302, {"Location": "http://127.0.0.1:99999/x"}, b"")
+    with pytest.raises(InvalidUrlError):
+        get(server.url("/to-bad-port"), allowed)
+
+
+def test_unicode_hosts_are_sent_in_idna(
+    server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def loopback(host: str, port: int) -> list[fetch.IPAddress]:
+        assert host == "xn--bcher-kva.example"  # never the raw Unicode name
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    monkeypatch.setattr(fetch, "_resolve", loopback)
+    monkeypatch.setattr(fetch, "is_public_address", lambda a: True)
+    assert get(f"http://b\u00fccher.example:{server.port}/cat.jpg", policy()) == JPEG
+    assert server.hosts_seen[-1] == f"xn--bcher-kva.example:{server.port}"
 
 
 def test_switched_off() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 
 import numpy as np
@@ -16,24 +17,38 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from clip_runtime.errors import (
+    ImageAspectRatioError,
     ImageDimensionsTooLargeError,
     ImageTooLargeError,
+    ImageTooManyScansError,
     ImageTooSmallError,
     InvalidImageError,
     UnsupportedImageFormatError,
     UrlNotAllowedError,
 )
-from clip_runtime.images import ImageLimits, ImagePreprocessor, decode_image_field, open_image
+from clip_runtime.images import (
+    ImageLimits,
+    ImagePreprocessor,
+    decode_image_field,
+    open_header,
+    open_image,
+    resize_cost,
+)
+from clip_runtime.jpeg_markers import jpeg_scan_count
+from clip_runtime.memory import DecodeBudget, Reservation
 from clip_testkit.images import encode, jpeg_bytes, photo_like
+from tests.hostile_inputs import many_scan_jpeg, png_header_only
 
 LIMITS = ImageLimits(max_image_bytes=5_000_000, max_image_pixels=4_000_000, min_image_side=4)
 L14_CFG = open_clip.get_pretrained_cfg("ViT-L-14", "laion2b_s32b_b82k")
 
 
-def preprocessor(tag_model: str = "ViT-B-32", tag: str = "laion2b_s34b_b79k") -> ImagePreprocessor:
+def preprocessor(
+    tag_model: str = "ViT-B-32", tag: str = "laion2b_s34b_b79k", limits: ImageLimits = LIMITS
+) -> ImagePreprocessor:
     cfg = {**open_clip.get_pretrained_cfg(tag_model, tag), "size": 224}
     keys = PreprocessCfg.__dataclass_fields__
-    return ImagePreprocessor({k: v for k, v in cfg.items() if k in keys}, LIMITS)
+    return ImagePreprocessor({k: v for k, v in cfg.items() if k in keys}, limits)
 
 
 # -- the JSON field -------------------------------------------------------------------------------
@@ -161,6 +176,70 @@ def test_limits() -> None:
         open_image(bomb, LIMITS)
 
 
+@pytest.mark.parametrize("size", [(4, 50_000), (1_000_000, 4), (300, 15_001)])
+def test_long_thin_images_are_refused_before_decoding(size: tuple[int, int]) -> None:
+    """Resizing the short side of a 4x50000 image to 224 px makes 224x2800000 pixels (2.5 GB)
+    from a PNG of a few hundred bytes: refused from the header, naming the limit."""
+    thin = png_header_only(*size)
+    limits = ImageLimits(10_000_000, 4_000_000_000, 4, max_aspect_ratio=50)
+    with pytest.raises(ImageAspectRatioError, match=r"over the limit of 50:1"):
+        preprocessor(limits=dataclasses.replace(limits, max_aspect_ratio=50.0)).from_bytes(thin)
+    with pytest.raises(ImageAspectRatioError, match="CLIP_MAX_IMAGE_ASPECT_RATIO"):
+        open_header(thin, limits)
+    assert open_header(png_header_only(200, 10_000), limits).size == (200, 10_000)  # 50:1
+
+
+def test_jpeg_scans_are_counted_from_the_markers() -> None:
+    photo = photo_like(0, 96, 64)
+    assert jpeg_scan_count(encode(photo, "JPEG"), 100) == 1
+    assert jpeg_scan_count(encode(photo, "JPEG", progressive=True), 100) == 10  # libjpeg's script
+    assert jpeg_scan_count(encode(photo.convert("L"), "JPEG", progressive=True), 100) == 6
+    # A progressive thumbnail inside an APP1 segment is skipped by the segment's length.
+    thumbnail = encode(photo_like(1, 16, 16), "JPEG", progressive=True)
+    app1 = b"Exif\x00\x00" + thumbnail
+    baseline = encode(photo, "JPEG")
+    with_thumbnail = baseline[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1
+    assert jpeg_scan_count(with_thumbnail + baseline[2:], 100) == 1
+    many = many_scan_jpeg(64, 64, 500)
+    assert jpeg_scan_count(many, 1000) == 500
+    assert jpeg_scan_count(many, 100) == 101  # stops once past the limit
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=300))
+def test_scan_counting_never_raises(tail: bytes) -> None:
+    assert jpeg_scan_count(b"\xff\xd8" + tail, 10) >= 0
+
+
+def test_jpegs_of_many_scans_are_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each scan is a pass over the whole image: 2,000 scans of a 3000x2000 JPEG (70 KB) cost
+    seconds of decoding. Refused from the markers, before any pixel; not one is decoded."""
+    many = many_scan_jpeg(320, 240, 2000)
+    ten_scans = encode(photo_like(0, 96, 64), "JPEG", progressive=True)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded"))
+    with pytest.raises(ImageTooManyScansError, match=r"more than 100 scans.*CLIP_MAX_JPEG_SCANS"):
+        preprocessor().from_bytes(many)
+    tight = dataclasses.replace(LIMITS, max_jpeg_scans=9)
+    with pytest.raises(ImageTooManyScansError):
+        open_header(ten_scans, tight)
+
+
+def test_the_resize_is_counted_in_the_decode_cost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image is scaled up to the model's input side and its long side with it: the resize
+    allocates more than the decoded image, and its claim must say so."""
+    budget = DecodeBudget(max_bytes=1 << 40, wait_s=1)
+    claims: list[int] = []
+    original = Reservation.grow_to
+    monkeypatch.setattr(
+        Reservation, "grow_to", lambda self, total: (claims.append(total), original(self, total))
+    )
+    limits = dataclasses.replace(LIMITS, budget=budget)
+    thin = encode(photo_like(0, 4, 200), "PNG")  # 800 pixels, resized to 224x11200
+    preprocessor(limits=limits).from_bytes(thin)
+    assert claims[-1] >= 224 * 11_200 * 4 + 224 * 200 * 4  # vertical result + horizontal temp
+    assert resize_cost((4, 200), 224) == 4 * 224 * (200 + 11_200)
+
+
 # -- preprocessing parity -------------------------------------------------------------------------
 
 
@@ -202,6 +281,8 @@ def test_arbitrary_bytes_never_escape_as_unexpected_errors(data: bytes) -> None:
         ImageTooSmallError,
         ImageDimensionsTooLargeError,
         ImageTooLargeError,
+        ImageAspectRatioError,
+        ImageTooManyScansError,
     ):
         return
     assert crop.shape == (224, 224, 3)
@@ -210,7 +291,12 @@ def test_arbitrary_bytes_never_escape_as_unexpected_errors(data: bytes) -> None:
 @settings(max_examples=25, deadline=None)
 @given(st.integers(4, 400), st.integers(4, 400), st.sampled_from(["JPEG", "PNG", "WEBP", "BMP"]))
 def test_any_valid_image_size_gives_a_model_sized_crop(width: int, height: int, fmt: str) -> None:
-    crop = preprocessor().from_bytes(encode(photo_like(0, width, height), fmt))
+    data = encode(photo_like(0, width, height), fmt)
+    if max(width, height) > LIMITS.max_aspect_ratio * min(width, height):
+        with pytest.raises(ImageAspectRatioError):
+            preprocessor().from_bytes(data)
+        return
+    crop = preprocessor().from_bytes(data)
     assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
 
 

@@ -21,6 +21,7 @@ from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.tensor_decode import TensorPreprocessor, tensor_decode_enabled
 from clip_testkit.images import encode, jpeg_bytes, photo_like
+from tests.hostile_inputs import many_scan_jpeg
 
 LIMITS = ImageLimits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, min_image_side=4)
 CPU = torch.device("cpu")
@@ -74,6 +75,13 @@ def test_unsupported_inputs_fall_back() -> None:
     assert not tensor.supports(encode(image.convert("CMYK"), "JPEG"))
     assert not tensor.supports(encode(image, "PNG"))
     assert not tensor.supports(b"\xff\xd8 not really a jpeg")
+    thin = encode(photo_like(3, 8, 8 * int(LIMITS.max_aspect_ratio) + 8), "JPEG")
+    assert not tensor.supports(thin)  # the PIL path refuses it, naming the limit
+    assert not tensor.supports(many_scan_jpeg(64, 64, LIMITS.max_jpeg_scans + 1))
+    assert tensor.supports(encode(image, "JPEG", progressive=True))
+    # The PIL path decodes these at a reduced DCT scale (short side >= 2 x 4 x 64 here).
+    assert not tensor.supports(jpeg_bytes(0, 600, 512))
+    assert tensor.supports(jpeg_bytes(0, 600, 511))
     assert tensor.supports(encode(image.convert("L"), "JPEG"))
     assert tensor.decode_each([b"\xff\xd8\xff broken"]) == [None]
 
@@ -110,6 +118,56 @@ def test_engine_tensor_path_keeps_order_errors_and_fallbacks(tiny_model_dir: Pat
         assert got[index].cosine is not None and want[index].cosine is not None
         assert abs(got[index].cosine - want[index].cosine) <= MAX_COSINE_DIFF
     assert got[2].cosine == pytest.approx(want[2].cosine, abs=1e-6)
+
+
+def test_cuda_retries_decode_in_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After nvjpeg fails a batch, each image is retried where the side stream is current (the
+    calling thread), never in the pool, whose threads would decode on their own streams."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensor = TensorPreprocessor({"size": 64}, LIMITS, torch.device("cuda"))
+    threads: list[str] = []
+
+    def decode(images: list[bytes]) -> list[torch.Tensor]:
+        if len(images) > 1:
+            raise RuntimeError("nvjpeg failed the batch")
+        threads.append(threading.current_thread().name)
+        return [torch.zeros(3, 8, 8, dtype=torch.uint8)]
+
+    monkeypatch.setattr(tensor, "decode", decode)
+    with ThreadPoolExecutor(2, thread_name_prefix="pool") as pool:
+        decoded = tensor.decode_each([b"a", b"b", b"c"], pool)
+    assert len(decoded) == 3 and all(image is not None for image in decoded)
+    assert threads == [threading.current_thread().name] * 3
+
+
+def test_a_failed_device_resize_falls_back_to_pil_for_its_images_only(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the antialiased resize can raise (its kernel's shared memory runs out past a
+    downscale factor): the images of that shape go the PIL way, the batch is answered."""
+    folders = {"ViT-B-32": tiny_model_dir}
+    fast = ClipEngine(ClipSettings(models=["ViT-B-32"], gpu_decode="on"), folders)
+    slow = ClipEngine(ClipSettings(models=["ViT-B-32"], gpu_decode="off"), folders)
+    original = TensorPreprocessor._resize_like_pillow
+    resized_shapes: list[tuple[int, ...]] = []
+
+    def resize(self: TensorPreprocessor, batch: torch.Tensor) -> torch.Tensor:
+        resized_shapes.append(tuple(batch.shape[-2:]))
+        if tuple(batch.shape[-2:]) == (61, 97):
+            raise RuntimeError("Too much shared memory required: 99999 vs 49152")
+        return original(self, batch)
+
+    monkeypatch.setattr(TensorPreprocessor, "_resize_like_pillow", resize)
+    jobs = [Job("ViT-B-32", image, text) for image, text in zip(IMAGES, TEXTS, strict=True)]
+    got, _ = fast.run(jobs)
+    want, _ = slow.run(jobs)
+    assert (61, 97) in resized_shapes  # the device path was tried
+    for mine, reference in zip(got, want, strict=True):
+        assert mine.error is None and mine.cosine is not None and reference.cosine is not None
+        assert abs(mine.cosine - reference.cosine) <= MAX_COSINE_DIFF
+    assert got[-1].cosine == pytest.approx(want[-1].cosine, abs=1e-6)  # made by PIL, as want
 
 
 def test_front_end_forwards_only_what_the_worker_decodes_like_pillow(tiny_model_dir: Path) -> None:
