@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from clip_runtime import Job, JobOutcome, Preprocessing, get_settings, resolve_model_name
 from clip_runtime import errors as E
-from clip_runtime.model_entry import ModelEntry
+from clip_runtime.model_entry import ModelEntry, embed_dim
 from clip_runtime.preprocessing import fetch_policy
 from clip_runtime.scoring import (
     clip_score,
@@ -78,7 +78,12 @@ from clip_service.schemas import (
     SingleResult,
     model_parameter,
 )
-from clip_service.store import add_store_references, batch_api_name, model_folders
+from clip_service.store import (
+    add_store_references,
+    batch_api_name,
+    model_folders,
+    stored_folders,
+)
 from clip_service.worker import Scorer
 
 logger = logging.getLogger("clip_service.frontend")
@@ -489,7 +494,8 @@ Evaluator = bentoml.service(
 )(bentoml.asgi_app(evaluator_routes, path=EVALUATOR_PATH)(EvaluatorImpl))
 mount_openai_routes(Evaluator)  # GET /v1/models, and its place in the OpenAPI document
 forbid_unknown_fields(Evaluator.apis.values())
-document_openapi(Evaluator, lambda spec: service_document(spec, settings))
+EMBEDDING_SIZES = {name: embed_dim(folder) for name, folder in stored_folders(settings).items()}
+document_openapi(Evaluator, lambda spec: service_document(spec, settings, EMBEDDING_SIZES))
 # First, so outermost: no other answer (a 401, a 413) may leave such a connection open.
 Evaluator.add_asgi_middleware(AmbiguousLengthMiddleware)
 # Before the guard, so outside it: its own refusals on /v1 get OpenAI's error shape too.

@@ -232,7 +232,7 @@ def _error_answer(error: ClipError, param: str | None, kwargs: dict[str, Any]) -
     ctx = kwargs["ctx"]
     if isinstance(ctx, bentoml.Context):
         ctx.response.status_code = status  # BentoML answers with the context's status
-    body = openai_error_body(status, error.code, error.message, param, None)
+    body = openai_error_body(status, error.code, error.message, param, CURRENT_REQUEST_ID.get())
     return JSONResponse(body, status_code=status)
 
 
@@ -385,7 +385,9 @@ async def retrieve_model(request: Request) -> Response:
         name = resolve_model_name(settings, request.path_params["model"])
     except E.UnknownModelError as error:
         status = openai_status(http_status(error), error.code)
-        body = openai_error_body(status, error.code, error.message, "model", None)
+        body = openai_error_body(
+            status, error.code, error.message, "model", CURRENT_REQUEST_ID.get()
+        )
         return JSONResponse(body, status_code=status)
     return JSONResponse(_card(bentoml.get_current_service(), name).model_dump(mode="json"))
 

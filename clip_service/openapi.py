@@ -35,6 +35,18 @@ model, its pretrained tag and its weights: `"weights": "random-init"` means untr
 Every error has one body: `{"error": {"code", "message", "request_id", "detail"?}}`; the
 `x-request-id` header carries the same id. `image` fields take base64, a `data:` URI or an
 http(s) URL (fetched by the service)."""
+# What POST /v1/embeddings answers besides 200, in OpenAI's error shape (clip_service.openai_api:
+# our 415 and 422 are its 400, an unknown model its 404).
+OPENAI_ERROR_STATUSES = {
+    400: "invalid_request_error: a malformed request, or an input the model cannot use",
+    401: "authentication_error: API keys are on and the bearer token is missing or wrong",
+    404: "not_found_error: the model is not served",
+    408: "request_timeout: the body did not arrive in time",
+    413: "request_too_large, image_too_large, too_many_items",
+    500: "server_error: a bug; quote the request_id",
+    503: "overloaded or model_not_ready; retry after Retry-After seconds",
+}
+OPENAI_EMBEDDINGS = "/v1/embeddings"
 PACKAGE = "clip-score-service"
 SCHEMAS = "#/components/schemas/"
 IMAGE_FORMAT = "image"  # a string holding an image: base64, data: URI or http(s) URL
@@ -48,8 +60,9 @@ ERROR_STATUSES = {
     408: "request_timeout: the body did not arrive in time",
     413: "request_too_large, image_too_large, image_dimensions_too_large, too_many_items",
     415: "unsupported_image_format",
-    422: "invalid_image, image_too_small, empty_text, invalid_text, text_too_long, "
-    "unknown_model, url_not_allowed, url_fetch_failed",
+    422: "invalid_image, image_too_small, image_aspect_ratio_too_large, image_too_many_scans, "
+    "empty_text, invalid_text, text_too_long, unknown_model, invalid_url, url_not_allowed, "
+    "url_fetch_failed",
     500: "internal_error: a bug; quote the request_id",
     503: "overloaded or model_not_ready; retry after Retry-After seconds",
 }
@@ -128,6 +141,64 @@ def _openapi_30(schema: Any) -> Any:
     return schema
 
 
+def text_schema(settings: ClipSettings) -> dict[str, Any]:
+    """A caption the service accepts: not blank, no NUL, and no run of more than
+    ``max_text_word_chars`` characters without a space (the tokenizer's words are never longer
+    than such a run, so whatever this allows passes its word limit)."""
+    word = rf"[^\s\x00]{{1,{settings.max_text_word_chars}}}"
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": settings.max_text_chars,
+        "pattern": rf"^\s*{word}(\s+{word})*\s*$",
+    }
+
+
+def _image_schema() -> dict[str, Any]:
+    return {
+        "type": "string",
+        "format": IMAGE_FORMAT,
+        "minLength": 1,
+        "description": "base64 (standard or URL-safe), a data:image URI or an http(s) URL",
+    }
+
+
+def _closed(required: list[str], **properties: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": required,
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+def openai_request_schema(settings: ClipSettings, dimensions: dict[str, int]) -> dict[str, Any]:
+    """What ``POST /v1/embeddings`` accepts: one shape per served model, since ``dimensions``
+    may only be that model's own embedding size. Token arrays are refused with a message (the
+    API's type has them for that) and so are not declared."""
+    text = text_schema(settings)
+    item = {
+        "oneOf": [
+            text,
+            _closed(["text"], text=text),
+            _closed(["image"], image=_image_schema()),
+        ]
+    }
+    items = {"type": "array", "items": item, "minItems": 1, "maxItems": settings.max_batch_items}
+    shapes = [
+        _closed(
+            ["input", "model"],
+            input={"oneOf": [text, items]},
+            model={"type": "string", "enum": [name]},
+            encoding_format={"type": "string", "enum": ["float", "base64"], "default": "float"},
+            dimensions={"type": "integer", "enum": [size], "nullable": True, "default": None},
+            user={"type": "string", "nullable": True, "default": None},
+        )
+        for name, size in dimensions.items()
+    ]
+    return shapes[0] if len(shapes) == 1 else {"oneOf": shapes}
+
+
 def _model_schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
     schema = model.model_json_schema(mode="serialization", ref_template=SCHEMAS + "{model}")
     for name, definition in schema.pop("$defs", {}).items():
@@ -139,14 +210,8 @@ def _model_schema(model: type[BaseModel], components: dict[str, Any]) -> dict[st
 def _request_schemas(settings: ClipSettings) -> dict[str, dict[str, Any]]:
     """What each route accepts: the limits the service enforces, so that whatever this schema
     allows is scored (an image's content is the only thing it cannot say)."""
-    image = {"type": "string", "format": IMAGE_FORMAT, "minLength": 1}
-    image["description"] = "base64 (standard or URL-safe), a data:image URI or an http(s) URL"
-    text = {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": settings.max_text_chars,
-        "pattern": r"^[^\x00]*[^\s\x00][^\x00]*$",  # not blank, no NUL
-    }
+    image = _image_schema()
+    text = text_schema(settings)
     model = {
         "type": "string",
         "enum": list(settings.models),
@@ -163,14 +228,7 @@ def _request_schemas(settings: ClipSettings) -> dict[str, dict[str, Any]]:
     references = listed(text, settings.max_candidates) | {"nullable": True, "default": None}
     scale = {"type": "string", "enum": ["torchmetrics", "paper"], "default": "torchmetrics"}
 
-    def body(required: list[str], **properties: Any) -> dict[str, Any]:
-        return {
-            "type": "object",
-            "required": required,
-            "properties": properties,
-            "additionalProperties": False,
-        }
-
+    body = _closed
     # A batch item's image, text and references are checked per item: a bad one fails that
     # item (its `error` in a 200 answer), never the request, so the schema leaves them open.
     anything = {"type": "string", "nullable": True}
@@ -229,8 +287,10 @@ def _fields(schema: dict[str, Any]) -> set[str]:
     return {name for option in options for name in option["properties"]}
 
 
-def _error_responses(statuses: dict[int, str]) -> dict[str, Any]:
-    envelope = {"application/json": {"schema": {"$ref": SCHEMAS + "ErrorEnvelope"}}}
+def _error_responses(
+    statuses: dict[int, str], envelope_name: str = "ErrorEnvelope"
+) -> dict[str, Any]:
+    envelope = {"application/json": {"schema": {"$ref": SCHEMAS + envelope_name}}}
     responses: dict[str, Any] = {}
     for status, description in statuses.items():
         responses[str(status)] = {"description": description, "content": envelope}
@@ -269,8 +329,23 @@ def _plain_routes(components: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def service_document(spec: dict[str, Any], settings: ClipSettings) -> dict[str, Any]:
-    """``spec`` (BentoML's document, as a dict) made true for this service."""
+def _document_openai(document: dict[str, Any], request: dict[str, Any]) -> None:
+    """``POST /v1/embeddings``: its constraints, and OpenAI's error shape for its statuses."""
+    operation = document["paths"][OPENAI_EMBEDDINGS]["post"]
+    operation["requestBody"]["required"] = True
+    for media in operation["requestBody"]["content"].values():
+        media["schema"] = request
+    operation["responses"] = {
+        "200": operation["responses"]["200"],
+        **_error_responses(OPENAI_ERROR_STATUSES, "ErrorResponse"),
+    }
+
+
+def service_document(
+    spec: dict[str, Any], settings: ClipSettings, dimensions: dict[str, int]
+) -> dict[str, Any]:
+    """``spec`` (BentoML's document, as a dict) made true for this service; ``dimensions``: each
+    served model's embedding size."""
     document = copy.deepcopy(spec)
     document["info"] = {"title": TITLE, "description": DESCRIPTION, "version": service_version()}
     components: dict[str, Any] = {"ErrorEnvelope": ERROR_ENVELOPE}
@@ -296,6 +371,7 @@ def service_document(spec: dict[str, Any], settings: ClipSettings) -> dict[str, 
                 "200": operation["responses"]["200"],
                 **_error_responses(ERROR_STATUSES),
             }
+    _document_openai(document, openai_request_schema(settings, dimensions))
     document["paths"].update(_plain_routes(components))
     readiness = document["paths"]["/readyz"]["get"]["responses"]
     readiness["503"] = {"description": "a model or the front end is not ready yet"}

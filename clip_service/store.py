@@ -50,3 +50,15 @@ def model_folders(owner: Any, settings: ClipSettings) -> dict[str, Path]:
             raise _not_saved(name, reference)
         folders[name] = Path(getattr(owner, store_attribute(name)).path)
     return folders
+
+
+def stored_folders(settings: ClipSettings) -> dict[str, Path]:
+    """Store folders of the served models, straight from the store (``add_store_references``
+    has checked they are there)."""
+    folders: dict[str, Path] = {}
+    for name in settings.models:
+        stored = bentoml.models.BentoModel(store_name(name)).stored
+        if stored is None:
+            raise _not_saved(name, bentoml.models.BentoModel(store_name(name)))
+        folders[name] = Path(stored.path)
+    return folders

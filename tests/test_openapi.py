@@ -4,6 +4,7 @@ tests/integration/test_inputs.py)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import bentoml
@@ -13,11 +14,17 @@ from clip_runtime.settings import ClipSettings
 from clip_service.bentoml_adapter import document_openapi
 from clip_service.openapi import (
     ERROR_STATUSES,
+    OPENAI_EMBEDDINGS,
+    OPENAI_ERROR_STATUSES,
     _fields,
     _openapi_30,
     _request_schemas,
+    openai_request_schema,
     service_document,
+    text_schema,
 )
+
+SIZES = {"ViT-B-32": 512}
 
 
 @bentoml.service(name="openapi-probe")
@@ -87,6 +94,7 @@ def _bentoml_like_spec(settings: ClipSettings, extra_route: str) -> dict[str, An
 
     paths = {route: api(_fields(schema)) for route, schema in _request_schemas(settings).items()}
     paths[extra_route] = api({"prompt"})
+    paths[OPENAI_EMBEDDINGS] = api({"input", "model", "encoding_format", "dimensions", "user"})
     paths["/readyz"] = {"get": {"responses": {"200": {"description": "ready"}}}}
     components = {"InvalidArgument": {}, "NotFound": {}, "ExtraInput": {"type": "object"}}
     return {"openapi": "3.0.2", "info": {}, "paths": paths, "components": {"schemas": components}}
@@ -96,7 +104,9 @@ def test_every_api_route_declares_the_error_envelope() -> None:
     """An API the rewrite has no request schema for (one added later) still declares the
     service's error body for every status instead of BentoML's; its own components stay."""
     settings = ClipSettings(models=["ViT-B-32"])
-    document = service_document(_bentoml_like_spec(settings, "/evaluator/v1/extra"), settings)
+    document = service_document(
+        _bentoml_like_spec(settings, "/evaluator/v1/extra"), settings, SIZES
+    )
     extra = document["paths"]["/evaluator/v1/extra"]["post"]["responses"]
     assert set(extra) == {"200"} | {str(status) for status in ERROR_STATUSES}
     envelope = {"$ref": "#/components/schemas/ErrorEnvelope"}
@@ -108,8 +118,34 @@ def test_every_api_route_declares_the_error_envelope() -> None:
     assert document["info"]["title"] == "CLIP score service"
     # A route outside /evaluator/ answers in a shape of its own: its responses are left alone,
     # and the BentoML schemas they refer to stay.
-    other = service_document(_bentoml_like_spec(settings, "/v1/other"), settings)
+    other = service_document(_bentoml_like_spec(settings, "/v1/other"), settings, SIZES)
     kept = other["paths"]["/v1/other"]["post"]["responses"]
     assert set(kept) == {"200", "400", "404"}
     assert {"InvalidArgument", "NotFound"} <= set(other["components"]["schemas"])
     assert document["info"]["version"] not in ("", "None")
+
+
+def test_a_caption_schema_allows_only_words_the_tokenizer_accepts() -> None:
+    pattern = re.compile(text_schema(ClipSettings(max_text_word_chars=5))["pattern"])
+    for accepted in ("a", " two words ", "abcde x", "tab\tand\nline"):
+        assert pattern.match(accepted), accepted
+    for refused in ("", "   ", "abcdef", "ok abcdef", "nul\x00"):
+        assert not pattern.match(refused), refused
+
+
+def test_openai_embeddings_document_one_shape_per_model_in_openai_error_shape() -> None:
+    settings = ClipSettings(models=["ViT-B-32", "ViT-L-14"], max_batch_items=7)
+    request = openai_request_schema(settings, {"ViT-B-32": 512, "ViT-L-14": 768})
+    shapes = {s["properties"]["model"]["enum"][0]: s["properties"] for s in request["oneOf"]}
+    assert shapes["ViT-L-14"]["dimensions"]["enum"] == [768]
+    assert shapes["ViT-B-32"]["input"]["oneOf"][1]["maxItems"] == 7
+    single = ClipSettings(models=["ViT-B-32"])
+    document = service_document(_bentoml_like_spec(single, "/v1/other"), single, SIZES)
+    operation = document["paths"][OPENAI_EMBEDDINGS]["post"]
+    assert set(operation["responses"]) == {"200"} | {str(s) for s in OPENAI_ERROR_STATUSES}
+    shape = {"$ref": "#/components/schemas/ErrorResponse"}
+    assert operation["responses"]["404"]["content"]["application/json"]["schema"] == shape
+    assert operation["requestBody"]["content"]["application/json"]["schema"]["required"] == [
+        "input",
+        "model",
+    ]
