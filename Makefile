@@ -17,7 +17,7 @@ SERVE_FLAGS ?=
 
 .PHONY: browser install install-cli install-dev install-remote dev-setup save-models save-models-demo serve serve-demo run-local run-local-otel \
         build containerize test run-unit-test-suite-local test-unit test-integration lint format \
-        settings-table bench bench-quick bench-gpu load-test reliability
+        settings-table bench bench-quick bench-ray bench-gpu load-test reliability
 
 # Installs, one stamp per set, so each target installs what it runs and no more:
 #   runtime   `.` alone: serving, saving models, containerize (no Ray, Playwright, Locust...)
@@ -121,6 +121,13 @@ bench: install-dev
 
 bench-quick: install-dev
 	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py --quick $(BENCH_ARGS)
+
+# scripts/bench_ray.py: clip-eval's local engine against the Ray engine with 1 and 2 actors on a
+# two-node Ray cluster started on this machine (127.0.0.1), appended to docs/benchmarks.md.
+# BENCH_RAY_ARGS e.g. "--pairs 64 --markdown ''".
+BENCH_RAY_ARGS ?=
+bench-ray: install-dev
+	HF_HUB_OFFLINE=1 $(PY) scripts/bench_ray.py $(BENCH_RAY_ARGS)
 
 # On a fresh CUDA machine with torch (no venv): installs bentoml/open_clip from .whl/ when missing,
 # benchmarks random-init ViT-B-32 and ViT-L-14, writes $(BENCH_OUT)/benchmark.{md,json}.

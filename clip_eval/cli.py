@@ -151,8 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ray = parser.add_argument_group("--engine ray")
     ray.add_argument("--ray-address", help="an existing cluster (default: start a local Ray)")
-    ray.add_argument("--ray-actors", type=_positive_int, help="default: one per GPU, else 1")
-    ray.add_argument("--ray-cpus-per-actor", type=float, default=1.0)
+    ray.add_argument(
+        "--ray-actors",
+        type=_positive_int,
+        help="default: one per GPU of the cluster, else one per --ray-cpus-per-actor CPUs",
+    )
+    ray.add_argument(
+        "--ray-cpus-per-actor",
+        type=_positive_float,
+        default=1.0,
+        help="CPUs each actor holds; its torch and decode threads (1)",
+    )
     ray.add_argument("--ray-gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs")
 
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -163,6 +172,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
 
 

@@ -65,6 +65,20 @@ def as_transportable(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def local_path(value: Any, config: LoaderConfig) -> Path | None:
+    """The file a cell would be read from, if it names one (not a URL, ``data:`` URI or bytes)."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    if text[:5].lower() == "data:" or _SCHEME.match(text):
+        return None
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~user" of an unknown user
+        return None
+    return path if path.is_absolute() else config.image_root / path
+
+
 class ImageLoader:
     """Thread-safe: each URL is fetched on its own (as the service fetches it)."""
 
@@ -91,7 +105,7 @@ class ImageLoader:
             return decode_image_field(text, self.config.max_image_bytes)
         if _SCHEME.match(text):  # other schemes than http(s) are refused there: url_not_allowed
             return fetch_image_bytes_sync(text, self.fetch_policy)
-        path = self._path(text)
+        path = local_path(text, self.config)
         if path is not None and _exists(path):
             return self._read(path)
         if len(text) >= _MIN_BASE64_CHARS and _BASE64.match(text):
@@ -109,13 +123,6 @@ class ImageLoader:
             )
         except ClipError as error:
             return error
-
-    def _path(self, text: str) -> Path | None:
-        try:
-            path = Path(text).expanduser()
-        except RuntimeError:  # "~user" of an unknown user
-            return None
-        return path if path.is_absolute() else self.config.image_root / path
 
     def _read(self, path: Path) -> bytes:
         limit = self.config.max_image_bytes

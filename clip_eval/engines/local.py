@@ -32,7 +32,7 @@ def resolve_model_dirs(models: Sequence[str], model_dir: Path | None) -> dict[st
             read_entry(model_dir)
         except ClipError as error:
             raise UsageError(f"--model-dir: {error.message}") from error
-        return {models[0]: model_dir}
+        return {models[0]: model_dir.resolve()}  # absolute: Ray actors run in other folders
     import bentoml
 
     folders: dict[str, Path] = {}
