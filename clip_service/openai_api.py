@@ -312,7 +312,7 @@ class OpenAIEmbeddings:
         async def job(item: TextItem | ImageItem) -> Job:
             if isinstance(item, ImageItem):
                 return await builder.image_job(name, item.image)
-            return builder.text_job(name, item.text)
+            return await builder.text_job(name, item.text)
 
         prepared = await asyncio.gather(*(job(item) for item in items), return_exceptions=True)
         jobs = []

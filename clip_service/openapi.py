@@ -329,6 +329,11 @@ def _plain_routes(components: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _success(responses: dict[Any, Any]) -> Any:
+    """The 200 answer of a generated operation (BentoML's dict keys statuses by int)."""
+    return responses[200] if 200 in responses else responses["200"]
+
+
 def _document_openai(document: dict[str, Any], request: dict[str, Any]) -> None:
     """``POST /v1/embeddings``: its constraints, and OpenAI's error shape for its statuses."""
     operation = document["paths"][OPENAI_EMBEDDINGS]["post"]
@@ -336,7 +341,7 @@ def _document_openai(document: dict[str, Any], request: dict[str, Any]) -> None:
     for media in operation["requestBody"]["content"].values():
         media["schema"] = request
     operation["responses"] = {
-        "200": operation["responses"]["200"],
+        "200": _success(operation["responses"]),
         **_error_responses(OPENAI_ERROR_STATUSES, "ErrorResponse"),
     }
 
@@ -368,7 +373,7 @@ def service_document(
         added = "x-bentoml-name" in operation and route not in requests  # an API added since
         if added and route.startswith(EVALUATOR_PREFIX):  # other prefixes answer in their shape
             operation["responses"] = {
-                "200": operation["responses"]["200"],
+                "200": _success(operation["responses"]),
                 **_error_responses(ERROR_STATUSES),
             }
     _document_openai(document, openai_request_schema(settings, dimensions))
