@@ -1,6 +1,6 @@
-"""Wire inputs -> engine jobs, in the HTTP front end: validate and tokenise texts, fetch URLs,
-check images and decode and crop those the model worker does not decode itself, in a thread pool
-(decoding never blocks the event loop)."""
+"""Wire inputs -> engine jobs, in the HTTP front end: validate texts (the model worker tokenises
+them), fetch URLs, check images and decode and crop those the model worker does not decode
+itself, in a thread pool (decoding never blocks the event loop)."""
 
 from __future__ import annotations
 
@@ -87,9 +87,8 @@ class JobBuilder:
     def text_job(self, model: str, text: str | None, what: str = "text") -> Job:
         if text is None:
             raise E.InvalidRequestError(f"{what} is missing")
-        checked = check_text(self.settings, text)
-        token_ids, truncated = self.preprocessing.tokenize(model, checked)
-        return Job(model, text=checked, token_ids=token_ids, text_truncated=truncated)
+        # Tokenised on the model worker (with its text-embedding cache, only on a miss).
+        return Job(model, text=check_text(self.settings, text))
 
     async def pair(
         self,
@@ -107,7 +106,6 @@ class JobBuilder:
             raise E.TooManyItemsError(f"at most {self.settings.max_candidates} references per pair")
         job = await self.image_job(model, image)
         job.text, job.keep_vectors = caption.text, bool(reference_jobs)
-        job.token_ids, job.text_truncated = caption.token_ids, caption.text_truncated
         return PreparedPair(job, reference_jobs)
 
     async def image_jobs(self, model: str, images: list[str], field: str) -> list[Job]:
