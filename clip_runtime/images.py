@@ -82,7 +82,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert("RGB") would copy
 
 
 def _known_unsupported_format(data: bytes) -> str | None:
@@ -146,8 +146,9 @@ def decode_pixels(image: Image.Image) -> Image.Image:
             warnings.simplefilter("ignore")
             image.seek(0)  # animated GIF/APNG/WebP: the first frame
             image.load()
-            upright = ImageOps.exif_transpose(image)
-            return _to_rgb(upright)
+            # In place: not in place, it copies the whole frame even when nothing turns.
+            ImageOps.exif_transpose(image, in_place=True)
+            return _to_rgb(image)
     except Exception as exc:  # truncated or corrupt pixel data
         raise InvalidImageError(f"image data cannot be decoded: {exc}") from exc
 
