@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clip_runtime.decode_placement import handles_preprocessing
 from clip_runtime.device import resolve_device, resolve_dtype
 from clip_runtime.errors import ClipError
 from clip_runtime.images import ImagePreprocessor
@@ -25,19 +26,14 @@ from clip_runtime.model import BatchReport, ClipModel, Crop, Tokenized
 from clip_runtime.model_entry import ModelEntry
 from clip_runtime.preprocessing import check_text, image_limits, resolve_model_name
 from clip_runtime.settings import ClipSettings
-from clip_runtime.tensor_decode import (
-    SideStream,
-    TensorPreprocessor,
-    handles_preprocessing,
-    tensor_decode_enabled,
-)
+from clip_runtime.tensor_decode import SideStream, TensorPreprocessor, tensor_decode_enabled
 
 logger = logging.getLogger(__name__)
 
 
 def device_decoded_models(settings: ClipSettings, entries: Mapping[str, ModelEntry]) -> set[str]:
-    """The served models whose JPEGs the engine decodes on its device (``CLIP_GPU_DECODE``):
-    the front end and the model worker resolve it alike, from the same settings."""
+    """The served models whose JPEGs the engine decodes on its device (``CLIP_GPU_DECODE``);
+    the front end predicts the same without torch (``decode_placement.forwarded_models``)."""
     if not tensor_decode_enabled(settings.gpu_decode, resolve_device(settings.device)):
         return set()
     return {name for name, entry in entries.items() if handles_preprocessing(entry.preprocess_cfg)}

@@ -1,9 +1,10 @@
 """Image inputs: the JSON ``image`` field to bytes, bytes to a PIL image (with every limit checked
-before the pixels are decoded), and a PIL image to the model's input crop via open_clip's own
-transform for the saved tag."""
+before the pixels are decoded), and a PIL image to the model's input crop: open_clip's own eval
+transform for the saved tag, its PIL half done with Pillow alone (no torch in the front end)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -30,7 +31,7 @@ from clip_runtime.jpeg_markers import jpeg_scan_count
 from clip_runtime.memory import DecodeBudget, Reservation
 from clip_runtime.settings import DEFAULT_MAX_IMAGE_ASPECT_RATIO, DEFAULT_MAX_JPEG_SCANS
 
-if TYPE_CHECKING:  # torch and torchvision are imported where used: the front end starts without
+if TYPE_CHECKING:  # torch and torchvision are imported where used: the front end never loads them
     import torch
     from torchvision import transforms
 
@@ -125,7 +126,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert("RGB") would copy
 
 
 def _known_unsupported_format(data: bytes) -> str | None:
@@ -192,43 +193,100 @@ def decode_pixels(image: Image.Image) -> Image.Image:
             warnings.simplefilter("ignore")
             image.seek(0)  # animated GIF/APNG/WebP: the first frame
             image.load()
-            upright = ImageOps.exif_transpose(image)
-            return _to_rgb(upright)
+            # In place: not in place, it copies the whole frame even when nothing turns.
+            ImageOps.exif_transpose(image, in_place=True)
+            return _to_rgb(image)
     except Exception as exc:  # truncated or corrupt pixel data
         raise InvalidImageError(f"image data cannot be decoded: {exc}") from exc
+
+
+# The crop fields of open_clip's ``PreprocessCfg`` where an entry leaves them out: its defaults.
+# The model worker compares this crop with open_clip's own transform at start
+# (``ImagePreprocessor.normalize``), so a change there refuses to start rather than drift.
+DEFAULT_INTERPOLATION = "bicubic"
+DEFAULT_RESIZE_MODE = "shortest"
+DEFAULT_FILL_COLOR = 0
+# Small odd-sized noise images on which the model worker checks this crop against open_clip's.
+_PARITY_PROBE_SIZES = ((37, 23), (23, 41), (301, 300))
 
 
 class ImagePreprocessor:
     """open_clip's evaluation transform for a saved model, split at ``ToTensor``.
 
-    The PIL half (resize keeping aspect ratio, centre crop) runs per image where the request is
-    decoded; it yields the crop as uint8, which is exactly what ``ToTensor`` would see. The tensor
-    half (scale to [0, 1], normalise with the tag's mean/std) runs on whole batches on the model's
-    device, with open_clip's own ``Normalize``.
+    The PIL half (resize, centre crop or pad) runs per image where the request is decoded,
+    with Pillow alone, exactly as torchvision's transforms call Pillow on PIL images: no torch,
+    so the HTTP front end does not load it. It yields the crop as HWC uint8, which is exactly
+    what ``ToTensor`` would see. The tensor half (scale to [0, 1], normalise with the tag's
+    mean/std) runs on whole batches on the model's device, with open_clip's own ``Normalize``
+    (``to_pixels``, on the model worker).
     """
 
     def __init__(self, preprocess_cfg: dict[str, Any], limits: ImageLimits) -> None:
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-        from torchvision import transforms
-
-        cfg = PreprocessCfg(**{**preprocess_cfg, "size": _size(preprocess_cfg["size"])})
-        steps = list(image_transform_v2(cfg, is_train=False).transforms)
-        split = next(i for i, step in enumerate(steps) if isinstance(step, transforms.ToTensor))
-        normalizers = [
-            step for step in steps[split + 1 :] if isinstance(step, transforms.Normalize)
-        ]
-        if len(steps) != split + 2 or len(normalizers) != 1:
-            raise ValueError(f"unexpected open_clip eval transform: {steps}")
-        self._pil_steps = transforms.Compose(steps[:split])
-        self.normalize: transforms.Normalize = normalizers[0]
-        self.limits = limits
-        self.size: tuple[int, int] = (
-            cfg.size if isinstance(cfg.size, tuple) else (cfg.size, cfg.size)
+        self.preprocess_cfg = preprocess_cfg
+        size = _size(preprocess_cfg["size"])
+        self.size: tuple[int, int] = size if isinstance(size, tuple) else (size, size)
+        self.resize_mode: str = preprocess_cfg.get("resize_mode") or DEFAULT_RESIZE_MODE
+        if self.resize_mode not in {"shortest", "longest", "squash"}:
+            raise ValueError(f"unknown resize_mode in {preprocess_cfg}")
+        interpolation = preprocess_cfg.get("interpolation") or DEFAULT_INTERPOLATION
+        # open_clip: "bilinear" is bilinear, anything else ("bicubic", "random") bicubic.
+        self.resample = (
+            Image.Resampling.BILINEAR if interpolation == "bilinear" else Image.Resampling.BICUBIC
         )
+        self.fill_color: int = preprocess_cfg.get("fill_color", DEFAULT_FILL_COLOR)
+        self.limits = limits
+
+    def _resized(self, image: Image.Image) -> Image.Image:
+        """open_clip's resize step: torchvision's ``Resize`` (square crop, "shortest") or
+        ``ResizeKeepRatio`` (non-square crop, or "longest"), or a squash to the input size
+        (the tags that were trained on squashed images); torchvision hands PIL images to
+        ``Image.resize`` with the same filter, which always antialiases."""
+        width, height = image.size
+        target_h, target_w = self.size
+        resample = self.resample
+        if self.resize_mode == "squash":
+            new_w, new_h = target_w, target_h
+        elif self.resize_mode == "shortest" and target_h == target_w:
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = target_h, int(target_h * long / short)
+            new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        else:  # ResizeKeepRatio: fit the longest side, or (non-square "shortest") the shortest
+            ratio_h, ratio_w = height / target_h, width / target_w
+            longest = self.resize_mode == "longest"
+            ratio = max(ratio_h, ratio_w) if longest else min(ratio_h, ratio_w)
+            new_h, new_w = round(height / ratio), round(width / ratio)
+            if self.resize_mode == "shortest":
+                resample = Image.Resampling.BICUBIC  # open_clip builds it without the cfg's
+        if (new_w, new_h) == (width, height):
+            return image
+        return image.resize((new_w, new_h), resample)
+
+    def _center_crop_or_pad(self, image: Image.Image) -> Image.Image:
+        """torchvision's ``center_crop`` (open_clip's ``center_crop_or_pad`` with its fill):
+        pad a side shorter than the crop, then cut the centre, rounding as they do."""
+        crop_h, crop_w = self.size
+        width, height = image.size
+        if crop_w > width or crop_h > height:
+            fill = self.fill_color if self.resize_mode == "longest" else 0
+            border = (
+                (crop_w - width) // 2 if crop_w > width else 0,
+                (crop_h - height) // 2 if crop_h > height else 0,
+                (crop_w - width + 1) // 2 if crop_w > width else 0,
+                (crop_h - height + 1) // 2 if crop_h > height else 0,
+            )
+            image = ImageOps.expand(image, border=border, fill=(fill,) * len(image.getbands()))
+            width, height = image.size
+            if (width, height) == (crop_w, crop_h):
+                return image
+        top = round((height - crop_h) / 2.0)
+        left = round((width - crop_w) / 2.0)
+        return image.crop((left, top, left + crop_w, top + crop_h))
 
     def crop(self, image: Image.Image) -> np.ndarray:
-        """The model-sized crop of an RGB image, HWC uint8."""
-        cropped = self._pil_steps(image)
+        """The model-sized crop of an image (made RGB first, as ``decode_pixels`` makes it),
+        HWC uint8. The aspect ratio is kept unless the tag itself squashes."""
+        resized = self._resized(image if image.mode == "RGB" else _to_rgb(image))
+        cropped = resized if self.resize_mode == "squash" else self._center_crop_or_pad(resized)
         array = np.asarray(cropped, dtype=np.uint8)
         if array.shape != (*self.size, 3):
             raise InvalidImageError(f"preprocessing produced shape {array.shape}")
@@ -262,6 +320,31 @@ class ImagePreprocessor:
             return self.crop(decode_pixels(image))
         with self.limits.budget.reserve(cost):
             return self.crop(decode_pixels(image))
+
+    @functools.cached_property
+    def normalize(self) -> transforms.Normalize:
+        """open_clip's ``Normalize`` for the tag (its own mean/std, from the saved entry's
+        config), built on first use: on the model worker, never in the front end (torch).
+        Checks first that open_clip's PIL steps still make this class's crop, and refuses
+        (ValueError) when its transform changed shape or result."""
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+        from torchvision import transforms
+
+        cfg = PreprocessCfg(**{**self.preprocess_cfg, "size": _size(self.preprocess_cfg["size"])})
+        steps = list(image_transform_v2(cfg, is_train=False).transforms)
+        split = next(i for i, step in enumerate(steps) if isinstance(step, transforms.ToTensor))
+        normalizers = [
+            step for step in steps[split + 1 :] if isinstance(step, transforms.Normalize)
+        ]
+        if len(steps) != split + 2 or len(normalizers) != 1:
+            raise ValueError(f"unexpected open_clip eval transform: {steps}")
+        pil_steps = transforms.Compose(steps[:split])
+        noise = np.random.default_rng(0)
+        for width, height in _PARITY_PROBE_SIZES:
+            probe = Image.fromarray(noise.integers(0, 256, (height, width, 3), dtype=np.uint8))
+            if not np.array_equal(self.crop(probe), np.asarray(pil_steps(probe))):
+                raise ValueError(f"the Pillow crop differs from open_clip's transform: {steps}")
+        return normalizers[0]
 
     def to_pixels(self, crops: torch.Tensor) -> torch.Tensor:
         """A uint8 NCHW batch of crops (on any device) -> the model's input: ToTensor's

@@ -55,6 +55,7 @@ class JobOutcome:
 
     cosine: float | None = None
     text_truncated: bool = False
+    text_tokens: int = 0  # the text's tokens the model encoded (OpenAI's usage counts them)
     image_vector: Array | None = None
     text_vector: Array | None = None
     error: JobError | None = None

@@ -73,6 +73,7 @@ class BatchReport:
 class TextEmbedding:
     vector: torch.Tensor  # L2-normalised, float32, on the model's device
     truncated: bool
+    tokens: int  # the caption's tokens that the model encoded, its special tokens included
 
 
 class ClipModel:
@@ -202,7 +203,8 @@ class ClipModel:
             ids, truncated = self._tokenize(missing, tokenized or {})
             vectors = self._encode_tokens(ids)
             for text, vector, cut in zip(missing, vectors, truncated, strict=True):
-                found[text] = TextEmbedding(vector=vector, truncated=cut)
+                tokens = self.tokenizer.encoded_token_count(text)
+                found[text] = TextEmbedding(vector=vector, truncated=cut, tokens=tokens)
             report.encode_text_s += time.perf_counter() - started
             if self._text_cache is not None:
                 with self._cache_lock:
@@ -258,6 +260,7 @@ class ClipModel:
                 JobOutcome(
                     cosine=cosines.get(i),
                     text_truncated=bool(text and text.truncated),
+                    text_tokens=text.tokens if text else 0,
                     image_vector=host(image_vectors.get(i)) if keep else None,
                     text_vector=host(text.vector if text else None) if keep else None,
                 )

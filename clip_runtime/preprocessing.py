@@ -1,24 +1,21 @@
 """What the HTTP front end needs of the engine without the weights: request validation, the URL
-policy, and ``Preprocessing`` (encoded image -> model-sized crop, in a thread pool).
+policy, and ``Preprocessing`` (encoded image -> model-sized uint8 crop, in a thread pool).
 
-Nothing here imports torch or open_clip at import time: the front end's worker accepts
-connections only after its imports and start-up, and probes must be answered within a second
-or two. The open_clip transforms (torch, torchvision) are built in the decode pool once the
-worker is up; ``Preprocessing.ready`` says when.
+Nothing here imports torch or open_clip, at import or later: the crop is Pillow's
+(``clip_runtime.images.ImagePreprocessor``), and the model worker tokenises captions and
+normalises crops (docs/architecture-data-path.md). A front-end worker so stays small, and
+accepts connections (and answers probes) as soon as it is up.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image
-
+from clip_runtime.decode_placement import decodes_like_pillow, forwarded_models
 from clip_runtime.errors import (
     EmptyTextError,
     InvalidTextError,
@@ -32,9 +29,6 @@ from clip_runtime.jobs import ImageInput
 from clip_runtime.memory import DecodeBudget, Reservation, freeze_startup_objects
 from clip_runtime.model_entry import ModelEntry, read_entry
 from clip_runtime.settings import ClipSettings
-
-if TYPE_CHECKING:
-    from clip_runtime.tokens import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +79,18 @@ def check_text(settings: ClipSettings, text: str) -> str:
 
 @dataclass(frozen=True)
 class _Transforms:
-    """What the front end builds in the background: it imports torch and open_clip."""
+    """What the front end builds in the background."""
 
     preprocessors: dict[str, ImagePreprocessor]
-    tokenizers: dict[str, TextTokenizer]
     forwarded: set[str]  # models whose JPEGs go to the model worker encoded
-    decodes_like_pillow: Callable[[Image.Image], bool]
 
 
 class Preprocessing:
-    """The front end's half: per-model image checks and crops, tokenisers, and a decode pool
-    sized to the machine (no weights).
+    """The front end's half: per-model image checks and crops, and a decode pool sized to the
+    machine (no weights, no torch).
 
     Model entries are read at once (a missing or malformed one fails here, at start); the
-    open_clip transforms and tokenisers (torch) are built in the decode pool, so construction
-    returns in milliseconds and the caller can answer probes while torch is imported.
+    crops are built in the decode pool (``ready`` says when), so construction returns at once.
     """
 
     def __init__(self, settings: ClipSettings, folders: Mapping[str, Path]) -> None:
@@ -109,27 +100,18 @@ class Preprocessing:
         }
         self.limits = image_limits(settings)
         self.pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="clip-decode")
-        self._transforms: Future[_Transforms] = self.pool.submit(self._build, dict(folders))
+        self._transforms: Future[_Transforms] = self.pool.submit(self._build)
         self._transforms.add_done_callback(_log_build_failure)
 
-    def _build(self, folders: dict[str, Path]) -> _Transforms:
-        from clip_runtime.engine import device_decoded_models
-        from clip_runtime.tensor_decode import decodes_like_pillow
-        from clip_runtime.tokens import TextTokenizer
-
+    def _build(self) -> _Transforms:
         transforms = _Transforms(
             preprocessors={
                 name: ImagePreprocessor(entry.preprocess_cfg, self.limits)
                 for name, entry in self.entries.items()
             },
-            tokenizers={
-                name: TextTokenizer(folders[name], self.settings.max_text_word_chars)
-                for name in self.settings.models
-            },
-            forwarded=device_decoded_models(self.settings, self.entries),
-            decodes_like_pillow=decodes_like_pillow,
+            forwarded=forwarded_models(self.settings, self.entries),
         )
-        freeze_startup_objects()  # torch is in: keep the decode budget's collections cheap
+        freeze_startup_objects()  # start-up objects are in: keep the collections cheap
         return transforms
 
     @property
@@ -144,7 +126,7 @@ class Preprocessing:
 
     @property
     def preprocessors(self) -> dict[str, ImagePreprocessor]:
-        """The transforms by model; waits for them (and re-raises a failure to build them)."""
+        """The crops by model; waits for them (and re-raises a failure to build them)."""
         return self._transforms.result().preprocessors
 
     def claim(self) -> Reservation:
@@ -161,15 +143,9 @@ class Preprocessing:
         transforms = self._transforms.result()
         preprocessor = transforms.preprocessors[model]
         header = open_header(data, preprocessor.limits)
-        if model in transforms.forwarded and transforms.decodes_like_pillow(header):
+        if model in transforms.forwarded and decodes_like_pillow(header):
             return data
         return preprocessor.from_header(header, data, claim)
-
-    def tokenize(self, model: str, text: str) -> tuple[np.ndarray, bool]:
-        return self._transforms.result().tokenizers[model].tokenize(text)
-
-    def encoded_token_count(self, model: str, text: str) -> int:
-        return self._transforms.result().tokenizers[model].encoded_token_count(text)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -23,20 +23,33 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from clip_runtime.decode_placement import (
+    TensorDecodeMode,
+    decodes_like_pillow,
+    device_decode_enabled,
+    handles_preprocessing,
+)
 from clip_runtime.images import ImageLimits, decodes_reduced
 from clip_runtime.jpeg_markers import jpeg_scan_count
 
-TensorDecodeMode = Literal["auto", "on", "off"]
+__all__ = [
+    "SideStream",
+    "TensorDecodeMode",
+    "TensorPreprocessor",
+    "decodes_like_pillow",
+    "handles_preprocessing",
+    "tensor_decode_enabled",
+]
+
 logger = logging.getLogger(__name__)
 
-_EXIF_ORIENTATION = 0x0112
 _INTERPOLATION = {
     "bicubic": InterpolationMode.BICUBIC,
     "bilinear": InterpolationMode.BILINEAR,
@@ -45,29 +58,8 @@ _INTERPOLATION = {
 
 
 def tensor_decode_enabled(mode: TensorDecodeMode, device: torch.device) -> bool:
-    """``auto``: only on CUDA, where it moves decode off the CPU; on CPU the PIL path with its
-    thread pool is as fast and is the reference."""
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
-
-
-def handles_preprocessing(preprocess_cfg: dict[str, Any]) -> bool:
-    """This path reproduces open_clip's "shortest" resize only; its other modes pad or squash
-    (SigLIP's webli tags squash), and those models keep the PIL path."""
-    return preprocess_cfg.get("resize_mode", "shortest") == "shortest"
-
-
-def decodes_like_pillow(header: Image.Image) -> bool:
-    """True when a JPEG decode of this image (its header read, no pixels) gives the pixels the
-    PIL path would: a JPEG in RGB or greyscale, not rotated by EXIF."""
-    if header.format not in {"JPEG", "MPO"} or header.mode not in {"RGB", "L"}:
-        return False  # CMYK/YCCK: Pillow converts differently
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            orientation = header.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # an unreadable EXIF block: the PIL path decides
-        return False
-    return bool(orientation == 1)
+    """``auto``: only on CUDA (``decode_placement.device_decode_enabled``)."""
+    return device_decode_enabled(mode, device.type)
 
 
 class SideStream:

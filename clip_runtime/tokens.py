@@ -98,7 +98,7 @@ def _hf_token_count(tokenizer: Any, text: str) -> int:
 
 class TextTokenizer:
     """A saved model's own tokenizer: captions -> token ids (cut to the context) and whether each
-    was cut. The HTTP front end runs it (in its pool), so the model worker only encodes."""
+    was cut. The model worker runs it, for captions missing from its text cache."""
 
     def __init__(self, folder: Path, max_word_chars: int = DEFAULT_MAX_TEXT_WORD_CHARS) -> None:
         import open_clip
@@ -136,8 +136,13 @@ class TextTokenizer:
 
     def encoded_token_count(self, text: str) -> int:
         """Tokens of the caption that the model encodes: the tokenizer's count (its special tokens
-        included), cut to the context as the ids are."""
-        return min(token_count(self._tokenizer, text), self.context_length)
+        included), cut to the context as the ids are; open_clip's at the bounded cost of
+        ``tokenize``."""
+        if not self._simple:
+            return min(_hf_token_count(self._tokenizer, text), self.context_length)
+        room = self.context_length - _SIMPLE_SPECIAL_TOKENS
+        tokens = _simple_tokens(self._tokenizer, text, room, self.max_word_chars)
+        return min(len(tokens), room) + _SIMPLE_SPECIAL_TOKENS
 
     def ids(self, texts: list[str]) -> torch.Tensor:
         """Token ids, one row of ``context_length`` per text."""

@@ -120,7 +120,7 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
 
     def __init__(self) -> None:
         # Cheap by design: this runs in uvicorn's lifespan, before the worker accepts a
-        # connection. The open_clip transforms are built in the background (see `ready`).
+        # connection. The crops are built in the background (see `ready`); no torch here.
         configure_logging(settings.log_format)
         bound_graceful_shutdown(settings.shutdown_timeout_s)  # in uvicorn's lifespan: see there
         self.preprocessing = Preprocessing(settings, model_folders(self, settings))

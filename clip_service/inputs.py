@@ -1,6 +1,7 @@
-"""Wire inputs -> engine jobs, in the HTTP front end: validate and tokenise texts, fetch URLs,
-check images and decode and crop those the model worker does not decode itself, in a thread pool
-(neither tokenising nor decoding runs on the event loop; counts are checked before either)."""
+"""Wire inputs -> engine jobs, in the HTTP front end: validate texts (the model worker tokenises
+them, with a bounded cost), fetch URLs, check images and decode and crop those the model worker
+does not decode itself, in a thread pool (nothing client-sized runs on the event loop; counts are
+checked before any item is looked at)."""
 
 from __future__ import annotations
 
@@ -85,12 +86,10 @@ class JobBuilder:
             return await self._in_pool(self._image_field, model, image)
 
     def _text_job(self, model: str, text: str | None, what: str = "text") -> Job:
-        """Check and tokenise one caption: in the pool (BPE is client-sized work)."""
+        """Check one caption (the model worker tokenises it, only on a text-cache miss)."""
         if text is None:
             raise E.InvalidRequestError(f"{what} is missing")
-        checked = check_text(self.settings, text)
-        token_ids, truncated = self.preprocessing.tokenize(model, checked)
-        return Job(model, text=checked, token_ids=token_ids, text_truncated=truncated)
+        return Job(model, text=check_text(self.settings, text))
 
     def _text_list(self, model: str, texts: list[str], field: str, what: str) -> list[Job]:
         jobs = []
@@ -131,7 +130,6 @@ class JobBuilder:
         )
         job = await self.image_job(model, image)
         job.text, job.keep_vectors = caption.text, bool(reference_jobs)
-        job.token_ids, job.text_truncated = caption.token_ids, caption.text_truncated
         return PreparedPair(job, reference_jobs)
 
     async def image_jobs(self, model: str, images: list[str], field: str) -> list[Job]:

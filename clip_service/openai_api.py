@@ -291,7 +291,7 @@ def check_dimensions(dimensions: int | None, model_dimensions: int) -> None:
 
 class OpenAIEmbeddings:
     """Mixin of the front end's service class: the ``/v1/embeddings`` API. It uses the front
-    end's job builder (``jobs``), its preprocessing (token counts) and its one way to the model
+    end's job builder (``jobs``), its preprocessing (model entries) and its one way to the model
     (``_embed``), so both doors make the same model calls."""
 
     if TYPE_CHECKING:
@@ -343,14 +343,10 @@ class OpenAIEmbeddings:
         with about(INPUT_FIELD):
             items = input_items(input)
             jobs = await self._openai_jobs(name, items)
-            vectors, _ = await self._embed(name, jobs, INPUT_FIELD)
+            vectors, outcomes = await self._embed(name, jobs, INPUT_FIELD)
         with about("dimensions"):
             check_dimensions(dimensions, len(vectors[0]))
-        tokens = sum(
-            self.preprocessing.encoded_token_count(name, job.text)
-            for job in jobs
-            if job.image is None and job.text is not None
-        )
+        tokens = sum(outcome.text_tokens for outcome in outcomes)  # images count 0
         return EmbeddingList(
             data=[
                 Embedding(index=index, embedding=encode_embedding(vector, encoding_format))

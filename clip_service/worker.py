@@ -28,7 +28,7 @@ DRAIN_CAP_S = settings.shutdown_timeout_s + 30
 class ScorerImpl:
     def __init__(self) -> None:
         # Imported here, not at module level: the HTTP front end imports this module (for
-        # `bentoml.depends`) and must not pay for torch before it accepts connections.
+        # `bentoml.depends`) and never loads torch (docs/architecture-data-path.md).
         from clip_runtime.engine import ClipEngine
 
         configure_logging(settings.log_format)

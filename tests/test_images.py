@@ -6,6 +6,8 @@ import base64
 import contextlib
 import dataclasses
 import io
+from collections.abc import Callable
+from dataclasses import asdict
 
 import numpy as np
 import open_clip
@@ -15,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
+from torchvision import transforms
 
 from clip_runtime.errors import (
     ImageAspectRatioError,
@@ -30,6 +33,7 @@ from clip_runtime.images import (
     ImageLimits,
     ImagePreprocessor,
     decode_image_field,
+    decode_pixels,
     open_header,
     open_image,
     resize_cost,
@@ -257,6 +261,67 @@ def test_split_transform_equals_open_clip_transform(model: str, tag: str) -> Non
     crop = torch.from_numpy(pre.crop(image).copy()).permute(2, 0, 1)
     ours = pre.to_pixels(crop.unsqueeze(0))[0]
     assert torch.equal(ours, reference(image))
+
+
+def _open_clip_pil_steps(preprocess_cfg: dict) -> Callable[[Image.Image], Image.Image]:
+    """open_clip's eval transform for ``preprocess_cfg`` up to ``ToTensor`` (its PIL half)."""
+    steps = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False).transforms
+    split = next(i for i, step in enumerate(steps) if isinstance(step, transforms.ToTensor))
+    return transforms.Compose(steps[:split])
+
+
+CROP_CFGS = [
+    {"size": 224},  # ViT-B-32 and most tags: square, shortest side, bicubic
+    {"size": 224, "interpolation": "bilinear"},
+    {"size": (224, 192)},  # non-square: open_clip's ResizeKeepRatio, always bicubic
+    {"size": 224, "resize_mode": "longest", "fill_color": 127},  # fit, then pad
+    {"size": (160, 224), "resize_mode": "longest"},
+    {"size": 224, "resize_mode": "squash"},  # the tags trained on squashed images
+]
+CROP_SIZES = [(640, 480), (481, 640), (224, 224), (225, 223), (7, 1000), (1000, 7), (333, 301)]
+
+
+@pytest.mark.parametrize("cfg", CROP_CFGS, ids=lambda cfg: "-".join(map(str, cfg.values())))
+def test_pillow_crop_equals_open_clips_transform_exactly(cfg: dict) -> None:
+    """The front end's torch-free crop against open_clip's own PIL steps (torchvision calling
+    Pillow), pixel for pixel, on odd and extreme sizes: same resize size and filter, same
+    centre (or padding), never a squash where the tag does not squash."""
+    full = {**asdict(PreprocessCfg()), **cfg}
+    ours, theirs = ImagePreprocessor(full, LIMITS), _open_clip_pil_steps(full)
+    noise = np.random.default_rng(3)
+    for width, height in CROP_SIZES:
+        image = Image.fromarray(noise.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        expected = np.asarray(theirs(image))
+        assert np.array_equal(ours.crop(image), expected), (width, height)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16", "I", "CMYK", "1"])
+def test_pillow_crop_of_other_modes_equals_open_clip_on_the_rgb_decode(mode: str) -> None:
+    """Any mode is made RGB first as ``decode_pixels`` makes it (alpha over white, 16-bit
+    narrowed), then cropped exactly as open_clip crops that RGB image; greyscale, whose
+    conversion commutes with the resize, equals open_clip's transform of the image itself."""
+    full = {**asdict(PreprocessCfg()), "size": 224}
+    ours, theirs = ImagePreprocessor(full, LIMITS), _open_clip_pil_steps(full)
+    base = photo_like(4, 301, 237)
+    if mode in {"I;16", "I"}:
+        wide = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+        image = wide if mode == "I;16" else wide.convert("I")
+    else:
+        image = base.convert(mode)
+    assert image.mode == mode
+    expected = np.asarray(theirs(decode_pixels(image.copy())))
+    assert np.array_equal(ours.crop(image), expected)
+    if mode == "L":
+        assert np.array_equal(ours.crop(image), np.asarray(theirs(image)))
+
+
+def test_the_model_worker_refuses_a_crop_that_open_clip_would_not_make() -> None:
+    """``normalize`` (built on the model worker) checks the Pillow crop against open_clip's
+    transform first: a crop that has drifted from it refuses to start."""
+    pre = preprocessor()
+    pre.resample = Image.Resampling.BILINEAR  # as if open_clip had changed its filter
+    with pytest.raises(ValueError, match="differs from open_clip"):
+        _ = pre.normalize
 
 
 def test_each_tag_keeps_its_own_normalisation() -> None:
