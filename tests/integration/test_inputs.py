@@ -375,8 +375,10 @@ def test_worker_memory_returns_after_hostile_decodes(
 # Images the fuzzer sends where the document says an image goes (`format: image` in JSON,
 # `format: binary` in the upload form): whatever else a request holds is its own to vary.
 FUZZ_IMAGES = [jpeg_bytes(seed, 16 + 8 * seed, 12 + 4 * seed) for seed in range(3)]
-# A request over a count limit is refused with 413 (too_many_items), as documented.
-FUZZ_CONFIG = {"checks": {"negative_data_rejection": {"expected-statuses": ["400", "413", "422"]}}}
+# A request over a count limit is refused with 413 (too_many_items), as documented; the
+# OpenAI-compatible door refuses an unknown model with 404, as OpenAI does.
+REFUSALS = ["400", "404", "413", "422"]
+FUZZ_CONFIG = {"checks": {"negative_data_rejection": {"expected-statuses": REFUSALS}}}
 FuzzStatuses = Counter[tuple[str, str, int]]
 
 
