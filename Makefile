@@ -49,11 +49,11 @@ install-remote:
 
 # Pretrained weights through open_clip (fails fast with the offline options when there is no hub).
 save-models: install
-	$(PY) scripts/save_models.py --if-missing
+	$(PY) -m scripts.save_models --if-missing
 
 # Untrained, deterministic weights: offline, flagged as random-init everywhere they show.
 save-models-demo: install
-	$(PY) scripts/save_models.py --random-init --seed $(SEED) --if-missing
+	$(PY) -m scripts.save_models --random-init --seed $(SEED) --if-missing
 
 serve: save-models
 	$(VENV)/bin/bentoml serve service:Evaluator --port $(PORT) $(SERVE_FLAGS)
@@ -117,10 +117,10 @@ settings-table: install
 # HTTP, appended to docs/benchmarks.md. BENCH_ARGS e.g. "--models ViT-B-32 --notes 'shared box'".
 BENCH_ARGS ?=
 bench: install-dev
-	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m scripts.benchmark $(BENCH_ARGS)
 
 bench-quick: install-dev
-	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py --quick $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m scripts.benchmark --quick $(BENCH_ARGS)
 
 # scripts/bench_ray.py: clip-eval's local engine against the Ray engine with 1 and 2 actors on a
 # two-node Ray cluster started on this machine (127.0.0.1), appended to docs/benchmarks.md.

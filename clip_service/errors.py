@@ -2,7 +2,7 @@
 the one wrapper every endpoint goes through.
 
 Handlers raise ``ClipError``s and return their declared types; ``api_errors`` counts the error,
-sets the status and writes the envelope (the request id is added by ``RequestGuardMiddleware``).
+sets the status and writes the envelope (the request id is added by ``RequestIdMiddleware``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from clip_service.observability import record_error
 
 logger = logging.getLogger("clip_service.errors")
 
-# The id of the request being handled (set by RequestGuardMiddleware), so that every log line
+# The id of the request being handled (set by RequestIdMiddleware), so that every log line
 # about an error answer carries the id the answer shows.
 CURRENT_REQUEST_ID: ContextVar[str | None] = ContextVar("clip_request_id", default=None)
 

@@ -30,7 +30,7 @@ from clip_runtime.scoring import (
     rank_probabilities,
     ref_clip_score,
 )
-from clip_service.admission import InFlightLimitMiddleware, PairQueue
+from clip_service.admission import PairQueue
 from clip_service.bentoml_adapter import (
     bound_graceful_shutdown,
     call_with_reconnect,
@@ -39,15 +39,11 @@ from clip_service.bentoml_adapter import (
     metrics_text,
 )
 from clip_service.errors import ClientGoneError, api_errors
-from clip_service.framing import AmbiguousLengthMiddleware
 from clip_service.health import WorkerModels, health_result
 from clip_service.image import BENTO_IMAGE
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
-from clip_service.middleware import (
-    BodyDeadline,
-    RequestGuardMiddleware,
-    input_fields_by_route,
-)
+from clip_service.middleware import middleware_stack
+from clip_service.middleware.error_envelope import input_fields_by_route
 from clip_service.multipart_guard import file_fields_by_route
 from clip_service.observability import (
     configure_logging,
@@ -56,13 +52,7 @@ from clip_service.observability import (
     record_pairs_scored,
     tracer,
 )
-from clip_service.openai_api import (
-    OPENAI_PATH,
-    OpenAIEmbeddings,
-    OpenAIErrorShapeMiddleware,
-    mount_openai_routes,
-    openai_route_paths,
-)
+from clip_service.openai_api import OpenAIEmbeddings, mount_openai_routes, openai_route_paths
 from clip_service.openapi import service_document
 from clip_service.schemas import (
     BatchItem,
@@ -496,29 +486,13 @@ mount_openai_routes(Evaluator)  # GET /v1/models, and its place in the OpenAPI d
 forbid_unknown_fields(Evaluator.apis.values())
 EMBEDDING_SIZES = {name: embed_dim(folder) for name, folder in stored_folders(settings).items()}
 document_openapi(Evaluator, lambda spec: service_document(spec, settings, EMBEDDING_SIZES))
-# First, so outermost: no other answer (a 401, a 413) may leave such a connection open.
-Evaluator.add_asgi_middleware(AmbiguousLengthMiddleware)
-# Before the guard, so outside it: its own refusals on /v1 get OpenAI's error shape too.
-Evaluator.add_asgi_middleware(OpenAIErrorShapeMiddleware, prefix=OPENAI_PATH + "/")
-Evaluator.add_asgi_middleware(
-    RequestGuardMiddleware,
-    max_request_bytes=settings.max_request_bytes,
-    api_keys=tuple(settings.api_keys),
-    open_paths=tuple(settings.auth_open_paths),
-    retry_after_s=settings.retry_after_s,
+for middleware, options in middleware_stack(  # in order: the first added is outermost
+    settings,
     file_fields=file_fields_by_route(Evaluator.apis.values()),
     input_fields=input_fields_by_route(Evaluator.apis.values()),
-    error_prefix=(EVALUATOR_PATH + "/", OPENAI_PATH + "/"),
-    protect_docs=settings.auth_docs == "protected",
-    body_deadline=BodyDeadline(settings.body_timeout_s, settings.body_min_rate_bytes_s),
     own_error_bodies=frozenset({EVALUATOR_PATH + HEALTH_ROUTE}),
-)
-Evaluator.add_asgi_middleware(  # after the guard, so inside it: sheds carry the request id
-    InFlightLimitMiddleware,
-    limit=settings.max_in_flight,
-    retry_after_s=settings.retry_after_s,
-    prefix=("/evaluator/v1/", OPENAI_PATH + "/"),
-)
+):
+    Evaluator.add_asgi_middleware(middleware, **options)
 
 # Paths BentoML's request metrics may label (anything else: "/{unknown}").
 ROUTES: frozenset[str] = frozenset(

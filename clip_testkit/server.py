@@ -60,7 +60,8 @@ def save_random_init_models(
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "scripts" / "save_models.py"),
+            "-m",
+            "scripts.save_models",
             "--models",
             *models,
             "--random-init",
@@ -68,6 +69,7 @@ def save_random_init_models(
             str(seed),
             *options,
         ],
+        cwd=ROOT,
         env={**os.environ, "BENTOML_HOME": str(bentoml_home)},
         capture_output=True,
         text=True,

@@ -6,8 +6,9 @@
     python -m load_tests.faults all        # the three, on one service (make reliability)
 
 Figures go to ``reports/faults-<check>.json`` and stdout; the exit status is 1 when a verdict
-fails. The traffic is an open loop (requests are sent on a schedule whatever the answers), so
-overload is real overload and not slowed down by the client waiting.
+fails. The traffic (``clip_testkit.loadgen``, the benchmark's generator) is an open loop:
+requests are sent on a schedule whatever the answers, so overload is real overload and not
+slowed down by the client waiting.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,31 +27,27 @@ from pathlib import Path
 import httpx
 import psutil
 
+from clip_runtime.settings import ClipSettings
+from clip_testkit.images import b64, jpeg_bytes
+from clip_testkit.latency import latency_percentiles_ms
+from clip_testkit.loadgen import START_DELAY_S, RequestRecord, run_load
+from clip_testkit.routes import SINGLE
+from clip_testkit.server import ServerProcess, save_random_init_models
+from load_tests.run import bentoml_home
+from load_tests.verdicts import is_deliberate_shed, is_worker_down_answer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from clip_runtime.settings import ClipSettings  # noqa: E402
-from clip_testkit.images import b64, jpeg_bytes  # noqa: E402
-from clip_testkit.routes import SINGLE  # noqa: E402
-from clip_testkit.server import ServerProcess, save_random_init_models  # noqa: E402
-from load_tests.run import bentoml_home  # noqa: E402
-from load_tests.verdicts import error_code, is_deliberate_shed, is_worker_down_answer  # noqa: E402
-
 IMAGES = [b64(jpeg_bytes(seed, 320, 240)) for seed in range(4)]
 CAPTIONS = ["a photo of a cat", "a red bus in the rain", "a bowl of soup"]
+# Every image with every caption: the pairs the checks send, in turn.
+BODIES = [
+    json.dumps({"image": IMAGES[i % len(IMAGES)], "text": CAPTIONS[i % len(CAPTIONS)]}).encode()
+    for i in range(len(IMAGES) * len(CAPTIONS))
+]
+# One generator process: the checks run on small machines, beside the service.
+GENERATOR_PROCESSES = 1
 
-
-@dataclass
-class Outcome:
-    sent_at: float
-    status: int  # 0: a transport error (refused, reset, timeout)
-    latency_s: float
-    retry_after: str | None = None
-    code: str | None = None  # the error envelope's code: {"error": {"code": ...}}
-
-    @property
-    def answered_at(self) -> float:
-        return self.sent_at + self.latency_s
+Outcome = RequestRecord  # one request of a check's traffic, as the load generator recorded it
 
 
 @dataclass
@@ -76,60 +72,37 @@ def is_failure(outcome: Outcome) -> bool:
     return outcome.status != 200 and not is_shed(outcome)
 
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 def latency_summary(outcomes: list[Outcome]) -> dict[str, float | int | None]:
-    ms = [o.latency_s * 1000 for o in outcomes]
-    return {"count": len(ms), "p50_ms": pct(ms, 50), "p95_ms": pct(ms, 95), "p99_ms": pct(ms, 99)}
-
-
-async def one(client: httpx.AsyncClient, index: int, traffic: Traffic) -> None:
-    body = {"image": IMAGES[index % len(IMAGES)], "text": CAPTIONS[index % len(CAPTIONS)]}
-    sent = time.monotonic()
-    try:
-        response = await client.post(SINGLE, json=body)
-        status, retry = response.status_code, response.headers.get("retry-after")
-        code = None if status == 200 else error_code(response.content)
-    except httpx.TransportError:
-        status, retry, code = 0, None, None
-    traffic.outcomes.append(Outcome(sent, status, time.monotonic() - sent, retry, code))
+    return {"count": len(outcomes), **latency_percentiles_ms(o.latency_s for o in outcomes)}
 
 
 async def open_loop(url: str, rate: float, seconds: float, traffic: Traffic) -> None:
-    """``rate`` requests per second for ``seconds``, each on its own, whatever the answers."""
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        tasks = []
-        start = time.monotonic()
-        index = 0
-        while (now := time.monotonic()) - start < seconds:
-            due = start + index / rate
-            if due > now:
-                await asyncio.sleep(due - now)
-            tasks.append(asyncio.create_task(one(client, index, traffic)))
-            index += 1
-        await asyncio.gather(*tasks)
+    """``rate`` requests per second for ``seconds``, each on its own, whatever the answers; the
+    first is sent ``START_DELAY_S`` after the call."""
+    load = await asyncio.to_thread(
+        run_load,
+        url + SINGLE,
+        BODIES,
+        mode="open",
+        seconds=seconds,
+        processes=GENERATOR_PROCESSES,
+        rate=rate,
+    )
+    traffic.outcomes += load.records
 
 
 async def closed_loop(url: str, concurrency: int, seconds: float) -> Traffic:
     """``concurrency`` clients back to back: what the service completes per second."""
-    traffic = Traffic()
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-
-        async def worker(offset: int) -> None:
-            index = offset
-            start = time.monotonic()
-            while time.monotonic() - start < seconds:
-                await one(client, index, traffic)
-                index += concurrency
-
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return traffic
+    load = await asyncio.to_thread(
+        run_load,
+        url + SINGLE,
+        BODIES,
+        mode="closed",
+        seconds=seconds,
+        processes=GENERATOR_PROCESSES,
+        clients=concurrency,
+    )
+    return Traffic(load.records)
 
 
 def write(name: str, figures: dict[str, object]) -> None:
@@ -200,7 +173,7 @@ def sigkill(server: ServerProcess, args: argparse.Namespace) -> bool:
         load = asyncio.create_task(
             open_loop(server.url, args.kill_rate, args.kill_seconds, traffic)
         )
-        await asyncio.sleep(5)
+        await asyncio.sleep(START_DELAY_S + 5)
         killed_at = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
         nonlocal killed_utc

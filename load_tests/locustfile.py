@@ -1,7 +1,8 @@
 """Locust workloads for the CLIP-score service (images generated deterministically at start).
 
 Run headless through ``python -m load_tests.run`` (``make load-test``), or directly:
-``locust -f load_tests/locustfile.py --host http://127.0.0.1:3000``.
+``python -m locust -f load_tests/locustfile.py --host http://127.0.0.1:3000`` from the
+repository root (so that ``load_tests`` imports).
 
 A deliberate shed (503/429 with Retry-After and the error code ``overloaded``) and the expected
 4xx of the bad-input user count as successes: both are the service doing its job. Anything else
@@ -16,16 +17,12 @@ from __future__ import annotations
 import base64
 import io
 import random
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from locust import FastHttpUser, between, events, task
 from locust.env import Environment
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `locust -f` from anywhere
 
 from load_tests.verdicts import error_code, is_deliberate_shed
 

@@ -26,6 +26,8 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
+from clip_testkit.latency import REPORTED, percentile
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -71,7 +73,6 @@ def bentoml_home() -> Path:
 
 
 def start_service(models: str, log_dir: Path, port: int | None = None) -> object:
-    sys.path.insert(0, str(ROOT))
     from clip_runtime.model_entry import store_name
     from clip_testkit.server import ServerProcess, save_random_init_models
 
@@ -84,18 +85,6 @@ def start_service(models: str, log_dir: Path, port: int | None = None) -> object
     server = ServerProcess(home, log_dir / "serve.log", {"CLIP_MODELS": models}, port=port)
     print(f"starting the service ({models}) on {server.url} ...", flush=True)
     return server.start()
-
-
-def percentile(histogram: Counter[int], fraction: float) -> int:
-    """Locust's own rule: the smallest rounded response time with at least ``fraction`` of the
-    requests at or below it (its histogram keys are rounded milliseconds)."""
-    wanted = fraction * sum(histogram.values())
-    seen = 0
-    for milliseconds in sorted(histogram):
-        seen += histogram[milliseconds]
-        if seen >= wanted:
-            return milliseconds
-    return 0
 
 
 def summarize(stats_json: Path) -> tuple[int, int]:
@@ -114,7 +103,8 @@ def summarize(stats_json: Path) -> tuple[int, int]:
     rows.append(("Aggregated", sum(r[1] for r in rows), sum(r[2] for r in rows), total))
     print(f"{'name':34} {'reqs':>7} {'fails':>6} {'p50':>7} {'p95':>7} {'p99':>7}  (ms)")
     for name, requests, failures, histogram in rows:
-        p50, p95, p99 = (percentile(histogram, f) for f in (0.5, 0.95, 0.99))
+        # Locust's histogram keys are rounded milliseconds; its rule is the shared one.
+        p50, p95, p99 = (int(percentile(histogram, f) or 0) for f in REPORTED.values())
         print(f"{name[:34]:34} {requests:>7} {failures:>6} {p50:>7} {p95:>7} {p99:>7}")
     return rows[-1][1], rows[-1][2]
 

@@ -6,18 +6,11 @@ right only while a check has killed the model worker itself; everywhere else it 
 
 from __future__ import annotations
 
-import json
+from clip_testkit.loadgen import error_code
+
+__all__ = ["error_code", "is_deliberate_shed", "is_worker_down_answer"]
 
 SHED_STATUSES = {429, 503}
-
-
-def error_code(body: str | bytes) -> str | None:
-    """``code`` of the error envelope ``{"error": {"code": ...}}``; None when there is none."""
-    try:
-        error = json.loads(body).get("error")
-    except (ValueError, AttributeError):
-        return None
-    return error.get("code") if isinstance(error, dict) else None
 
 
 def is_deliberate_shed(status: int, retry_after: str | None, code: str | None) -> bool:

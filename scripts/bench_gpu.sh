@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine (`make bench-gpu`): install what is missing from wheels carried
-# in .whl/, save random-init ViT-B-32 and ViT-L-14, serve them, run scripts/benchmark.py for both
+# in .whl/, save random-init ViT-B-32 and ViT-L-14, serve them, run scripts.benchmark for both
 # and write the markdown and JSON results and the server's log to OUT_DIR. Budget: 8 minutes in
 # all (BENCH_TIMEOUT_S bounds the benchmark itself).
 #
@@ -35,10 +35,10 @@ generators=${GENERATORS:-$(( cores >= 8 ? 4 : 1 ))}
 # choices"): ViT-B-32 gains up to 256, ViT-L-14 is compute-bound from 32 on.
 batching=${MODEL_MAX_BATCH_SIZE:-ViT-B-32=256,ViT-L-14=64}
 # shellcheck disable=SC2086  # word splitting of the model list is wanted
-"$py" scripts/save_models.py --models $models --random-init --seed 0 --if-missing
+"$py" -m scripts.save_models --models $models --random-init --seed 0 --if-missing
 echo "models saved after $(( $(date +%s) - started )) s"
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT_S:-420}" "$py" scripts/benchmark.py --models $models \
+timeout "${BENCH_TIMEOUT_S:-420}" "$py" -m scripts.benchmark --models $models \
   --bentoml-home "$BENTOML_HOME" --json "$out/benchmark.json" --markdown "$out/benchmark.md" \
   --generators "$generators" --seconds "${SECONDS_PER_RUN:-8}" --batch-scan 32 64 128 256 512 \
   --server-env "CLIP_HTTP_WORKERS=$(( cores > generators + 1 ? cores - generators : 1 ))" \

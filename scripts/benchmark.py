@@ -2,8 +2,8 @@
 """One run, one machine, one JPEG set: the hardware ceiling, the in-process pipeline, the naive
 per-pair baseline and the running service over HTTP, side by side.
 
-    python scripts/benchmark.py --quick --models ViT-B-32          # what `make bench-quick` runs
-    python scripts/benchmark.py --url http://host:3000              # an already running service
+    python -m scripts.benchmark --quick --models ViT-B-32          # what `make bench-quick` runs
+    python -m scripts.benchmark --url http://host:3000              # an already running service
 
 Measurements, per model (all on the same 640x480 ~100 KB photo-like JPEGs, 8 repeated prompts):
   ceiling    encoder only (image tower, pre-made pixels), batch 256 (--quick: 32)
@@ -42,22 +42,22 @@ import numpy as np
 import psutil
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from clip_runtime import ClipEngine, ClipSettings, Job  # noqa: E402
-from clip_runtime.device import resolve_device  # noqa: E402
-from clip_runtime.images import ImageLimits  # noqa: E402
-from clip_runtime.model import ClipModel  # noqa: E402
-from clip_runtime.model_entry import store_name  # noqa: E402
-from clip_runtime.tensor_decode import TensorPreprocessor  # noqa: E402
-from clip_testkit.images import encode, jpeg_bytes, photo_like  # noqa: E402
-from clip_testkit.server import (  # noqa: E402
+from clip_runtime import ClipEngine, ClipSettings, Job
+from clip_runtime.device import resolve_device
+from clip_runtime.images import ImageLimits
+from clip_runtime.model import ClipModel
+from clip_runtime.model_entry import store_name
+from clip_runtime.tensor_decode import TensorPreprocessor
+from clip_testkit.images import encode, jpeg_bytes, photo_like
+from clip_testkit.latency import latency_percentiles_ms as percentiles
+from clip_testkit.loadgen import UNIQUE_MARKER, LoadResult, run_load
+from clip_testkit.server import (
     ServerProcess,
     model_folder,
     save_random_init_models,
 )
-from scripts.loadgen import UNIQUE_MARKER, LoadResult, run_load  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = [f"a photo of a {thing}" for thing in ("cat", "dog", "bridge", "car", "tree", "cake")]
 PROMPTS += ["two people on a beach at sunset", "a diagram of a neural network"]
@@ -101,19 +101,6 @@ class Config:
     batch_clients: int = 4
     idle_rate: float = 2.0  # requests/s of the idle latency runs
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def percentiles(latencies: list[float], failed: int = 0) -> dict[str, float | None]:
-    """Percentiles in ms; each failure counts as an unbounded latency (shown as inf), so that
-    failing requests can never make the figures look better."""
-    if not latencies and not failed:
-        return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
-    ordered = sorted(latencies) + [float("inf")] * failed
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 1)
-
-    return {"p50_ms": at(0.50), "p95_ms": at(0.95), "p99_ms": at(0.99)}
 
 
 def tree_rss(process: psutil.Process) -> int:
@@ -768,7 +755,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {
         "started": started,
-        "command": "python scripts/benchmark.py "
+        "command": "python -m scripts.benchmark "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": info,
         "weights": ", ".join(sorted(weights)),

@@ -1,7 +1,7 @@
 """What one saved model costs on this machine's CPU: load time, resident memory, and time per
 batch of 16 image-text pairs through both towers (fp32, one process, no HTTP).
 
-    python scripts/measure_model_cost.py clip-test-tiny siglip-test-tiny ViT-B-16-SigLIP
+    python -m scripts.measure_model_cost clip-test-tiny siglip-test-tiny ViT-B-16-SigLIP
 
 Each name is a served name already saved in the model store ($BENTOML_HOME). Models are loaded
 one after another in this process, so RSS is the increase each one brings. Prints figures; the
@@ -18,8 +18,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BATCH = 16
 

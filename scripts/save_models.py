@@ -24,8 +24,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from clip_runtime.registry import DEFAULT_MODELS, ModelSpec
 
 

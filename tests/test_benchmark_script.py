@@ -79,7 +79,7 @@ class _Answers(BaseHTTPRequestHandler):
 
 def test_load_generator_counts_failures_in_percentiles_and_numbers_unique_bodies() -> None:
     bench = load_script()
-    from scripts.loadgen import UNIQUE_MARKER, run_load
+    from clip_testkit.loadgen import UNIQUE_MARKER, run_load
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -10,9 +10,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clip_service.middleware import BodyDeadline, RequestGuardMiddleware
+from clip_service.middleware.body import BodyDeadline
+from clip_testkit.guard import guarded
 
 
 async def echo_length(request: Request) -> JSONResponse:
@@ -20,13 +21,18 @@ async def echo_length(request: Request) -> JSONResponse:
     return JSONResponse({"bytes": len(body)})
 
 
-def guarded(deadline: BodyDeadline) -> RequestGuardMiddleware:
+def guarded_echo(deadline: BodyDeadline) -> ASGIApp:
     app = Starlette(routes=[Route("/evaluator/echo", echo_length, methods=["POST"])])
-    return RequestGuardMiddleware(app, max_request_bytes=10_000_000, body_deadline=deadline)
+    return guarded(
+        app,
+        max_request_bytes=10_000_000,
+        body_timeout_s=deadline.timeout_s,
+        body_min_rate_bytes_s=deadline.min_rate_bytes_s,
+    )
 
 
 async def post(
-    guard: RequestGuardMiddleware, chunks: list[bytes], gap_s: float
+    guard: ASGIApp, chunks: list[bytes], gap_s: float
 ) -> tuple[int, dict[bytes, bytes], dict, float]:
     """POST ``chunks`` ``gap_s`` apart; the status, headers, JSON body and seconds taken."""
     pending = list(chunks)
@@ -65,7 +71,7 @@ async def post(
 
 def test_trickled_body_gets_408_and_the_connection_is_closed() -> None:
     # 1 byte every 0.1 s against 0.5 s + 1 s per 1,000 bytes: cut after about 0.5 s.
-    guard = guarded(BodyDeadline(timeout_s=0.5, min_rate_bytes_s=1000))
+    guard = guarded_echo(BodyDeadline(timeout_s=0.5, min_rate_bytes_s=1000))
     status, headers, body, took_s = asyncio.run(post(guard, [b"x"] * 100, gap_s=0.1))
     assert status == 408
     assert body["error"]["code"] == "request_timeout"
@@ -76,7 +82,7 @@ def test_trickled_body_gets_408_and_the_connection_is_closed() -> None:
 
 def test_body_at_the_minimum_rate_keeps_extending_its_deadline() -> None:
     # 2,000 bytes every 0.2 s (10 kB/s) for 2 s, far past the 0.5 s base: each chunk earns 2 s.
-    guard = guarded(BodyDeadline(timeout_s=0.5, min_rate_bytes_s=1000))
+    guard = guarded_echo(BodyDeadline(timeout_s=0.5, min_rate_bytes_s=1000))
     status, headers, body, took_s = asyncio.run(post(guard, [b"x" * 2000] * 10, gap_s=0.2))
     assert (status, body) == (200, {"bytes": 20_000})
     assert b"connection" not in headers
@@ -96,9 +102,7 @@ def test_a_deadline_does_not_apply_after_the_body_is_complete() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    guard = RequestGuardMiddleware(
-        app, max_request_bytes=1000, body_deadline=BodyDeadline(0.2, 1000)
-    )
+    guard = guarded(app, body_timeout_s=0.2, body_min_rate_bytes_s=1000)
     status, _, _, _ = asyncio.run(post(guard, [b"done"], gap_s=0))
     assert status == 200
     assert [m["type"] for m in seen] == ["http.request", "still connected"]

@@ -12,7 +12,7 @@ from bentoml.exceptions import InternalServerError, InvalidArgument
 from pydantic import BaseModel, ValidationError
 
 from clip_service.errors import CURRENT_REQUEST_ID
-from clip_service.middleware import BENTOML_API_ERROR_LOGGER, quiet_client_error_logs
+from clip_service.middleware.client_logs import BENTOML_API_ERROR_LOGGER, quiet_client_error_logs
 
 
 class Body(BaseModel):
@@ -71,7 +71,7 @@ def test_server_errors_keep_their_traceback(records: list[logging.LogRecord]) ->
 
 
 def test_lines_carry_the_request_id_of_the_answer(records: list[logging.LogRecord]) -> None:
-    token = CURRENT_REQUEST_ID.set("req-7")  # what RequestGuardMiddleware sets per request
+    token = CURRENT_REQUEST_ID.set("req-7")  # what RequestIdMiddleware sets per request
     try:
         log_failure(InvalidArgument("bad"))
         log_failure(RuntimeError("boom"))

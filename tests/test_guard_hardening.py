@@ -15,10 +15,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_service.framing import AmbiguousLengthMiddleware
-from clip_service.middleware import BodyDeadline, RequestGuardMiddleware
+from clip_testkit.guard import guarded
 
 UPLOAD = "/evaluator/up"
 
@@ -71,19 +71,20 @@ async def bentoml_like(request: Request) -> JSONResponse:
     return response
 
 
-def guard() -> RequestGuardMiddleware:
+def guard() -> ASGIApp:
     app = Starlette(
         routes=[
             Route("/evaluator/echo", bentoml_like, methods=["POST"]),
             Route(UPLOAD, bentoml_like, methods=["POST"]),
         ]
     )
-    return RequestGuardMiddleware(
+    return guarded(
         app,
-        max_request_bytes=10_000,
-        body_deadline=BodyDeadline(timeout_s=5, min_rate_bytes_s=1000),
         file_fields={UPLOAD: frozenset({"image"})},
         input_fields={UPLOAD: ("image", "text", "model")},
+        max_request_bytes=10_000,
+        body_timeout_s=5,
+        body_min_rate_bytes_s=1000,
     )
 
 

@@ -41,3 +41,21 @@ def test_product_code_imports_no_test_code() -> None:
 
 def test_the_check_sees_an_import_of_test_code() -> None:
     assert imported_top_levels(ROOT / "scripts" / "benchmark.py") >= {"clip_testkit"}
+
+
+def test_the_wheel_holds_every_product_package_and_no_test_support() -> None:
+    """``[tool.setuptools] packages`` lists packages one by one: a new subpackage left out would
+    be missing from the wheel; test support listed would ship."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    product = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for entry in PRODUCT
+        if (ROOT / entry).is_dir()
+        for init in (ROOT / entry).rglob("__init__.py")
+    }
+    assert listed == product
+    assert not listed & TEST_ONLY

@@ -12,8 +12,8 @@ import pytest
 from bentoml._internal.server.http.access import AccessLogMiddleware
 from starlette.types import Message, Receive, Scope, Send
 
-from clip_service.middleware import RequestGuardMiddleware
 from clip_service.observability import escape_control_characters, escape_logged_client_values
+from clip_testkit.guard import guarded
 
 FORGED = "/evaluator/x\r\n2026-01-01 [ERROR] forged line\x1b[31m\u2028"
 
@@ -76,7 +76,7 @@ def test_control_characters_are_written_as_escapes() -> None:
 
 
 def test_the_guards_refusal_log_line_is_one_line(log_text: io.StringIO) -> None:
-    guard = RequestGuardMiddleware(not_found, max_request_bytes=100, api_keys=("k" * 20,))
+    guard = guarded(not_found, api_keys=["k" * 20])
     serve(guard, http_scope(FORGED))
     lines = log_text.getvalue().splitlines()
     assert len(lines) == 1, lines

@@ -94,11 +94,13 @@ def test_pretrained_offline_fails_fast_and_names_the_options(tmp_path: Path) -> 
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "scripts" / "save_models.py"),
+            "-m",
+            "scripts.save_models",
             "--models",
             "ViT-B-32",
             "--offline",
         ],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         env=env,

@@ -20,14 +20,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from clip_runtime import errors as E
+from clip_runtime.settings import ClipSettings
 from clip_runtime.tokens import TextTokenizer
 from clip_service.admission import InFlightLimitMiddleware
 from clip_service.bentoml_adapter import document_plain_routes
-from clip_service.middleware import RequestGuardMiddleware
+from clip_service.middleware import middleware_stack, wrap
 from clip_service.observability import service_metrics
 from clip_service.openai_api import (
     FieldError,
-    OpenAIErrorShapeMiddleware,
     check_dimensions,
     encode_embedding,
     input_items,
@@ -35,6 +35,7 @@ from clip_service.openai_api import (
     reshape_error,
 )
 from clip_service.openai_schemas import ImageItem, ModelList, TextItem
+from clip_testkit.guard import guarded
 
 KEY = "a-key-0123456789"
 PREFIXES = ("/evaluator/", "/v1/")
@@ -50,13 +51,14 @@ def app_answering(status: int, body: dict[str, Any]) -> Callable[..., Any]:
     return app
 
 
-def front_end(app: Callable[..., Any], in_flight_limit: int = 8) -> Any:
-    """The front end's order: OpenAI shapes outside the guard, the in-flight limit inside."""
-    limited = InFlightLimitMiddleware(app, limit=in_flight_limit, retry_after_s=3, prefix=PREFIXES)
-    guard = RequestGuardMiddleware(
-        limited, max_request_bytes=1000, api_keys=(KEY,), error_prefix=PREFIXES, retry_after_s=3
+def front_end(app: Callable[..., Any]) -> Any:
+    """``app`` inside the front end's whole middleware stack (OpenAI's shapes included)."""
+    return guarded(
+        app,
+        api_keys=[KEY],
+        max_request_bytes=1024,
+        retry_after_s=3,
     )
-    return OpenAIErrorShapeMiddleware(guard)
 
 
 def post(app: Any, path: str, key: str | None = KEY, body: bytes = b"{}") -> httpx.Response:
@@ -91,7 +93,11 @@ def test_the_guards_refusals_on_v1_come_in_openais_shape() -> None:
 
 
 def test_overload_on_v1_is_a_503_with_retry_after_in_openais_shape() -> None:
-    shed = post(front_end(app_answering(200, {}), in_flight_limit=0), "/v1/embeddings")
+    layers = middleware_stack(ClipSettings(api_keys=[KEY], retry_after_s=3), {}, {})
+    in_flight, options = layers[-1]
+    assert in_flight is InFlightLimitMiddleware
+    layers[-1] = (in_flight, options | {"limit": 0})  # every request over the limit
+    shed = post(wrap(app_answering(200, {}), layers), "/v1/embeddings")
     assert shed.status_code == 503 and shed.headers["retry-after"] == "3"
     error = shed.json()["error"]
     assert (error["type"], error["code"]) == ("server_error", "overloaded")

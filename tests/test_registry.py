@@ -88,7 +88,8 @@ def test_unknown_architecture_or_tag_fails_at_save_with_the_valid_names(tmp_path
     home = tmp_path / "home"
     runs = {
         spec: subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "save_models.py"), "--models", spec, *flags],
+            [sys.executable, "-m", "scripts.save_models", "--models", spec, *flags],
+            cwd=ROOT,
             env={**os.environ, "BENTOML_HOME": str(home)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

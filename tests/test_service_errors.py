@@ -22,7 +22,7 @@ from clip_service.errors import (
     api_errors,
     http_status,
 )
-from clip_service.middleware import validation_message
+from clip_service.middleware.error_envelope import validation_message
 from clip_service.observability import service_metrics
 
 T = TypeVar("T")
@@ -85,7 +85,7 @@ def test_client_gone_is_499_and_unknown_errors_are_500() -> None:
 
 def test_error_answers_are_logged_with_their_request_id(caplog: pytest.LogCaptureFixture) -> None:
     async def with_id(ctx: bentoml.Context) -> object:
-        token = CURRENT_REQUEST_ID.set("req-42")  # what RequestGuardMiddleware sets
+        token = CURRENT_REQUEST_ID.set("req-42")  # what RequestIdMiddleware sets
         try:
             return await Handlers().fails(ctx=ctx)
         finally:
@@ -149,7 +149,7 @@ def test_framework_errors_get_the_envelope_but_health_keeps_its_own_503() -> Non
     they are unavailable, as documented."""
     import httpx
 
-    from clip_service.middleware import RequestGuardMiddleware
+    from clip_testkit.guard import guarded
 
     document = {"status": "unavailable", "default_model": "m", "models": []}
 
@@ -159,9 +159,7 @@ def test_framework_errors_get_the_envelope_but_health_keeps_its_own_503() -> Non
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    guard = RequestGuardMiddleware(
-        app, max_request_bytes=1000, own_error_bodies=frozenset({"/evaluator/health"})
-    )
+    guard = guarded(app, own_error_bodies=frozenset({"/evaluator/health"}))
 
     async def get(path: str) -> httpx.Response:
         transport = httpx.ASGITransport(app=guard)

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from clip_service.bentoml_adapter import forbid_unknown_fields
-from clip_service.middleware import MAX_LISTED_PROBLEMS, _rewrite_error
+from clip_service.middleware.error_envelope import MAX_LISTED_PROBLEMS, rewrite_error
 from clip_service.schemas import MAX_NAMED_UNKNOWN_FIELDS, BatchItem
 
 
@@ -38,7 +38,7 @@ def test_many_unknown_fields_give_a_few_errors_and_a_count() -> None:
     assert [d["loc"] for d in detail[:2]] == [("k0",), ("k1",)]
     assert detail[-1]["msg"] == f"{KEYS - MAX_NAMED_UNKNOWN_FIELDS} more unknown fields"
     body = json.dumps({"detail": detail}, default=list).encode()
-    answer = _rewrite_error(400, body, "r1", tuple(SPEC.model_fields))
+    answer = rewrite_error(400, body, "r1", tuple(SPEC.model_fields))
     message = json.loads(answer)["error"]["message"]
     assert message.startswith("unknown field 'k0' (fields: ")
     assert message.endswith(f"{KEYS - MAX_NAMED_UNKNOWN_FIELDS} more unknown fields")
@@ -56,7 +56,7 @@ def test_a_long_unknown_name_is_echoed_cut_short() -> None:
     for unknown in ({"x" * 100_000: 1}, {f"{i}" + "x" * 100_000: 1 for i in range(20)}):
         detail = refused({"image": "a", "text": "b", **unknown})
         body = json.dumps({"detail": detail}, default=list).encode()
-        assert len(_rewrite_error(400, body, "r1", tuple(SPEC.model_fields))) < 5_000
+        assert len(rewrite_error(400, body, "r1", tuple(SPEC.model_fields))) < 5_000
 
 
 def test_unknown_fields_of_batch_items_are_bounded_too() -> None:
@@ -68,6 +68,6 @@ def test_unknown_fields_of_batch_items_are_bounded_too() -> None:
 
 def test_an_error_answer_lists_a_bounded_number_of_problems() -> None:
     detail = [{"type": "missing", "loc": ["items", i, "text"], "msg": "x"} for i in range(10_000)]
-    answer = json.loads(_rewrite_error(400, json.dumps({"detail": detail}).encode(), "r1"))
+    answer = json.loads(rewrite_error(400, json.dumps({"detail": detail}).encode(), "r1"))
     assert len(answer["error"]["detail"]) == MAX_LISTED_PROBLEMS
     assert answer["error"]["message"].endswith(f"and {10_000 - MAX_LISTED_PROBLEMS} more problems")
