@@ -450,6 +450,7 @@ class EvaluatorImpl:
                     family=entry.family,
                     device=status.device if status else None,
                     dtype=status.dtype if status else None,
+                    runtime=status.runtime if status else None,
                     ready=bool(status and status.ready),
                 )
             )
