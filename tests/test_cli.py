@@ -561,3 +561,33 @@ def test_console_script_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
         entry(["--help"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.startswith("usage: clip-eval [-h]")
+
+
+def test_local_engine_on_the_openvino_runtime(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    from clip_runtime import openvino_runtime
+
+    monkeypatch.setenv("CLIP_RUNTIME_CACHE_DIR", str(tmp_path / "cache"))
+    dataset = make_dataset(tmp_path / "data")
+    output = tmp_path / "scores.csv"
+    conversions = openvino_runtime.stats.conversions
+    code = run_cli(dataset.path, "-o", output, "--runtime", "openvino", *tiny_args(tiny_model_dir))
+    assert code == 0
+    assert openvino_runtime.stats.conversions == conversions + 1  # it ran on OpenVINO
+    check_output(output, dataset, tiny_model_dir, atol=1e-4)  # docs/runtime.md's fp32 bound
+
+
+def test_a_precision_the_cpu_cannot_run_is_refused(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr("clip_runtime.runtimes.cpu_has_native_bf16", lambda: False)
+    dataset = make_dataset(tmp_path / "data")
+    args = ["--runtime", "torch", "--precision", "bf16", "--device", "cpu"]
+    code = run_cli(dataset.path, "-o", tmp_path / "out.csv", *args, *tiny_args(tiny_model_dir))
+    assert code == 2
+    assert "no native bf16" in capsys.readouterr().err
