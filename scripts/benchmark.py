@@ -64,6 +64,7 @@ from scripts.loadgen import UNIQUE_MARKER, LoadResult, run_load  # noqa: E402
 
 PROMPTS = [f"a photo of a {thing}" for thing in ("cat", "dog", "bridge", "car", "tree", "cake")]
 PROMPTS += ["two people on a beach at sunset", "a diagram of a neural network"]
+SPEED_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
 LIMITS = ImageLimits(max_image_bytes=16 << 20, max_image_pixels=40_000_000, min_image_side=4)
 
 
@@ -643,16 +644,20 @@ def machine(device: torch.device) -> dict[str, Any]:
     import torchvision
 
     cpu_model = platform.processor() or ""
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not cpu_model:
                 cpu_model = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     info: dict[str, Any] = {
         "cpu": cpu_model,
         "cpu_count": os.cpu_count(),
+        # What decides the CPU runtimes' speed: vector width, bf16 and AMX support.
+        "cpu_flags": " ".join(sorted(flags & SPEED_FLAGS)) or "unknown",
         "torch_threads": torch.get_num_threads(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "platform": platform.platform(),
@@ -675,7 +680,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"## {result['started']} — {m['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}",
         "",
         f"- Command: `{result['command']}`",
-        f"- Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}; "
+        f"- Machine: {m['cpu']} (flags: {m.get('cpu_flags', 'not recorded')}), "
+        f"{m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}; "
         f"load average {m['load_avg_start']} at start, {m.get('load_avg_end')} at end",
         f"- Versions: Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
         f"open_clip {m['open_clip']}, bentoml {m['bentoml']}",
