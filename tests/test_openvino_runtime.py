@@ -17,7 +17,7 @@ from clip_runtime.errors import RuntimeSetupError
 from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.model_entry import read_entry
-from clip_runtime.runtimes import RuntimePlan, cpu_has_native_bf16, resolve_runtime
+from clip_runtime.runtimes import RuntimePlan, cpu_has_native_bf16, resolve_runtime, torch_plan
 from clip_testkit.images import jpeg_bytes
 from clip_testkit.reference import reference_cosines
 
@@ -67,7 +67,7 @@ def check_against_open_clip(folder: Path, model: ClipModel, bound: float) -> Non
     np.testing.assert_allclose(ours, expected, atol=bound, rtol=0)
 
 
-@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "b32_model_dir"])
+@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "siglip_model_dir", "b32_model_dir"])
 def test_fp32_matches_open_clip_torch(
     model_dir: str, cache_dir: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -75,9 +75,13 @@ def test_fp32_matches_open_clip_torch(
     model = ClipModel("test", folder, plan(cache_dir), LIMITS, 16)
     assert (model.info.runtime, model.info.dtype) == ("openvino", "fp32")
     check_against_open_clip(folder, model, FP32_BOUND)
-    reference = ClipModel("ref", folder, plan(cache_dir), LIMITS, 0)  # from the cache
-    assert model.logit_scale == pytest.approx(reference.logit_scale)
-    assert model.family == "clip" and model.logit_bias is None
+    on_torch = ClipModel("ref", folder, torch_plan(torch.device("cpu")), LIMITS, 0)
+    assert model.family == on_torch.family
+    assert model.logit_scale == pytest.approx(on_torch.logit_scale, rel=1e-6)
+    if on_torch.logit_bias is None:
+        assert model.logit_bias is None
+    else:
+        assert model.logit_bias == pytest.approx(on_torch.logit_bias, rel=1e-6)
 
 
 def test_bf16_within_its_bound(b32_model_dir: Path, cache_dir: Path) -> None:
