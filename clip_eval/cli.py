@@ -27,6 +27,7 @@ from clip_eval.errors import ClipEvalError, UsageError
 from clip_eval.images import LoaderConfig
 from clip_eval.output import OutputFile, read_results
 from clip_eval.summary import format_summary, plot_histogram, summarize, untrained_note
+from clip_runtime.errors import RuntimeSetupError
 from clip_runtime.registry import DEFAULT_MODELS
 
 logger = logging.getLogger("clip_eval")
@@ -116,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=("auto", "fp32", "fp16", "bf16"), help="default: CLIP_PRECISION"
     )
     local.add_argument(
+        "--runtime",
+        choices=("auto", "torch", "openvino"),
+        help="what runs the towers (default: CLIP_RUNTIME; auto: openvino on CPU when installed)",
+    )
+    local.add_argument(
         "--io-workers", type=_positive_int, default=16, help="threads reading images (16)"
     )
 
@@ -198,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClipEvalError as error:
         print(f"clip-eval: error: {error}", file=sys.stderr)
         return error.exit_code
+    except RuntimeSetupError as error:  # --runtime/--precision this machine cannot run
+        print(f"clip-eval: error: {error}", file=sys.stderr)
+        return UsageError.exit_code
     except KeyboardInterrupt:  # before or after scoring: nothing to save
         print("clip-eval: interrupted", file=sys.stderr)
         return 130
@@ -354,6 +363,7 @@ def build_engine(args: argparse.Namespace, models: tuple[str, ...], loader: Load
         io_workers=args.io_workers,
         device=args.device,
         precision=args.precision,
+        runtime=args.runtime,
         keep_vectors=args.embeddings_out is not None,
     )
     if args.engine == "local":

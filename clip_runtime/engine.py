@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from clip_runtime.decode_placement import handles_preprocessing
-from clip_runtime.device import resolve_device, resolve_dtype
+from clip_runtime.device import resolve_device
 from clip_runtime.errors import ClipError
 from clip_runtime.images import ImagePreprocessor
 from clip_runtime.jobs import ImageInput, Job, JobOutcome
@@ -25,6 +25,7 @@ from clip_runtime.memory import freeze_startup_objects
 from clip_runtime.model import BatchReport, ClipModel, Crop, Tokenized
 from clip_runtime.model_entry import ModelEntry
 from clip_runtime.preprocessing import check_text, image_limits, resolve_model_name
+from clip_runtime.runtimes import resolve_runtime
 from clip_runtime.settings import ClipSettings
 from clip_runtime.tensor_decode import SideStream, TensorPreprocessor, tensor_decode_enabled
 
@@ -45,17 +46,23 @@ class ClipEngine:
 
     def __init__(self, settings: ClipSettings, folders: Mapping[str, Path]) -> None:
         self.settings = settings
-        device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.precision, device)
+        plan = resolve_runtime(settings)
+        device = plan.device
         limits = image_limits(settings)
         self.models: dict[str, ClipModel] = {}
         for name in settings.models:
-            logger.info("loading %s from %s on %s", name, folders[name], device)
-            self.models[name] = ClipModel(
+            logger.info(
+                "loading %s from %s on %s (%s, %s)",
                 name,
                 folders[name],
                 device,
-                dtype,
+                plan.runtime,
+                plan.precision,
+            )
+            self.models[name] = ClipModel(
+                name,
+                folders[name],
+                plan,
                 limits,
                 settings.text_cache_size,
                 settings.max_text_word_chars,

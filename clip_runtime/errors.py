@@ -122,3 +122,8 @@ class OverloadedError(ClipError):
     """More work than the service accepts at once: shed at once, the client retries later."""
 
     code = "overloaded"
+
+
+class RuntimeSetupError(RuntimeError):
+    """A ``CLIP_RUNTIME`` / ``CLIP_PRECISION`` this machine cannot run as asked (refused at start,
+    never degraded to a slow path); the message says what to set instead."""

@@ -15,17 +15,16 @@ import torch
 import torch.nn.functional as F
 from cachetools import LRUCache
 
-from clip_runtime.device import dtype_name
 from clip_runtime.images import ImageLimits, ImagePreprocessor
 from clip_runtime.jobs import JobOutcome
 from clip_runtime.model_entry import (
     Family,
     ModelEntry,
     embed_dim,
-    family_of,
     read_entry,
     verify_weights,
 )
+from clip_runtime.runtimes import Encoders, RuntimePlan, load_encoders
 from clip_runtime.settings import DEFAULT_MAX_TEXT_WORD_CHARS
 from clip_runtime.tokens import TextTokenizer
 
@@ -48,6 +47,7 @@ class ModelInfo:
     weights_sha256: str
     device: str
     dtype: str
+    runtime: str  # what runs the towers (clip_runtime.runtimes): torch or openvino
     embed_dim: int
     context_length: int
     image_size: tuple[int, int]
@@ -85,37 +85,34 @@ class ClipModel:
         self,
         name: str,
         folder: Path,
-        device: torch.device,
-        dtype: torch.dtype,
+        plan: RuntimePlan,
         limits: ImageLimits,
         text_cache_size: int,
         max_text_word_chars: int = DEFAULT_MAX_TEXT_WORD_CHARS,
     ) -> None:
-        import open_clip
-
         self.entry: ModelEntry = read_entry(folder)
         verify_weights(folder, self.entry)
-        model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}", device="cpu")
-        # Cast once, then move: weights never change after this point.
-        self._model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.tokenizer = TextTokenizer(folder, max_text_word_chars)
         self.preprocessor = ImagePreprocessor(self.entry.preprocess_cfg, limits)
-        self.device = device
-        self.dtype = dtype
+        self.encoders: Encoders = load_encoders(
+            folder, self.entry, plan, self.preprocessor.size, self.tokenizer.context_length
+        )
+        self.device = plan.device
         self._text_cache: LRUCache[str, TextEmbedding] | None = (
             LRUCache(maxsize=text_cache_size) if text_cache_size > 0 else None
         )
         self._cache_lock = threading.Lock()
         context_length = self.tokenizer.context_length
-        self.family: Family = family_of(self._model)
+        self.family: Family = self.encoders.family
         self.info = ModelInfo(
             name=name,
             architecture=self.entry.architecture,
             pretrained=self.entry.pretrained,
             weights_source=self.entry.weights_source,
             weights_sha256=self.entry.weights_sha256,
-            device=str(device),
-            dtype=dtype_name(dtype),
+            device=str(plan.device),
+            dtype=plan.precision,
+            runtime=plan.runtime,
             embed_dim=embed_dim(folder),
             context_length=context_length,
             image_size=self.preprocessor.size,
@@ -160,13 +157,11 @@ class ClipModel:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Embeddings of a normalised NCHW float batch (the image tower alone)."""
-        pixels = pixels.to(self.device, non_blocking=True).to(self.dtype)
-        return F.normalize(self._model.encode_image(pixels).float(), dim=-1)
+        return F.normalize(self.encoders.encode_image(pixels), dim=-1)
 
     @torch.inference_mode()
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.to(self.device, non_blocking=True)
-        return F.normalize(self._model.encode_text(tokens).float(), dim=-1)
+        return F.normalize(self.encoders.encode_text(tokens), dim=-1)
 
     def _tokenize(
         self, texts: list[str], tokenized: Mapping[str, Tokenized]
@@ -278,13 +273,12 @@ class ClipModel:
     @property
     def logit_scale(self) -> float:
         """The temperature the model was trained with (for softmax probabilities)."""
-        return float(self._model.logit_scale.exp().item())
+        return self.encoders.logit_scale
 
     @property
     def logit_bias(self) -> float | None:
         """SigLIP's learnt bias, added to ``logit_scale * cos`` before the sigmoid; None: CLIP."""
-        bias = getattr(self._model, "logit_bias", None)
-        return None if bias is None else float(bias.item())
+        return self.encoders.logit_bias
 
     def warm_up(self) -> None:
         """One forward pass of each tower, so the first request does not pay for lazy init."""

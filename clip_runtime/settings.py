@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from clip_runtime.registry import DEFAULT_MODELS
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
+RuntimeName = Literal["auto", "torch", "openvino"]
 
 # The longest side over the shortest that an image may have (``CLIP_MAX_IMAGE_ASPECT_RATIO``).
 DEFAULT_MAX_IMAGE_ASPECT_RATIO = 50.0
@@ -51,7 +52,21 @@ class ClipSettings(BaseSettings):
     )
     precision: Precision = Field(
         default="auto",
-        description="`auto` (fp16 on CUDA, fp32 on CPU/MPS), `fp32`, `fp16` or `bf16`.",
+        description="`auto`: fp16 on CUDA; bf16 with the OpenVINO runtime on a CPU with native "
+        "bf16 (AMX or AVX512_BF16); fp32 otherwise. `fp32` forces exact scores; `fp16`; `bf16` "
+        "(refused at start on a CPU without native bf16). See docs/runtime.md.",
+    )
+    runtime: RuntimeName = Field(
+        default="auto",
+        description="What runs the two towers: `torch`, or `openvino` (CPU only, several times "
+        "faster there with bf16). `auto`: torch on CUDA/MPS, openvino on CPU when it is "
+        "installed; `openvino` when it is not installed is refused at start.",
+    )
+    runtime_cache_dir: Path | None = Field(
+        default=None,
+        description="Where models converted for the OpenVINO runtime are kept (keyed by the "
+        "weights' sha256 and the OpenVINO version; checked before use). Unset: "
+        "`$BENTOML_HOME/clip-score-cache` when BENTOML_HOME is set, else `~/.cache/clip-score`.",
     )
     max_batch_size: int = Field(
         default=64, ge=1, description="Most image-text pairs in one model forward pass."
@@ -332,6 +347,8 @@ def settings_table() -> str:
             default = ",".join(f"{k}={v}" for k, v in default.items()) or "(none)"
         if name == "api_keys":
             default = "(none: auth off)"
+        elif default is None:
+            default = "(unset)"
         elif default == "":
             default = "(empty)"
         rows.append(f"| `CLIP_{name.upper()}` | `{default}` | {field.description} |")

@@ -91,6 +91,7 @@ def health_result(
                 family=entry.family,
                 device=status.device if status else None,
                 dtype=status.dtype if status else None,
+                runtime=status.runtime if status else None,
                 ready=worker_ready and (status is None or status.ready),
             )
         )

@@ -166,6 +166,7 @@ class ModelStatus(BaseModel):
     untrained: bool
     device: str
     dtype: str
+    runtime: str  # what runs the towers (clip_runtime.runtimes): torch or openvino
     ready: bool
     embed_dim: int
     logit_scale: float
@@ -183,6 +184,9 @@ class ModelHealth(BaseModel):
     untrained: bool
     device: str | None
     dtype: str | None
+    runtime: str | None = Field(
+        default=None, description="what runs the towers: torch or openvino (CLIP_RUNTIME)"
+    )
     ready: bool
     family: Literal["clip", "siglip"] = Field(
         description="clip: rank probabilities are a softmax; siglip: a sigmoid with logit_bias"

@@ -64,6 +64,7 @@ class ScorerImpl:
                 untrained=model.entry.is_untrained,
                 device=model.info.device,
                 dtype=model.info.dtype,
+                runtime=model.info.runtime,
                 ready=self.engine.ready,
                 embed_dim=model.info.embed_dim,
                 logit_scale=model.logit_scale,

@@ -11,6 +11,9 @@ Measurements, per model (all on the same 640x480 ~100 KB photo-like JPEGs, 8 rep
   tensor     the same through the tensor decode path (CLIP_GPU_DECODE=on; nvjpeg on CUDA)
   naive      one pair at a time: PIL + open_clip transform, encode image, encode text, fp32
   service    `bentoml serve` over HTTP: single at concurrency 1/16/64, batch of 32 and 256 items
+  runtimes   (--runtimes) per runtime and precision: the encoder ceiling, the in-process
+             pipeline and the service at 16 clients, with the first (converting) and the cached
+             start of the OpenVINO runtime; --runtimes-only measures these alone
 It prints JSON, writes it to --json, and appends a markdown table to --markdown. Figures are
 throughput of closed-loop clients; the load generator runs on the same machine (and cores).
 """
@@ -46,7 +49,7 @@ from clip_runtime import ClipEngine, ClipSettings, Job
 from clip_runtime.device import resolve_device
 from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
-from clip_runtime.model_entry import store_name
+from clip_runtime.model_entry import read_entry, store_name
 from clip_runtime.tensor_decode import TensorPreprocessor
 from clip_testkit.images import encode, jpeg_bytes, photo_like
 from clip_testkit.latency import latency_percentiles_ms as percentiles
@@ -61,6 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = [f"a photo of a {thing}" for thing in ("cat", "dog", "bridge", "car", "tree", "cake")]
 PROMPTS += ["two people on a beach at sunset", "a diagram of a neural network"]
+SPEED_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
 LIMITS = ImageLimits(max_image_bytes=16 << 20, max_image_pixels=40_000_000, min_image_side=4)
 
 
@@ -485,6 +489,139 @@ def measure_service(
     return rows, counters
 
 
+# -- runtimes ----------------------------------------------------------------------------------
+
+
+def runtime_variants(requested: list[str]) -> list[tuple[str, str]]:
+    """(runtime, precision) pairs from RUNTIME-PRECISION names; bf16 only where the CPU has it."""
+    from clip_runtime.runtimes import cpu_has_native_bf16
+
+    variants = []
+    for item in requested:
+        runtime, precision = item.split("-", 1)
+        if precision == "bf16" and not cpu_has_native_bf16():
+            print(f"skipping {item}: this CPU has no native bf16", flush=True)
+            continue
+        variants.append((runtime, precision))
+    return variants
+
+
+def timed_engine(settings: ClipSettings, folders: dict[str, Path]) -> tuple[ClipEngine, float]:
+    started = time.perf_counter()
+    engine = ClipEngine(settings, folders)
+    engine.warm_up()
+    return engine, round(time.perf_counter() - started, 1)
+
+
+def measure_runtimes(
+    name: str,
+    folder: Path,
+    home: Path,
+    images: list[bytes],
+    pairs: list[tuple[bytes, str | None]],
+    config: Config,
+    args: argparse.Namespace,
+) -> tuple[list[Row], dict[str, Any]]:
+    """Each (runtime, precision) of ``--runtimes``: the image encoder's ceiling (and the
+    ``--batch-scan`` sizes), the in-process bytes -> score pipeline, and the service (started
+    with that runtime, its default batching) at 16 clients; first and cached OpenVINO starts."""
+    from clip_runtime import openvino_runtime
+
+    cache = Path(tempfile.mkdtemp(prefix="clip-bench-ov-cache-"))
+    rows: list[Row] = []
+    summary: dict[str, Any] = {}
+    service: dict[str, float] = {}
+    for runtime, precision in runtime_variants(args.runtimes):
+        tag = f"{runtime} {precision}"
+        settings = ClipSettings(
+            models=[name],
+            default_model=name,
+            runtime=runtime,
+            precision=precision,
+            runtime_cache_dir=cache,
+            gpu_decode="off",
+        )
+        conversions = openvino_runtime.stats.conversions
+        engine, start_s = timed_engine(settings, {name: folder})
+        if runtime == "openvino":
+            converted = openvino_runtime.stats.conversions > conversions
+            summary[f"{tag} start s ({'converting' if converted else 'cached'})"] = start_s
+            if converted:
+                del engine
+                engine, cached_s = timed_engine(settings, {name: folder})
+                summary[f"{tag} start s (cached)"] = cached_s
+        model = engine.models[name]
+        measured = [measure_ceiling(model, config)]
+        if runtime == "openvino":  # the scan chooses this runtime's batching settings
+            measured += [measure_ceiling(model, config, size) for size in args.batch_scan]
+        measured.append(measure_pipeline(engine, name, pairs, "in-process bytes -> score"))
+        for row in measured:
+            row.name = f"{row.name}, {tag}"
+            print(json.dumps(asdict(row)), flush=True)
+        rows += measured
+        del engine, model
+        if not args.no_service:
+            env = {"CLIP_RUNTIME": runtime, "CLIP_PRECISION": precision}
+            row = runtime_service_row(name, images, home, cache, env, config, args)
+            row.name = f"{row.name}, {tag}"
+            rows.append(row)
+            service[tag] = row.pairs_s
+            pipeline = next(r for r in measured if r.name.startswith("in-process"))
+            summary[f"{tag} service / in-process pipeline"] = round(
+                row.pairs_s / pipeline.pairs_s, 2
+            )
+    baseline = service.get("torch fp32")
+    for tag, value in service.items():
+        if baseline and tag != "torch fp32":
+            summary[f"{tag} service / torch fp32 service"] = round(value / baseline, 2)
+    return rows, summary
+
+
+def runtime_service_row(
+    name: str,
+    images: list[bytes],
+    home: Path,
+    cache: Path,
+    env: dict[str, str],
+    config: Config,
+    args: argparse.Namespace,
+) -> Row:
+    """The service started with ``env`` (a runtime and precision), single pairs at 16 clients."""
+    log = Path(tempfile.mkdtemp(prefix="clip-bench-log-")) / "serve.log"
+    server_env = {
+        "CLIP_MODELS": name,
+        "CLIP_HTTP_WORKERS": str(ClipSettings(models=[name]).http_workers),  # the default
+        "CLIP_RUNTIME_CACHE_DIR": str(cache),  # the conversion made above, not one per server
+        **env,
+        **dict(item.split("=", 1) for item in args.server_env),
+    }
+    server = ServerProcess(home, log, server_env)
+    print(f"starting bentoml serve with {env} (log {log})", flush=True)
+    server.start()
+    try:
+        assert server.process is not None
+        url = server.url + "/evaluator/v1/evaluation/single"
+        bodies = single_bodies(
+            name, service_inputs([jpeg_bytes(seed) for seed in range(16)]).standard
+        )
+        run_load(url, bodies, mode="closed", seconds=2.0, processes=args.generators, clients=4)
+        sampler = PeakSampler(server.process.pid)
+        with sampler:
+            load = run_load(
+                url,
+                bodies,
+                mode="closed",
+                seconds=config.seconds,
+                processes=args.generators,
+                clients=16,
+            )
+        row = load_row(name, "service: single, 16 clients", load, 1, "closed 16", mb(sampler.peak))
+    finally:
+        server.stop()
+    print(json.dumps(asdict(row)), flush=True)
+    return row
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -494,16 +631,20 @@ def machine(device: torch.device) -> dict[str, Any]:
     import torchvision
 
     cpu_model = platform.processor() or ""
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not cpu_model:
                 cpu_model = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     info: dict[str, Any] = {
         "cpu": cpu_model,
         "cpu_count": os.cpu_count(),
+        # What decides the CPU runtimes' speed: vector width, bf16 and AMX support.
+        "cpu_flags": " ".join(sorted(flags & SPEED_FLAGS)) or "unknown",
         "torch_threads": torch.get_num_threads(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "platform": platform.platform(),
@@ -526,7 +667,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"## {result['started']} — {m['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}",
         "",
         f"- Command: `{result['command']}`",
-        f"- Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}; "
+        f"- Machine: {m['cpu']} (flags: {m.get('cpu_flags', 'not recorded')}), "
+        f"{m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}; "
         f"load average {m['load_avg_start']} at start, {m.get('load_avg_end')} at end",
         f"- Versions: Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
         f"open_clip {m['open_clip']}, bentoml {m['bentoml']}",
@@ -614,6 +756,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="settings for the started service, e.g. CLIP_MODEL_MAX_BATCH_SIZE=ViT-B-32=256",
     )
     parser.add_argument(
+        "--runtimes",
+        nargs="*",
+        default=["torch-fp32", "openvino-fp32", "openvino-bf16"],
+        metavar="RUNTIME-PRECISION",
+        help="runtimes compared side by side (bf16 skipped on a CPU without native bf16); none: "
+        "no comparison",
+    )
+    parser.add_argument(
+        "--runtimes-only",
+        action="store_true",
+        help="measure the runtime comparison alone (not the other rows)",
+    )
+    parser.add_argument(
         "--batch-sizes",
         type=int,
         nargs="+",
@@ -661,7 +816,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary: dict[str, dict[str, Any]] = {}
     weights: set[str] = set()
 
-    for name in args.models:
+    if args.runtimes and not args.url:
+        for name in args.models:
+            runtime_rows, summary[name] = measure_runtimes(
+                name, folders[name], home_env, images, pairs, config, args
+            )
+            rows += runtime_rows
+            weights.add(read_entry(folders[name]).weights_source)
+    for name in args.models if not args.runtimes_only else []:
         rss_before = tree_rss(psutil.Process())
         base = {"models": [name], "default_model": name}
         engine = ClipEngine(ClipSettings(**base, gpu_decode="off"), {name: folders[name]})
@@ -705,15 +867,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row.vs_naive = round(row.pairs_s / naive.pairs_s, 2)
             row.vs_ceiling = round(row.pairs_s / ceiling.pairs_s, 3)
         rows += measured
-        summary[name] = {
-            "in-process model RSS increment MB": base_rss,
-            "tensor-vs-PIL max |d uint8|": agree["max_abs_uint8_levels"],
-            f"tensor-vs-PIL max |d cosine| in {model_dtype} (bound: fp16 3e-3, fp32 1e-4)": (
-                f"{agree['max_abs_cosine']:.2e}"
-            ),
-        }
+        summary.setdefault(name, {}).update(
+            {
+                "in-process model RSS increment MB": base_rss,
+                "tensor-vs-PIL max |d uint8|": agree["max_abs_uint8_levels"],
+                f"tensor-vs-PIL max |d cosine| in {model_dtype} (bound: fp16 3e-3, fp32 1e-4)": (
+                    f"{agree['max_abs_cosine']:.2e}"
+                ),
+            }
+        )
 
-    if not args.no_service:
+    if not args.no_service and not args.runtimes_only:
         server = None
         base_url = args.url
         server_pid = None

@@ -68,6 +68,7 @@ def measure(name: str, folder: Path, repeats: int) -> Cost:
 
     from clip_runtime.images import ImageLimits
     from clip_runtime.model import ClipModel
+    from clip_runtime.runtimes import torch_plan
 
     process = psutil.Process()
     limits = ImageLimits(max_image_bytes=50_000_000, max_image_pixels=100_000_000, min_image_side=4)
@@ -75,7 +76,7 @@ def measure(name: str, folder: Path, repeats: int) -> Cost:
     weights_mib = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
     rss_before = process.memory_info().rss
     started = time.perf_counter()
-    model = ClipModel(name, folder, torch.device("cpu"), torch.float32, limits, 0)
+    model = ClipModel(name, folder, torch_plan(torch.device("cpu")), limits, 0)
     load_s = time.perf_counter() - started
     rss_mib = (process.memory_info().rss - rss_before) / 2**20
     crops = [model.preprocessor.from_bytes(image) for image in images]

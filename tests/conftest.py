@@ -9,6 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+# The suite checks scores against open_clip's torch fp32 at tight bounds and starts many servers:
+# torch unless a test asks for another runtime (tests/test_openvino_runtime.py does), so that no
+# server converts its models to OpenVINO (tens of seconds) on CLIP_RUNTIME=auto.
+os.environ.setdefault("CLIP_RUNTIME", "torch")
 
 import pytest
 from filelock import FileLock

@@ -4,6 +4,7 @@ report renders."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import ClassVar
 
+import pytest
 import torch
 
 from clip_runtime import ClipEngine, ClipSettings
@@ -58,6 +60,29 @@ def test_benchmark_pieces_run_and_render(tiny_model_dir: Path) -> None:
     }
     text = bench.markdown(result)
     assert text.count("| ViT-B-32 |") == 3 and "torch" in text
+
+
+def test_runtime_comparison_runs_in_process(tiny_model_dir: Path) -> None:
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    bench = load_script()
+    config = bench.Config(True, 4, 1, 4, 2, 1.0, 1.0)
+    args = argparse.Namespace(
+        runtimes=["torch-fp32", "openvino-fp32"], batch_scan=[2], no_service=True
+    )
+    pairs = [(jpeg_bytes(seed, 96, 72), "a cat") for seed in range(4)]
+    rows, summary = bench.measure_runtimes(
+        "ViT-B-32", tiny_model_dir, tiny_model_dir, [], pairs, config, args
+    )
+    names = [row.name for row in rows]
+    assert names == [
+        "ceiling: image encoder only, batch 4, torch fp32",
+        "in-process bytes -> score, torch fp32",
+        "ceiling: image encoder only, batch 4, openvino fp32",
+        "ceiling: image encoder only, batch 2, openvino fp32",
+        "in-process bytes -> score, openvino fp32",
+    ]
+    assert all(row.pairs_s > 0 for row in rows)
+    assert set(summary) == {"openvino fp32 start s (converting)", "openvino fp32 start s (cached)"}
 
 
 class _Answers(BaseHTTPRequestHandler):

@@ -617,3 +617,34 @@ def test_the_remote_engine_reads_untrained_models_from_health() -> None:
         assert RemoteEngine(config).untrained_models() == ["ViT-B-32"]
         running.routes.clear()  # 404: the service cannot say
         assert RemoteEngine(config).untrained_models() == []
+
+
+def test_local_engine_on_the_openvino_runtime(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    from clip_runtime import openvino_runtime
+
+    monkeypatch.setenv("CLIP_RUNTIME_CACHE_DIR", str(tmp_path / "cache"))
+    dataset = make_dataset(tmp_path / "data")
+    output = tmp_path / "scores.csv"
+    conversions = openvino_runtime.stats.conversions
+    args = ["--runtime", "openvino", "--precision", "fp32"]  # auto may be bf16 (its own bound)
+    code = run_cli(dataset.path, "-o", output, *args, *tiny_args(tiny_model_dir))
+    assert code == 0
+    assert openvino_runtime.stats.conversions == conversions + 1  # it ran on OpenVINO
+    check_output(output, dataset, tiny_model_dir, atol=1e-4)  # docs/runtime.md's fp32 bound
+
+
+def test_a_precision_the_cpu_cannot_run_is_refused(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr("clip_runtime.runtimes.cpu_has_native_bf16", lambda: False)
+    dataset = make_dataset(tmp_path / "data")
+    args = ["--runtime", "torch", "--precision", "bf16", "--device", "cpu"]
+    code = run_cli(dataset.path, "-o", tmp_path / "out.csv", *args, *tiny_args(tiny_model_dir))
+    assert code == 2
+    assert "no native bf16" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from clip_runtime import ClipEngine, ClipSettings, Job, JobOutcome
 from clip_runtime.errors import EmptyTextError, InvalidImageError, UnknownModelError
 from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
+from clip_runtime.runtimes import torch_plan
 from clip_testkit.images import jpeg_bytes
 from clip_testkit.reference import reference_cosines
 
@@ -23,7 +24,7 @@ CAPTIONS = ["a photo of a cat", "a diagram of a bridge", "two dogs on a beach at
 
 
 def load(folder: Path, cache: int = 16) -> ClipModel:
-    return ClipModel("test", folder, torch.device("cpu"), torch.float32, LIMITS, cache)
+    return ClipModel("test", folder, torch_plan(torch.device("cpu")), LIMITS, cache)
 
 
 def score(model: ClipModel, crops: list[np.ndarray], texts: list[str]) -> list[JobOutcome]:

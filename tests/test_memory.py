@@ -25,6 +25,7 @@ from clip_runtime.images import (
 )
 from clip_runtime.memory import DecodeBudget
 from clip_runtime.model import ClipModel
+from clip_runtime.runtimes import torch_plan
 from clip_testkit.images import encode, photo_like
 
 LIMITS = ImageLimits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, min_image_side=4)
@@ -232,7 +233,7 @@ def test_large_jpegs_decode_drafted_within_bounds_of_the_full_decode(b32_model_d
     """JPEGs far larger than the input decode at 1/2..1/8 scale (`Image.draft`): a fraction of
     the pixels, crops within 4 uint8 levels and cosines within 2e-3 of the full decode
     (random-init ViT-B-32). Smaller JPEGs and other formats decode exactly as before."""
-    model = ClipModel("test", b32_model_dir, torch.device("cpu"), torch.float32, LIMITS, 16)
+    model = ClipModel("test", b32_model_dir, torch_plan(torch.device("cpu")), LIMITS, 16)
     preprocessor = model.preprocessor
     images = [encode(photo_like(seed, *size), "JPEG", quality=90) for seed, size in SIZES]
     exact = [preprocessor.crop(open_image(data, LIMITS)) for data in images]

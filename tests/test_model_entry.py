@@ -23,6 +23,7 @@ from clip_runtime.model_entry import (
     store_name,
     verify_weights,
 )
+from clip_runtime.runtimes import torch_plan
 from clip_runtime.sources import save_random_init
 
 LIMITS = ImageLimits(10_000_000, 50_000_000, 4)
@@ -68,7 +69,7 @@ def test_tampered_weights_are_refused(tiny_model_dir: Path, tmp_path: Path) -> N
     with pytest.raises(ModelStoreError, match="does not match"):
         verify_weights(copy, read_entry(copy))
     with pytest.raises(ModelStoreError, match="does not match"):
-        ClipModel("x", copy, torch.device("cpu"), torch.float32, LIMITS, 0)
+        ClipModel("x", copy, torch_plan(torch.device("cpu")), LIMITS, 0)
 
 
 def test_missing_or_malformed_entries(tiny_model_dir: Path, tmp_path: Path) -> None:

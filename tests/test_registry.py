@@ -21,6 +21,7 @@ from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.model_entry import WEIGHTS_FILE, read_entry
 from clip_runtime.registry import api_suffix, parse_spec, store_name
+from clip_runtime.runtimes import torch_plan
 from clip_runtime.scoring import rank_probabilities
 from clip_runtime.sources import save_pretrained, save_random_init
 from clip_runtime.tokens import token_count
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load(folder: Path) -> ClipModel:
-    return ClipModel("test", folder, torch.device("cpu"), torch.float32, LIMITS, 16)
+    return ClipModel("test", folder, torch_plan(torch.device("cpu")), LIMITS, 16)
 
 
 SPECS = [

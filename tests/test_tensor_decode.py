@@ -19,6 +19,7 @@ from clip_runtime import ClipEngine, ClipSettings, Job, Preprocessing
 from clip_runtime.errors import EmptyTextError, ImageTooSmallError, InvalidImageError
 from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
+from clip_runtime.runtimes import torch_plan
 from clip_runtime.tensor_decode import TensorPreprocessor, tensor_decode_enabled
 from clip_testkit.images import encode, jpeg_bytes, photo_like
 from tests.hostile_inputs import many_scan_jpeg
@@ -33,7 +34,7 @@ TEXTS = [f"a photo of thing number {i}" for i in range(len(IMAGES))]
 
 
 def load(folder: Path) -> tuple[ClipModel, TensorPreprocessor]:
-    model = ClipModel("test", folder, CPU, torch.float32, LIMITS, 16)
+    model = ClipModel("test", folder, torch_plan(CPU), LIMITS, 16)
     return model, TensorPreprocessor(model.entry.preprocess_cfg, LIMITS, CPU)
 
 

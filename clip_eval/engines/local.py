@@ -60,6 +60,7 @@ class LocalConfig:
     io_workers: int = 16
     device: str | None = None  # None: CLIP_DEVICE, else auto
     precision: str | None = None  # None: CLIP_PRECISION, else auto
+    runtime: str | None = None  # None: CLIP_RUNTIME, else auto
     settings: dict[str, Any] = field(default_factory=dict)  # more ClipSettings overrides
     keep_vectors: bool = False  # outcomes carry the pair's embeddings (--embeddings-out)
 
@@ -74,6 +75,8 @@ class LocalConfig:
             overrides["device"] = self.device
         if self.precision is not None:
             overrides["precision"] = self.precision
+        if self.runtime is not None:
+            overrides["runtime"] = self.runtime
         return ClipSettings(**overrides)
 
 

@@ -132,7 +132,7 @@ def test_health_flags_untrained_weights(client: httpx.Client) -> None:
     for model in by_name.values():
         assert model["ready"] is True and model["untrained"] is True
         assert model["weights"] == "random-init"
-        assert (model["device"], model["dtype"]) == ("cpu", "fp32")
+        assert (model["device"], model["dtype"], model["runtime"]) == ("cpu", "fp32", "torch")
 
 
 def test_probes_docs_and_metrics(client: httpx.Client) -> None:
