@@ -28,6 +28,7 @@ DESCRIPTION = {
     "untrained": True,
     "device": "cpu",
     "dtype": "float32",
+    "runtime": "torch",
     "ready": True,
     "embed_dim": 512,
     "logit_scale": 100.0,
