@@ -37,12 +37,13 @@ batching=${MODEL_MAX_BATCH_SIZE:-ViT-B-32=256,ViT-L-14=64}
 # shellcheck disable=SC2086  # word splitting of the model list is wanted
 "$py" -m scripts.save_models --models $models --random-init --seed 0 --if-missing
 echo "models saved after $(( $(date +%s) - started )) s"
+# --runtimes with no value: the CPU runtime comparison (OpenVINO) has no place on a GPU host.
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT_S:-420}" "$py" -m scripts.benchmark --models $models \
   --bentoml-home "$BENTOML_HOME" --json "$out/benchmark.json" --markdown "$out/benchmark.md" \
   --generators "$generators" --seconds "${SECONDS_PER_RUN:-8}" --batch-scan 32 64 128 256 512 \
   --server-env "CLIP_HTTP_WORKERS=$(( cores > generators + 1 ? cores - generators : 1 ))" \
-  "CLIP_MODEL_MAX_BATCH_SIZE=$batching" \
+  "CLIP_MODEL_MAX_BATCH_SIZE=$batching" --runtimes \
   --notes "scripts/bench_gpu.sh, $cores cores, $generators load generator processes" "$@" \
   >"$out/benchmark.log" 2>&1 || status=$?
 # The server's own log: the benchmark counts failures, the log says why they happened.
