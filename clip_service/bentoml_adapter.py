@@ -29,6 +29,8 @@ pinned to 1.4.40 for it).
   ``RecursionError`` (a 500); and it downloads a text value sent for a file field as a URL,
   outside our fetch policy. The replacement keeps a value as text for string fields, parses JSON
   only for other fields (a parse failure is a 400 naming the field), and never downloads.
+  BentoML's own generated client JSON-encodes every form part (and says so in User-Agent): its
+  parts are read as JSON, so its uploads keep working.
 - ``forbid_unknown_fields``: the input models BentoML builds from each API's signature refuse
   fields they do not have (pydantic ignores them by default: a misspelt ``caption`` was dropped
   silently), naming at most ``MAX_NAMED_UNKNOWN_FIELDS`` of them (pydantic's own ``forbid``
@@ -155,9 +157,15 @@ FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _PLAIN_TEXT_MARK = "_clip_plain_text_forms"
 
 
-async def _form_value(name: str, value: Any, annotation: Any) -> Any:
+# BentoML's generated client (``_bentoml_impl/client/http.py``, ``_build_multipart``) sends every
+# non-file form part as ``json.dumps(value)`` and names itself in User-Agent: its parts are JSON.
+BENTOML_CLIENT_AGENT = "BentoML HTTP Client/"
+
+
+async def _form_value(name: str, value: Any, annotation: Any, json_parts: bool) -> Any:
     """A form part's value for a field of type ``annotation``: the text itself for a string
-    field, else the JSON it holds; a 400 (``InvalidArgument``) naming the field otherwise."""
+    field (unless ``json_parts``: BentoML's client encoded it), else the JSON it holds; a 400
+    (``InvalidArgument``) naming the field otherwise."""
     from bentoml.exceptions import InvalidArgument
 
     if not isinstance(value, str):  # a file part sent for a non-file field
@@ -166,7 +174,7 @@ async def _form_value(name: str, value: Any, annotation: Any) -> Any:
             value = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidArgument(f"form field {name!r} is not UTF-8 text") from None
-    if takes_text(annotation):
+    if takes_text(annotation) and not json_parts:
         return value
     try:
         return json.loads(value)
@@ -179,6 +187,7 @@ async def _parse_form(self: Any, request: Any, cls: Any) -> Any:
     from bentoml.exceptions import InvalidArgument
 
     form = await request.form()
+    json_parts = request.headers.get("user-agent", "").startswith(BENTOML_CLIENT_AGENT)
     data: dict[str, Any] = {}
     for name in form:
         if name in cls.multipart_fields:
@@ -187,7 +196,8 @@ async def _parse_form(self: Any, request: Any, cls: Any) -> Any:
                 raise InvalidArgument(f"form field {name!r} must be a file upload")
             data[name] = files if _takes_many(cls.model_fields[name].annotation) else files[0]
         elif name in cls.model_fields:
-            data[name] = await _form_value(name, form[name], cls.model_fields[name].annotation)
+            annotation = cls.model_fields[name].annotation
+            data[name] = await _form_value(name, form[name], annotation, json_parts)
         else:
             data[name] = form[name]  # refused by the model (extra="forbid")
     return cls.model_validate(data)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
+import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import reduce
@@ -26,6 +28,7 @@ from aiohttp import web
 from starlette.requests import Request
 
 from clip_service.bentoml_adapter import (
+    BENTOML_CLIENT_AGENT,
     BENTOML_STOP_ATTRIBUTE,
     PATCHED_BENTOML_VERSION,
     PRIVATE_API,
@@ -422,7 +425,9 @@ class _Forms:
         return text
 
 
-def _parse_form(files: list[tuple[str, Any]], original: bool = False) -> Any:
+def _parse_form(
+    files: list[tuple[str, Any]], original: bool = False, user_agent: str = "curl/8.5.0"
+) -> Any:
     """Run BentoML's form deserialiser (patched, or its own with ``original``) on a form."""
     import tempfile
 
@@ -437,7 +442,10 @@ def _parse_form(files: list[tuple[str, Any]], original: bool = False) -> Any:
         "method": "POST",
         "path": "/up",
         "query_string": b"",
-        "headers": [(b"content-type", built.headers["content-type"].encode())],
+        "headers": [
+            (b"content-type", built.headers["content-type"].encode()),
+            (b"user-agent", user_agent.encode()),
+        ],
     }
 
     async def receive() -> dict[str, Any]:
@@ -464,6 +472,20 @@ IMAGE_PART = ("image", ("x.jpg", b"\xff\xd8", "image/jpeg"))
 def test_a_form_caption_is_plain_text(caption: str) -> None:
     parsed = _parse_form([IMAGE_PART, ("text", (None, caption)), ("model", (None, caption))])
     assert (parsed.text, parsed.model) == (caption, caption)
+
+
+def test_bentoml_clients_json_parts_are_read_as_json() -> None:
+    """BentoML's generated client sends every form part as JSON (`"a cat"` for the caption a
+    cat) and says so in User-Agent: its uploads score the caption it was given."""
+    from _bentoml_impl.client.http import HTTPClient
+
+    client_source = Path(inspect.getsourcefile(HTTPClient) or "").read_text()
+    assert f'"User-Agent": f"{BENTOML_CLIENT_AGENT}{{__version__}}"' in client_source
+    assert "data[name] = json.dumps(value)" in client_source  # its form parts are JSON
+    sent = [IMAGE_PART, ("text", (None, json.dumps("a cat"))), ("count", (None, "3"))]
+    parsed = _parse_form(sent, user_agent=BENTOML_CLIENT_AGENT + bentoml.__version__)
+    assert (parsed.text, parsed.count) == ("a cat", 3)
+    assert _parse_form(sent).text == '"a cat"'  # from curl: the caption as written
 
 
 def test_bentoml_parses_form_captions_as_json() -> None:
