@@ -92,21 +92,24 @@ def test_bf16_within_its_bound(b32_model_dir: Path, cache_dir: Path) -> None:
     check_against_open_clip(b32_model_dir, model, BF16_BOUND)
 
 
-def test_second_start_reads_the_cache(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny entry's converted towers, cached once for the module in a cache of their own
+    (the first start there must convert)."""
+    cache = tmp_path_factory.mktemp("tiny-openvino-cache")
     before = openvino_runtime.stats.conversions
-    first = ClipModel("test", tiny_model_dir, plan(tmp_path), LIMITS, 0)
+    ClipModel("test", tiny_model_dir, plan(cache), LIMITS, 0)
     assert openvino_runtime.stats.conversions == before + 1
-    second = ClipModel("test", tiny_model_dir, plan(tmp_path), LIMITS, 0)
-    assert openvino_runtime.stats.conversions == before + 1  # no conversion: the cache served
+    return cache
+
+
+def test_second_start_reads_the_cache(tiny_model_dir: Path, tiny_cache: Path) -> None:
+    before = openvino_runtime.stats.conversions
+    first = ClipModel("test", tiny_model_dir, plan(tiny_cache), LIMITS, 0)
+    second = ClipModel("test", tiny_model_dir, plan(tiny_cache), LIMITS, 0)
+    assert openvino_runtime.stats.conversions == before  # no conversion: the cache served
     images = [jpeg_bytes(seed) for seed in range(len(CAPTIONS))]
     assert served_cosines(first, images) == served_cosines(second, images)
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tiny_model_dir: Path, cache_dir: Path) -> Path:
-    """The tiny entry's converted towers, cached once for the module."""
-    ClipModel("test", tiny_model_dir, plan(cache_dir), LIMITS, 0)
-    return openvino_runtime.cache_folder(cache_dir, read_entry(tiny_model_dir))
 
 
 @pytest.mark.parametrize("damaged", ["image.bin", "manifest.json"])
@@ -119,7 +122,7 @@ def test_a_corrupt_cache_is_rebuilt(
 ) -> None:
     entry = read_entry(tiny_model_dir)
     folder = openvino_runtime.cache_folder(tmp_path, entry)
-    shutil.copytree(tiny_cache, folder)
+    shutil.copytree(openvino_runtime.cache_folder(tiny_cache, entry), folder)
     path = folder / damaged
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
