@@ -9,6 +9,7 @@ import logging
 import time
 from http import HTTPStatus
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 import bentoml
@@ -23,13 +24,7 @@ from clip_runtime import Job, JobOutcome, Preprocessing, get_settings, resolve_m
 from clip_runtime import errors as E
 from clip_runtime.model_entry import ModelEntry, embed_dim
 from clip_runtime.preprocessing import fetch_policy
-from clip_runtime.scoring import (
-    clip_score,
-    cosines,
-    paper_clip_s,
-    rank_probabilities,
-    ref_clip_score,
-)
+from clip_service import answers
 from clip_service.admission import PairQueue
 from clip_service.bentoml_adapter import (
     bound_graceful_shutdown,
@@ -60,9 +55,7 @@ from clip_service.schemas import (
     BatchResult,
     EmbeddingsResult,
     HealthResult,
-    ItemError,
     ModelStatus,
-    RankCandidate,
     RankResult,
     Scale,
     SingleResult,
@@ -88,21 +81,6 @@ SCORER_PROBE_TIMEOUT_S = 1.0
 SCORER_UNREACHABLE = (aiohttp.ClientError, httpx.HTTPError, ConnectionError)
 EVALUATOR_PATH = "/evaluator"  # where the plain routes beside the APIs are mounted
 HEALTH_ROUTE = "/health"  # its 503 is a health document, not an error envelope
-
-
-def _vector(vector: np.ndarray | None) -> np.ndarray:
-    if vector is None:
-        raise RuntimeError("the model worker returned no embedding for a job that asked for one")
-    return vector
-
-
-def _with_optional_scores(
-    result: SingleResult | BatchItemResult, cosine: float, ref_score: float | None, scale: Scale
-) -> None:
-    if scale == "paper":
-        result.clip_s = paper_clip_s(cosine)
-    if ref_score is not None:
-        result.ref_clip_score = ref_score
 
 
 class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.openai_api)
@@ -182,12 +160,7 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         for pair in pairs:
             outcome = next(outcomes)
             references = [next(outcomes) for _ in pair.references]
-            ref_score = None
-            if references and outcome.error is None:
-                caption = _vector(outcome.text_vector)
-                similarities = [float(_vector(r.text_vector) @ caption) for r in references]
-                ref_score = ref_clip_score(outcome.cosine or 0.0, similarities)
-            scored.append((outcome, ref_score))
+            scored.append((outcome, answers.pair_ref_clip_score(outcome, references)))
         return scored
 
     async def _model_status(self, name: str) -> ModelStatus:
@@ -203,9 +176,7 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         for index, (job, outcome) in enumerate(zip(jobs, outcomes, strict=True)):
             if outcome.error is not None:
                 raise at_index(outcome.error, field, index)
-            vectors.append(
-                _vector(outcome.image_vector if job.image is not None else outcome.text_vector)
-            )
+            vectors.append(answers.embedding(job, outcome))
         return vectors, outcomes
 
     # -- endpoints ----------------------------------------------------------------------------
@@ -226,19 +197,8 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         ((outcome, ref_score),) = await self._score_pairs(name, [pair])
         if outcome.error is not None:
             raise outcome.error
-        entry = self._entry(name)
         record_pairs_scored(name)
-        cosine = outcome.cosine or 0.0
-        result = SingleResult(
-            score=clip_score(cosine),
-            cosine=cosine,
-            model=name,
-            pretrained=entry.pretrained,
-            weights=entry.weights_source,
-            text_truncated=outcome.text_truncated,
-        )
-        _with_optional_scores(result, cosine, ref_score, scale)
-        return result
+        return answers.single_result(name, self._entry(name), outcome, ref_score, scale)
 
     @bentoml.api(route="/evaluator/v1/evaluation/single")
     @api_errors
@@ -299,37 +259,13 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
                 results.append(self._failed_item(name, index, outcome.error))
                 continue
             record_pairs_scored(name)
-            cosine = outcome.cosine or 0.0
-            result = BatchItemResult(
-                index=index,
-                score=clip_score(cosine),
-                cosine=cosine,
-                text_truncated=outcome.text_truncated,
-                error=None,
-            )
-            _with_optional_scores(result, cosine, ref_score, scale)
-            results.append(result)
-        entry = self._entry(name)
-        failed = sum(result.error is not None for result in results)
-        return BatchResult(
-            model=name,
-            pretrained=entry.pretrained,
-            weights=entry.weights_source,
-            results=results,
-            succeeded=len(results) - failed,
-            failed=failed,
-        )
+            results.append(answers.scored_item(index, outcome, ref_score, scale))
+        return answers.batch_result(name, self._entry(name), results)
 
     @staticmethod
     def _failed_item(name: str, index: int, error: E.ClipError) -> BatchItemResult:
         record_error(name, error.code)
-        return BatchItemResult(
-            index=index,
-            score=None,
-            cosine=None,
-            text_truncated=False,
-            error=ItemError(code=error.code, message=error.message),
-        )
+        return answers.failed_item(index, error)
 
     @bentoml.api(route="/evaluator/v1/evaluation/rank")
     @api_errors
@@ -363,40 +299,8 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
             others = await self.jobs.image_jobs(name, candidates, "images")
         (anchor, *vectors), _ = await self._embed(name, query + others, "candidates")
         status = await self._model_status(name)
-        values = cosines(anchor, np.stack(vectors))
-        probabilities = rank_probabilities(
-            values, status.family, status.logit_scale, status.logit_bias
-        )
-        entry = self._entry(name)
-        return RankResult(
-            model=name,
-            pretrained=entry.pretrained,
-            weights=entry.weights_source,
-            ranked="texts" if by_texts else "images",
-            logit_scale=status.logit_scale,
-            results=[
-                RankCandidate(
-                    index=i, cosine=float(c), score=clip_score(float(c)), probability=float(p)
-                )
-                for i, (c, p) in enumerate(zip(values, probabilities, strict=True))
-            ],
-            best=int(np.argmax(values)),
-        )
-
-    def _embeddings(
-        self, name: str, vectors: list[np.ndarray], truncated: list[bool] | None = None
-    ) -> EmbeddingsResult:
-        entry = self._entry(name)
-        result = EmbeddingsResult(
-            model=name,
-            pretrained=entry.pretrained,
-            weights=entry.weights_source,
-            dim=len(vectors[0]),
-            embeddings=[vector.tolist() for vector in vectors],
-        )
-        if truncated is not None:
-            result.text_truncated = truncated
-        return result
+        ranked: Literal["texts", "images"] = "texts" if by_texts else "images"
+        return answers.rank_result(name, self._entry(name), status, ranked, anchor, vectors)
 
     @bentoml.api(route="/evaluator/v1/embeddings/image")
     @api_errors
@@ -407,7 +311,7 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         name = resolve_model_name(settings, model)
         jobs = await self.jobs.image_jobs(name, images, "images")
         vectors, _ = await self._embed(name, jobs, "images")
-        return self._embeddings(name, vectors)
+        return answers.embeddings_result(name, self._entry(name), vectors)
 
     @bentoml.api(route="/evaluator/v1/embeddings/text")
     @api_errors
@@ -418,7 +322,8 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         name = resolve_model_name(settings, model)
         jobs = await self.jobs.text_jobs(name, texts, "texts")
         vectors, outcomes = await self._embed(name, jobs, "texts")
-        return self._embeddings(name, vectors, [o.text_truncated for o in outcomes])
+        truncated = [outcome.text_truncated for outcome in outcomes]
+        return answers.embeddings_result(name, self._entry(name), vectors, truncated)
 
     async def health(self) -> tuple[HealthResult, bool]:
         """Every served model's status within about one probe timeout: readiness from the model
