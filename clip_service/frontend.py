@@ -1,45 +1,30 @@
-"""The HTTP front end (`clip-evaluator`): thin endpoints under ``/evaluator`` that validate, turn
-inputs into jobs, hand them to the model worker and assemble the answer. Errors are raised and
-become answers in one place (``clip_service.errors.api_errors``)."""
+"""The HTTP front end's handlers (`clip-evaluator`): thin endpoints under ``/evaluator`` that
+validate, turn inputs into jobs, hand them to the model worker and have the answer assembled
+(``clip_service.answers``). Errors are raised and become answers in one place
+(``clip_service.errors.api_errors``). The probes are in ``clip_service.probes``, the plain routes
+in ``clip_service.routes``, the service's construction in ``clip_service.evaluator``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from http import HTTPStatus
 from pathlib import Path
 from typing import Literal
 
-import aiohttp
 import bentoml
-import httpx
 import numpy as np
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
 
 from clip_runtime import Job, JobOutcome, Preprocessing, get_settings, resolve_model_name
 from clip_runtime import errors as E
-from clip_runtime.model_entry import ModelEntry, embed_dim
+from clip_runtime.model_entry import ModelEntry
 from clip_runtime.preprocessing import fetch_policy
 from clip_service import answers
 from clip_service.admission import PairQueue
-from clip_service.bentoml_adapter import (
-    bound_graceful_shutdown,
-    call_with_reconnect,
-    document_openapi,
-    forbid_unknown_fields,
-    metrics_text,
-)
+from clip_service.bentoml_adapter import bound_graceful_shutdown, call_with_reconnect
 from clip_service.errors import ClientGoneError, api_errors
-from clip_service.health import WorkerModels, health_result
-from clip_service.image import BENTO_IMAGE
+from clip_service.health import WorkerModels
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
-from clip_service.middleware import middleware_stack
-from clip_service.middleware.error_envelope import input_fields_by_route
-from clip_service.multipart_guard import file_fields_by_route
 from clip_service.observability import (
     configure_logging,
     current_traceparent,
@@ -47,43 +32,30 @@ from clip_service.observability import (
     record_pairs_scored,
     tracer,
 )
-from clip_service.openai_api import OpenAIEmbeddings, mount_openai_routes, openai_route_paths
-from clip_service.openapi import service_document
+from clip_service.openai_api import OpenAIEmbeddings
+from clip_service.probes import SCORER_UNREACHABLE, EvaluatorProbes
 from clip_service.schemas import (
     BatchItem,
     BatchItemResult,
     BatchResult,
     EmbeddingsResult,
-    HealthResult,
     ModelStatus,
     RankResult,
     Scale,
     SingleResult,
     model_parameter,
 )
-from clip_service.store import (
-    add_store_references,
-    batch_api_name,
-    model_folders,
-    stored_folders,
-)
+from clip_service.store import batch_api_name, model_folders
 from clip_service.worker import Scorer
 
 logger = logging.getLogger("clip_service.frontend")
 settings = get_settings()
 
 ServedModel = model_parameter(settings.models, settings.default_model)
-DEMO_PAGE = Path(__file__).resolve().parents[1] / "web" / "demo.html"
-# How long a probe (/readyz, /evaluator/health) waits for the model worker: probes must answer
-# within a Kubernetes probe's timeout, whether the model worker is up, loading or gone.
-SCORER_PROBE_TIMEOUT_S = 1.0
-# What a call to the model worker raises when it is restarting, killed or not listening.
-SCORER_UNREACHABLE = (aiohttp.ClientError, httpx.HTTPError, ConnectionError)
-EVALUATOR_PATH = "/evaluator"  # where the plain routes beside the APIs are mounted
-HEALTH_ROUTE = "/health"  # its 503 is a health document, not an error envelope
 
 
-class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.openai_api)
+# + POST /v1/embeddings (clip_service.openai_api), /readyz and health (clip_service.probes)
+class EvaluatorImpl(OpenAIEmbeddings, EvaluatorProbes):
     scorer = bentoml.depends(Scorer)
 
     def __init__(self) -> None:
@@ -110,21 +82,6 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         """Every endpoint's way to its inputs: 503 ``model_not_ready`` while starting."""
         self.preprocessing.check_ready()
         return self._jobs
-
-    async def _scorer_ready(self) -> bool:
-        """Whether the model worker says it is ready, asked with a short bound: while it loads,
-        its socket accepts connections that nobody answers yet."""
-        try:
-            return await asyncio.wait_for(
-                self.scorer.to_async.is_ready(SCORER_PROBE_TIMEOUT_S), SCORER_PROBE_TIMEOUT_S
-            )
-        except (TimeoutError, *SCORER_UNREACHABLE):
-            return False
-
-    async def __is_ready__(self) -> bool:
-        """BentoML's `/readyz` (503 until True): preprocessing built and the model worker
-        ready, answered within about a second at any point of start-up."""
-        return self.preprocessing.ready and await self._scorer_ready()
 
     # -- the model call -----------------------------------------------------------------------
 
@@ -324,85 +281,3 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         vectors, outcomes = await self._embed(name, jobs, "texts")
         truncated = [outcome.text_truncated for outcome in outcomes]
         return answers.embeddings_result(name, self._entry(name), vectors, truncated)
-
-    async def health(self) -> tuple[HealthResult, bool]:
-        """Every served model's status within about one probe timeout: readiness from the model
-        worker's readiness probe (answered ahead of its batch queue), descriptions from what the
-        front end keeps (asked for once per worker start, never waited on for long)."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        worker_ready = self.preprocessing.ready and await self._scorer_ready()
-        if worker_ready:
-            left_s = SCORER_PROBE_TIMEOUT_S - (loop.time() - started)
-            described = await self.worker_models.known(left_s)
-        else:
-            self.worker_models.forget()  # gone or restarting: describe the next one anew
-            described = {}
-        entries = {name: self._entry(name) for name in settings.models}
-        return health_result(entries, settings.default_model, worker_ready, described)
-
-
-# -- plain routes beside the APIs ---------------------------------------------------------------
-
-
-async def health(request: Request) -> Response:
-    evaluator: EvaluatorImpl = bentoml.get_current_service()
-    result, ready = await evaluator.health()
-    status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
-    return JSONResponse(result.model_dump(mode="json"), status_code=status)
-
-
-async def metrics(request: Request) -> Response:
-    body, content_type = await asyncio.to_thread(metrics_text)
-    return Response(body, media_type=content_type)
-
-
-async def demo(request: Request) -> Response:
-    """A no-build HTML/JS page: upload an image, type captions, see their scores as bars."""
-    return HTMLResponse(await asyncio.to_thread(DEMO_PAGE.read_text))
-
-
-async def docs(request: Request) -> Response:
-    return RedirectResponse("/", status_code=HTTPStatus.TEMPORARY_REDIRECT)
-
-
-evaluator_routes = Starlette(
-    routes=[
-        Route(HEALTH_ROUTE, health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-        Route("/demo", demo, methods=["GET"]),
-    ]
-)
-
-add_store_references(EvaluatorImpl, settings)
-# Traffic limits: BentoML's own `traffic.max_concurrency` answers 429 without Retry-After and
-# sheds /evaluator/health and /evaluator/metrics too, so the in-flight limit is
-# InFlightLimitMiddleware's (503 `overloaded`, probes never shed). `timeout` bounds one request.
-Evaluator = bentoml.service(
-    name="clip-evaluator",
-    # Every core parses, checks and (on CPU hosts) crops images; PairQueue and the in-flight
-    # limit are per worker, so the service admits http_workers times their values.
-    workers=settings.http_workers,
-    traffic={"timeout": 600},
-    image=BENTO_IMAGE,  # the Bento's container image (the entry service's is the Bento's)
-)(bentoml.asgi_app(evaluator_routes, path=EVALUATOR_PATH)(EvaluatorImpl))
-mount_openai_routes(Evaluator)  # GET /v1/models, and its place in the OpenAPI document
-forbid_unknown_fields(Evaluator.apis.values())
-EMBEDDING_SIZES = {name: embed_dim(folder) for name, folder in stored_folders(settings).items()}
-document_openapi(Evaluator, lambda spec: service_document(spec, settings, EMBEDDING_SIZES))
-for middleware, options in middleware_stack(  # in order: the first added is outermost
-    settings,
-    file_fields=file_fields_by_route(Evaluator.apis.values()),
-    input_fields=input_fields_by_route(Evaluator.apis.values()),
-    own_error_bodies=frozenset({EVALUATOR_PATH + HEALTH_ROUTE}),
-):
-    Evaluator.add_asgi_middleware(middleware, **options)
-
-# Paths BentoML's request metrics may label (anything else: "/{unknown}").
-ROUTES: frozenset[str] = frozenset(
-    {api.route for service in (Evaluator, Scorer) for api in service.apis.values()}
-    | {EVALUATOR_PATH + route.path for route in evaluator_routes.routes}
-    | openai_route_paths(settings.models)
-    | {"/", "/docs.json", "/livez", "/readyz", "/healthz", "/metrics", "/schema.json"}
-)
