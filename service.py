@@ -12,7 +12,7 @@ from clip_service.bentoml_adapter import (
     limit_header_time,
     setup_tracing,
 )
-from clip_service.frontend import ROUTES, Evaluator
+from clip_service.evaluator import ROUTES, Evaluator
 from clip_service.worker import Scorer
 
 install_bentoml_fixes()  # before the arbiter starts and any Scorer client exists

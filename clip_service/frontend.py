@@ -1,50 +1,30 @@
-"""The HTTP front end (`clip-evaluator`): thin endpoints under ``/evaluator`` that validate, turn
-inputs into jobs, hand them to the model worker and assemble the answer. Errors are raised and
-become answers in one place (``clip_service.errors.api_errors``)."""
+"""The HTTP front end's handlers (`clip-evaluator`): thin endpoints under ``/evaluator`` that
+validate, turn inputs into jobs, hand them to the model worker and have the answer assembled
+(``clip_service.answers``). Errors are raised and become answers in one place
+(``clip_service.errors.api_errors``). The probes are in ``clip_service.probes``, the plain routes
+in ``clip_service.routes``, the service's construction in ``clip_service.evaluator``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from http import HTTPStatus
 from pathlib import Path
+from typing import Literal
 
-import aiohttp
 import bentoml
-import httpx
 import numpy as np
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
 
 from clip_runtime import Job, JobOutcome, Preprocessing, get_settings, resolve_model_name
 from clip_runtime import errors as E
-from clip_runtime.model_entry import ModelEntry, embed_dim
+from clip_runtime.model_entry import ModelEntry
 from clip_runtime.preprocessing import fetch_policy
-from clip_runtime.scoring import (
-    clip_score,
-    cosines,
-    paper_clip_s,
-    rank_probabilities,
-    ref_clip_score,
-)
+from clip_service import answers
 from clip_service.admission import PairQueue
-from clip_service.bentoml_adapter import (
-    bound_graceful_shutdown,
-    call_with_reconnect,
-    document_openapi,
-    forbid_unknown_fields,
-    metrics_text,
-)
+from clip_service.bentoml_adapter import bound_graceful_shutdown, call_with_reconnect
 from clip_service.errors import ClientGoneError, api_errors
-from clip_service.health import WorkerModels, health_result
-from clip_service.image import BENTO_IMAGE
+from clip_service.health import WorkerModels
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
-from clip_service.middleware import middleware_stack
-from clip_service.middleware.error_envelope import input_fields_by_route
-from clip_service.multipart_guard import file_fields_by_route
 from clip_service.observability import (
     configure_logging,
     current_traceparent,
@@ -52,60 +32,30 @@ from clip_service.observability import (
     record_pairs_scored,
     tracer,
 )
-from clip_service.openai_api import OpenAIEmbeddings, mount_openai_routes, openai_route_paths
-from clip_service.openapi import service_document
+from clip_service.openai_api import OpenAIEmbeddings
+from clip_service.probes import SCORER_UNREACHABLE, EvaluatorProbes
 from clip_service.schemas import (
     BatchItem,
     BatchItemResult,
     BatchResult,
     EmbeddingsResult,
-    HealthResult,
-    ItemError,
     ModelStatus,
-    RankCandidate,
     RankResult,
     Scale,
     SingleResult,
     model_parameter,
 )
-from clip_service.store import (
-    add_store_references,
-    batch_api_name,
-    model_folders,
-    stored_folders,
-)
+from clip_service.store import batch_api_name, model_folders
 from clip_service.worker import Scorer
 
 logger = logging.getLogger("clip_service.frontend")
 settings = get_settings()
 
 ServedModel = model_parameter(settings.models, settings.default_model)
-DEMO_PAGE = Path(__file__).resolve().parents[1] / "web" / "demo.html"
-# How long a probe (/readyz, /evaluator/health) waits for the model worker: probes must answer
-# within a Kubernetes probe's timeout, whether the model worker is up, loading or gone.
-SCORER_PROBE_TIMEOUT_S = 1.0
-# What a call to the model worker raises when it is restarting, killed or not listening.
-SCORER_UNREACHABLE = (aiohttp.ClientError, httpx.HTTPError, ConnectionError)
-EVALUATOR_PATH = "/evaluator"  # where the plain routes beside the APIs are mounted
-HEALTH_ROUTE = "/health"  # its 503 is a health document, not an error envelope
 
 
-def _vector(vector: np.ndarray | None) -> np.ndarray:
-    if vector is None:
-        raise RuntimeError("the model worker returned no embedding for a job that asked for one")
-    return vector
-
-
-def _with_optional_scores(
-    result: SingleResult | BatchItemResult, cosine: float, ref_score: float | None, scale: Scale
-) -> None:
-    if scale == "paper":
-        result.clip_s = paper_clip_s(cosine)
-    if ref_score is not None:
-        result.ref_clip_score = ref_score
-
-
-class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.openai_api)
+# + POST /v1/embeddings (clip_service.openai_api), /readyz and health (clip_service.probes)
+class EvaluatorImpl(OpenAIEmbeddings, EvaluatorProbes):
     scorer = bentoml.depends(Scorer)
 
     def __init__(self) -> None:
@@ -132,21 +82,6 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         """Every endpoint's way to its inputs: 503 ``model_not_ready`` while starting."""
         self.preprocessing.check_ready()
         return self._jobs
-
-    async def _scorer_ready(self) -> bool:
-        """Whether the model worker says it is ready, asked with a short bound: while it loads,
-        its socket accepts connections that nobody answers yet."""
-        try:
-            return await asyncio.wait_for(
-                self.scorer.to_async.is_ready(SCORER_PROBE_TIMEOUT_S), SCORER_PROBE_TIMEOUT_S
-            )
-        except (TimeoutError, *SCORER_UNREACHABLE):
-            return False
-
-    async def __is_ready__(self) -> bool:
-        """BentoML's `/readyz` (503 until True): preprocessing built and the model worker
-        ready, answered within about a second at any point of start-up."""
-        return self.preprocessing.ready and await self._scorer_ready()
 
     # -- the model call -----------------------------------------------------------------------
 
@@ -182,12 +117,7 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         for pair in pairs:
             outcome = next(outcomes)
             references = [next(outcomes) for _ in pair.references]
-            ref_score = None
-            if references and outcome.error is None:
-                caption = _vector(outcome.text_vector)
-                similarities = [float(_vector(r.text_vector) @ caption) for r in references]
-                ref_score = ref_clip_score(outcome.cosine or 0.0, similarities)
-            scored.append((outcome, ref_score))
+            scored.append((outcome, answers.pair_ref_clip_score(outcome, references)))
         return scored
 
     async def _model_status(self, name: str) -> ModelStatus:
@@ -203,9 +133,7 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         for index, (job, outcome) in enumerate(zip(jobs, outcomes, strict=True)):
             if outcome.error is not None:
                 raise at_index(outcome.error, field, index)
-            vectors.append(
-                _vector(outcome.image_vector if job.image is not None else outcome.text_vector)
-            )
+            vectors.append(answers.embedding(job, outcome))
         return vectors, outcomes
 
     # -- endpoints ----------------------------------------------------------------------------
@@ -226,19 +154,8 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         ((outcome, ref_score),) = await self._score_pairs(name, [pair])
         if outcome.error is not None:
             raise outcome.error
-        entry = self._entry(name)
         record_pairs_scored(name)
-        cosine = outcome.cosine or 0.0
-        result = SingleResult(
-            score=clip_score(cosine),
-            cosine=cosine,
-            model=name,
-            pretrained=entry.pretrained,
-            weights=entry.weights_source,
-            text_truncated=outcome.text_truncated,
-        )
-        _with_optional_scores(result, cosine, ref_score, scale)
-        return result
+        return answers.single_result(name, self._entry(name), outcome, ref_score, scale)
 
     @bentoml.api(route="/evaluator/v1/evaluation/single")
     @api_errors
@@ -299,37 +216,13 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
                 results.append(self._failed_item(name, index, outcome.error))
                 continue
             record_pairs_scored(name)
-            cosine = outcome.cosine or 0.0
-            result = BatchItemResult(
-                index=index,
-                score=clip_score(cosine),
-                cosine=cosine,
-                text_truncated=outcome.text_truncated,
-                error=None,
-            )
-            _with_optional_scores(result, cosine, ref_score, scale)
-            results.append(result)
-        entry = self._entry(name)
-        failed = sum(result.error is not None for result in results)
-        return BatchResult(
-            model=name,
-            pretrained=entry.pretrained,
-            weights=entry.weights_source,
-            results=results,
-            succeeded=len(results) - failed,
-            failed=failed,
-        )
+            results.append(answers.scored_item(index, outcome, ref_score, scale))
+        return answers.batch_result(name, self._entry(name), results)
 
     @staticmethod
     def _failed_item(name: str, index: int, error: E.ClipError) -> BatchItemResult:
         record_error(name, error.code)
-        return BatchItemResult(
-            index=index,
-            score=None,
-            cosine=None,
-            text_truncated=False,
-            error=ItemError(code=error.code, message=error.message),
-        )
+        return answers.failed_item(index, error)
 
     @bentoml.api(route="/evaluator/v1/evaluation/rank")
     @api_errors
@@ -363,40 +256,8 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
             others = await self.jobs.image_jobs(name, candidates, "images")
         (anchor, *vectors), _ = await self._embed(name, query + others, "candidates")
         status = await self._model_status(name)
-        values = cosines(anchor, np.stack(vectors))
-        probabilities = rank_probabilities(
-            values, status.family, status.logit_scale, status.logit_bias
-        )
-        entry = self._entry(name)
-        return RankResult(
-            model=name,
-            pretrained=entry.pretrained,
-            weights=entry.weights_source,
-            ranked="texts" if by_texts else "images",
-            logit_scale=status.logit_scale,
-            results=[
-                RankCandidate(
-                    index=i, cosine=float(c), score=clip_score(float(c)), probability=float(p)
-                )
-                for i, (c, p) in enumerate(zip(values, probabilities, strict=True))
-            ],
-            best=int(np.argmax(values)),
-        )
-
-    def _embeddings(
-        self, name: str, vectors: list[np.ndarray], truncated: list[bool] | None = None
-    ) -> EmbeddingsResult:
-        entry = self._entry(name)
-        result = EmbeddingsResult(
-            model=name,
-            pretrained=entry.pretrained,
-            weights=entry.weights_source,
-            dim=len(vectors[0]),
-            embeddings=[vector.tolist() for vector in vectors],
-        )
-        if truncated is not None:
-            result.text_truncated = truncated
-        return result
+        ranked: Literal["texts", "images"] = "texts" if by_texts else "images"
+        return answers.rank_result(name, self._entry(name), status, ranked, anchor, vectors)
 
     @bentoml.api(route="/evaluator/v1/embeddings/image")
     @api_errors
@@ -407,7 +268,7 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         name = resolve_model_name(settings, model)
         jobs = await self.jobs.image_jobs(name, images, "images")
         vectors, _ = await self._embed(name, jobs, "images")
-        return self._embeddings(name, vectors)
+        return answers.embeddings_result(name, self._entry(name), vectors)
 
     @bentoml.api(route="/evaluator/v1/embeddings/text")
     @api_errors
@@ -418,86 +279,5 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
         name = resolve_model_name(settings, model)
         jobs = await self.jobs.text_jobs(name, texts, "texts")
         vectors, outcomes = await self._embed(name, jobs, "texts")
-        return self._embeddings(name, vectors, [o.text_truncated for o in outcomes])
-
-    async def health(self) -> tuple[HealthResult, bool]:
-        """Every served model's status within about one probe timeout: readiness from the model
-        worker's readiness probe (answered ahead of its batch queue), descriptions from what the
-        front end keeps (asked for once per worker start, never waited on for long)."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        worker_ready = self.preprocessing.ready and await self._scorer_ready()
-        if worker_ready:
-            left_s = SCORER_PROBE_TIMEOUT_S - (loop.time() - started)
-            described = await self.worker_models.known(left_s)
-        else:
-            self.worker_models.forget()  # gone or restarting: describe the next one anew
-            described = {}
-        entries = {name: self._entry(name) for name in settings.models}
-        return health_result(entries, settings.default_model, worker_ready, described)
-
-
-# -- plain routes beside the APIs ---------------------------------------------------------------
-
-
-async def health(request: Request) -> Response:
-    evaluator: EvaluatorImpl = bentoml.get_current_service()
-    result, ready = await evaluator.health()
-    status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
-    return JSONResponse(result.model_dump(mode="json"), status_code=status)
-
-
-async def metrics(request: Request) -> Response:
-    body, content_type = await asyncio.to_thread(metrics_text)
-    return Response(body, media_type=content_type)
-
-
-async def demo(request: Request) -> Response:
-    """A no-build HTML/JS page: upload an image, type captions, see their scores as bars."""
-    return HTMLResponse(await asyncio.to_thread(DEMO_PAGE.read_text))
-
-
-async def docs(request: Request) -> Response:
-    return RedirectResponse("/", status_code=HTTPStatus.TEMPORARY_REDIRECT)
-
-
-evaluator_routes = Starlette(
-    routes=[
-        Route(HEALTH_ROUTE, health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-        Route("/demo", demo, methods=["GET"]),
-    ]
-)
-
-add_store_references(EvaluatorImpl, settings)
-# Traffic limits: BentoML's own `traffic.max_concurrency` answers 429 without Retry-After and
-# sheds /evaluator/health and /evaluator/metrics too, so the in-flight limit is
-# InFlightLimitMiddleware's (503 `overloaded`, probes never shed). `timeout` bounds one request.
-Evaluator = bentoml.service(
-    name="clip-evaluator",
-    # Every core parses, checks and (on CPU hosts) crops images; PairQueue and the in-flight
-    # limit are per worker, so the service admits http_workers times their values.
-    workers=settings.http_workers,
-    traffic={"timeout": 600},
-    image=BENTO_IMAGE,  # the Bento's container image (the entry service's is the Bento's)
-)(bentoml.asgi_app(evaluator_routes, path=EVALUATOR_PATH)(EvaluatorImpl))
-mount_openai_routes(Evaluator)  # GET /v1/models, and its place in the OpenAPI document
-forbid_unknown_fields(Evaluator.apis.values())
-EMBEDDING_SIZES = {name: embed_dim(folder) for name, folder in stored_folders(settings).items()}
-document_openapi(Evaluator, lambda spec: service_document(spec, settings, EMBEDDING_SIZES))
-for middleware, options in middleware_stack(  # in order: the first added is outermost
-    settings,
-    file_fields=file_fields_by_route(Evaluator.apis.values()),
-    input_fields=input_fields_by_route(Evaluator.apis.values()),
-    own_error_bodies=frozenset({EVALUATOR_PATH + HEALTH_ROUTE}),
-):
-    Evaluator.add_asgi_middleware(middleware, **options)
-
-# Paths BentoML's request metrics may label (anything else: "/{unknown}").
-ROUTES: frozenset[str] = frozenset(
-    {api.route for service in (Evaluator, Scorer) for api in service.apis.values()}
-    | {EVALUATOR_PATH + route.path for route in evaluator_routes.routes}
-    | openai_route_paths(settings.models)
-    | {"/", "/docs.json", "/livez", "/readyz", "/healthz", "/metrics", "/schema.json"}
-)
+        truncated = [outcome.text_truncated for outcome in outcomes]
+        return answers.embeddings_result(name, self._entry(name), vectors, truncated)

@@ -26,11 +26,11 @@ FRONT_END_PAIR = """
 import asyncio, json, sys
 from pathlib import Path
 from clip_runtime.preprocessing import Preprocessing, fetch_policy
-from clip_service import frontend
+from clip_service import evaluator
 from clip_service.inputs import JobBuilder
 from clip_testkit.images import b64, jpeg_bytes
 
-settings = frontend.settings
+settings = evaluator.settings
 preprocessing = Preprocessing(settings, {"ViT-B-32": Path(sys.argv[1])})
 jobs = JobBuilder(settings, preprocessing, fetch_policy(settings))
 pair = asyncio.run(jobs.pair("ViT-B-32", b64(jpeg_bytes(1, 640, 480)), "a red bus"))

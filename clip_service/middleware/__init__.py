@@ -1,6 +1,6 @@
 """The HTTP front end's ASGI middlewares, one per concern, and the one list that composes them.
 
-``middleware_stack`` is that list, outermost first; ``clip_service.frontend`` adds it to the
+``middleware_stack`` is that list, outermost first; ``clip_service.evaluator`` adds it to the
 service in order, and ``wrap`` builds the same onion around any ASGI app (for tests).
 """
 

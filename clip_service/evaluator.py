@@ -1,0 +1,53 @@
+"""The front end's BentoML service (`clip-evaluator`), put together: the handlers
+(``clip_service.frontend``) with the plain routes mounted beside them, the OpenAI routes, the
+OpenAPI document, the middleware stack and the model store references. ``service.py`` imports
+``Evaluator`` from here, so ``bentoml serve service:Evaluator`` serves it."""
+
+from __future__ import annotations
+
+import bentoml
+
+from clip_runtime.model_entry import embed_dim
+from clip_service.bentoml_adapter import document_openapi, forbid_unknown_fields
+from clip_service.frontend import EvaluatorImpl, settings
+from clip_service.image import BENTO_IMAGE
+from clip_service.middleware import middleware_stack
+from clip_service.middleware.error_envelope import input_fields_by_route
+from clip_service.multipart_guard import file_fields_by_route
+from clip_service.openai_api import mount_openai_routes, openai_route_paths
+from clip_service.openapi import service_document
+from clip_service.routes import EVALUATOR_PATH, HEALTH_ROUTE, evaluator_routes
+from clip_service.store import add_store_references, stored_folders
+from clip_service.worker import Scorer
+
+add_store_references(EvaluatorImpl, settings)
+# Traffic limits: BentoML's own `traffic.max_concurrency` answers 429 without Retry-After and
+# sheds /evaluator/health and /evaluator/metrics too, so the in-flight limit is
+# InFlightLimitMiddleware's (503 `overloaded`, probes never shed). `timeout` bounds one request.
+Evaluator = bentoml.service(
+    name="clip-evaluator",
+    # Every core parses, checks and (on CPU hosts) crops images; PairQueue and the in-flight
+    # limit are per worker, so the service admits http_workers times their values.
+    workers=settings.http_workers,
+    traffic={"timeout": 600},
+    image=BENTO_IMAGE,  # the Bento's container image (the entry service's is the Bento's)
+)(bentoml.asgi_app(evaluator_routes, path=EVALUATOR_PATH)(EvaluatorImpl))
+mount_openai_routes(Evaluator)  # GET /v1/models, and its place in the OpenAPI document
+forbid_unknown_fields(Evaluator.apis.values())
+EMBEDDING_SIZES = {name: embed_dim(folder) for name, folder in stored_folders(settings).items()}
+document_openapi(Evaluator, lambda spec: service_document(spec, settings, EMBEDDING_SIZES))
+for middleware, options in middleware_stack(  # in order: the first added is outermost
+    settings,
+    file_fields=file_fields_by_route(Evaluator.apis.values()),
+    input_fields=input_fields_by_route(Evaluator.apis.values()),
+    own_error_bodies=frozenset({EVALUATOR_PATH + HEALTH_ROUTE}),
+):
+    Evaluator.add_asgi_middleware(middleware, **options)
+
+# Paths BentoML's request metrics may label (anything else: "/{unknown}").
+ROUTES: frozenset[str] = frozenset(
+    {api.route for service in (Evaluator, Scorer) for api in service.apis.values()}
+    | {EVALUATOR_PATH + route.path for route in evaluator_routes.routes}
+    | openai_route_paths(settings.models)
+    | {"/", "/docs.json", "/livez", "/readyz", "/healthz", "/metrics", "/schema.json"}
+)
