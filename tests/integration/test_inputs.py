@@ -33,7 +33,7 @@ from clip_testkit.metrics import metric
 from clip_testkit.routes import EMBED_IMAGE, EMBED_TEXT, RANK, SINGLE
 from clip_testkit.server import PROBE_TIMEOUT_S, ROOT, ServerProcess, run_load_test
 from tests.cli_helpers import make_dataset, read_table
-from tests.hostile_inputs import build_cases, run
+from tests.hostile_inputs import build_cases, readyz_while_heaviest_in_flight, run
 from tests.local_http import LocalServer, local_server
 
 pytestmark = pytest.mark.integration
@@ -46,6 +46,17 @@ HEADER_TIMEOUT_S = 2.0
 def test_hostile_corpus_gets_exact_answers_and_the_server_lives(server: ServerProcess) -> None:
     assert len(build_cases()) >= 30
     assert run(server.url) == []
+
+
+def test_readyz_answers_within_a_second_while_the_heaviest_inputs_are_in_flight(
+    server: ServerProcess,
+) -> None:
+    probes, problems = readyz_while_heaviest_in_flight(server.url)
+    print(f"/readyz during the heaviest inputs: {[round(p, 3) for p in probes]}")
+    assert problems == []
+    assert probes, "the inputs were answered before any probe"
+    assert sorted(probes)[int(0.9 * (len(probes) - 1))] < 1.0  # a loaded CI box: p90, and
+    assert max(probes) < 2.0  # no probe stalled behind the inputs
 
 
 def test_upload_scores_like_json(server: ServerProcess) -> None:
