@@ -114,8 +114,8 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     except OSError as exc:
         raise UrlFetchFailedError(f"cannot resolve host {host!r}") from exc
     addresses: list[IPAddress] = []
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
+    for info in infos:  # an IP family's sockaddr host is a str (typeshed allows int for others)
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if address not in addresses:
             addresses.append(address)
     return addresses

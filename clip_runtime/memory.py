@@ -14,7 +14,7 @@ import ctypes.util
 import gc
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from clip_runtime.errors import OverloadedError
@@ -29,7 +29,7 @@ TRIM_AFTER_BYTES = 32 * 1024 * 1024
 TRIM_DELAY_S = 1.0
 
 
-def _load_malloc_trim() -> ctypes._CFuncPtr | None:
+def _load_malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None

@@ -113,7 +113,7 @@ class TensorPreprocessor:
         if not handles_preprocessing(preprocess_cfg):
             raise ValueError(f"tensor decode supports resize_mode 'shortest': {preprocess_cfg}")
         size = preprocess_cfg["size"]
-        self.size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[assignment]
+        self.size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
         self.interpolation = _INTERPOLATION[preprocess_cfg.get("interpolation", "bicubic")]
         self.limits = limits
         self.device = device

@@ -9,6 +9,7 @@ import logging
 import time
 from http import HTTPStatus
 from pathlib import Path
+from typing import Annotated
 
 import aiohttp
 import bentoml
@@ -66,7 +67,7 @@ from clip_service.schemas import (
     RankResult,
     Scale,
     SingleResult,
-    model_parameter,
+    served_model_field,
 )
 from clip_service.store import (
     add_store_references,
@@ -79,7 +80,7 @@ from clip_service.worker import Scorer
 logger = logging.getLogger("clip_service.frontend")
 settings = get_settings()
 
-ServedModel = model_parameter(settings.models, settings.default_model)
+ServedModel = Annotated[str | None, served_model_field(settings.models, settings.default_model)]
 DEMO_PAGE = Path(__file__).resolve().parents[1] / "web" / "demo.html"
 # How long a probe (/readyz, /evaluator/health) waits for the model worker: probes must answer
 # within a Kubernetes probe's timeout, whether the model worker is up, loading or gone.
@@ -153,7 +154,7 @@ class EvaluatorImpl(OpenAIEmbeddings):  # + POST /v1/embeddings (clip_service.op
     async def _score(self, name: str, jobs: list[Job]) -> list[JobOutcome]:
         """Jobs through the model worker's batch API; every endpoint's one way to the model."""
         self.queue.acquire(len(jobs))
-        attributes = {"clip.model": name, "clip.pairs": len(jobs)}
+        attributes: dict[str, str | int] = {"clip.model": name, "clip.pairs": len(jobs)}
         try:
             with tracer.start_as_current_span("clip.model_call", attributes=attributes):
                 for job in jobs:  # for the queue-wait metric and the batch span's links
@@ -497,7 +498,7 @@ for middleware, options in middleware_stack(  # in order: the first added is out
 # Paths BentoML's request metrics may label (anything else: "/{unknown}").
 ROUTES: frozenset[str] = frozenset(
     {api.route for service in (Evaluator, Scorer) for api in service.apis.values()}
-    | {EVALUATOR_PATH + route.path for route in evaluator_routes.routes}
+    | {EVALUATOR_PATH + route.path for route in evaluator_routes.routes if isinstance(route, Route)}
     | openai_route_paths(settings.models)
     | {"/", "/docs.json", "/livez", "/readyz", "/healthz", "/metrics", "/schema.json"}
 )
