@@ -43,8 +43,8 @@ TOKENIZER_HELP = (
 
 def ensure_offline_mode_if_unreachable(timeout_s: float = 3.0) -> bool:
     """Set ``HF_HUB_OFFLINE=1`` when the hub cannot be reached, so huggingface fails at once
-    instead of retrying for ~46 s. Must run before huggingface_hub is imported (it reads the
-    variable at import). Returns True when offline mode is on."""
+    instead of retrying (docs/operations.md). Must run before huggingface_hub is imported (it
+    reads the variable at import). Returns True when offline mode is on."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
         return True
     try:

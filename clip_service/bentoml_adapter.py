@@ -32,7 +32,7 @@ pinned to 1.4.40 for it).
 - ``forbid_unknown_fields``: the input models BentoML builds from each API's signature refuse
   fields they do not have (pydantic ignores them by default: a misspelt ``caption`` was dropped
   silently), naming at most ``MAX_NAMED_UNKNOWN_FIELDS`` of them (pydantic's own ``forbid``
-  builds an error per key: a body of a million keys took seconds and a 16 MB answer).
+  builds an error per key, so the work and the answer grow with the body; docs/reliability.md).
   ``bentoml.api(input_spec=...)`` would need each signature written twice.
 - ``document_openapi``: the service's OpenAPI document (``/docs.json``, the Bento's
   ``apis/openapi.yaml``) is BentoML's, rewritten by the service (``clip_service/openapi.py``).
