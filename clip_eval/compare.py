@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from bentoml.exceptions import BentoMLException
@@ -141,19 +142,13 @@ async def _compare(
 
         started = time.perf_counter()
         singles = await asyncio.gather(
-            *(
-                bounded(lambda item=item: client.evaluate_single(**item, model=model))
-                for item in items
-            )
+            *(bounded(partial(client.evaluate_single, **item, model=model)) for item in items)
         )
         single_s = time.perf_counter() - started
         chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
         started = time.perf_counter()
         batches = await asyncio.gather(
-            *(
-                bounded(lambda chunk=chunk: client.evaluate_batch(items=chunk, model=model))
-                for chunk in chunks
-            )
+            *(bounded(partial(client.evaluate_batch, items=chunk, model=model)) for chunk in chunks)
         )
         batch_s = time.perf_counter() - started
     finally:

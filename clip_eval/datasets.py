@@ -52,7 +52,7 @@ def detect_format(path: Path, explicit: str | None = None) -> TableFormat:
     if explicit is not None:
         if explicit not in FORMATS:
             raise UsageError(f"unknown format {explicit!r}; choose one of {', '.join(FORMATS)}")
-        return explicit  # type: ignore[return-value]
+        return explicit
     found = _SUFFIXES.get(path.suffix.lower())
     if found is None:
         raise UsageError(

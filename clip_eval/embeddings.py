@@ -90,7 +90,8 @@ class EmbeddingsFile:
             table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
             frame = table.to_pandas()
             if self.format == "npz":
-                np.savez(temporary, **_arrays_by_model(frame))
+                # numpy's stub checks `**` keys against `allow_pickle` too; ours are "model/field".
+                np.savez(temporary, **_arrays_by_model(frame))  # type: ignore[arg-type]
             else:
                 np.save(temporary, _structured(frame))
         os.replace(temporary, self.path)

@@ -114,8 +114,8 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     except OSError as exc:
         raise UrlFetchFailedError(f"cannot resolve host {host!r}") from exc
     addresses: list[IPAddress] = []
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
+    for info in infos:  # an IP family's sockaddr host is a str (typeshed allows int for others)
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if address not in addresses:
             addresses.append(address)
     return addresses
@@ -227,8 +227,8 @@ async def _fetch_hops(
 @functools.cache
 def tls_context() -> ssl.SSLContext:
     """The process's one verifying TLS context. A client left to build its own loads the whole
-    CA bundle (~300 KB of OpenSSL heap, milliseconds of CPU) per fetch, and httpx's reference
-    cycles keep it until a full garbage collection: 64 URLs a request grew a worker by 380 MB."""
+    CA bundle into OpenSSL's heap per fetch, and httpx's reference cycles keep it until a full
+    garbage collection, so URL-heavy requests grew a worker (docs/reliability.md)."""
     return httpx.create_ssl_context(trust_env=False)
 
 

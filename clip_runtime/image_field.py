@@ -49,7 +49,7 @@ def decode_image_field(value: str, max_image_bytes: int) -> bytes:
         )
     if len(payload) * 3 // 4 <= max_image_bytes:
         # The common case, standard padded base64 on one line, in one C pass; the regex and the
-        # alphabet checks below cost several times the decode itself on a 100 KB image.
+        # alphabet checks below cost more than the decode itself (docs/reliability.md).
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):

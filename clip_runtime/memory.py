@@ -1,10 +1,11 @@
 """A per-process memory budget for image decoding, and giving freed heap back to the system.
 
-Decoding is where a small request becomes a large allocation (a 77 KB PNG can claim 80 MB of
-pixels). Each decode reserves its cost, estimated from the header before any pixel is decoded,
-and each URL body its bytes; while the budget is spent, a claim waits briefly and is then
-refused as overload (503), so what is in flight stays within the budget whatever the number of
-decode threads or concurrent requests. Freed memory is given back once the budget goes idle.
+Decoding is where a small request becomes a large allocation (a small compressed PNG can claim a
+pixel buffer thousands of times its size). Each decode reserves its cost, estimated from the
+header before any pixel is decoded, and each URL body its bytes; while the budget is spent, a
+claim waits briefly and is then refused as overload (503), so what is in flight stays within the
+budget whatever the number of decode threads or concurrent requests. Freed memory is given back
+once the budget goes idle.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ctypes.util
 import gc
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from clip_runtime.errors import OverloadedError
@@ -22,14 +23,14 @@ from clip_runtime.errors import OverloadedError
 # After a spike (decodes and bodies in flight at least this large at once), freed memory is
 # handed back once nothing is in flight: glibc keeps freed heap for reuse and never shrinks RSS
 # itself. Steady small decodes never trim: a trim locks the allocator's arenas while it walks
-# them, and trimming every idle second under load stalled the event loop (shed p99 144 ms).
+# them, and trimming every idle second under load stalled the event loop (docs/reliability.md).
 TRIM_AFTER_BYTES = 32 * 1024 * 1024
 # ... that long after the budget went idle, if it still is: the requests' bodies, crops and
 # responses are freed just after their last claim, and a trim at that moment would miss them.
 TRIM_DELAY_S = 1.0
 
 
-def _load_malloc_trim() -> ctypes._CFuncPtr | None:
+def _load_malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -48,7 +49,7 @@ def trim_heap() -> bool:
 
     The collection comes first because the collector's own schedule may not run a full pass for
     a long time, and cycles hold real memory: every httpx client leaves one, with its
-    connection's receive buffer (~70 KB a fetched URL, 90 MB after 1,280 fetches)."""
+    connection's receive buffer (docs/reliability.md has the figures)."""
     gc.collect()
     if _MALLOC_TRIM is None:
         return False
@@ -58,9 +59,9 @@ def trim_heap() -> bool:
 
 def freeze_startup_objects() -> None:
     """Collect, then move every object alive now out of the collector's reach (``gc.freeze``):
-    after torch and open_clip are imported that is 450,000-500,000 objects, and a full collection
-    over them takes 170-250 ms of a 2-core machine, the GIL held (``trim_heap`` runs one). Call
-    once start-up is done."""
+    after torch and open_clip are imported that is hundreds of thousands of objects, and a full
+    collection walks them all with the GIL held (``trim_heap`` runs one; docs/reliability.md has
+    the figures). Call once start-up is done."""
     gc.collect()
     gc.freeze()
 
@@ -71,8 +72,7 @@ class DecodeBudget:
 
     Bodies may hold at most half of it (``max_body_bytes``): a body that is still arriving, or
     waiting for a decode thread, cannot be given back, and bodies filling the whole budget left
-    no decode room to finish any of them (4 requests of 64 URLs to a 14 MB image under a
-    256 MiB budget: not one image decoded, every request 503 or timed out).
+    no decode room to finish any of them (docs/reliability.md: not one image decoded).
     """
 
     def __init__(self, max_bytes: int, wait_s: float, trim_delay_s: float = TRIM_DELAY_S) -> None:

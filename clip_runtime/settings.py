@@ -77,7 +77,7 @@ class ClipSettings(BaseSettings):
         description="Adaptive batching latency budget per model (queue wait plus the predicted "
         "forward pass); work that cannot meet it gets 503 `overloaded` with `Retry-After`. 10 s "
         "keeps interactive scoring interactive and still fits a 32-pair ViT-B-32 fp32 batch on "
-        "a 2-core CPU (~8 s measured); raise it for large batches on CPU.",
+        "a 2-core CPU (docs/reliability.md); raise it for large batches on CPU.",
     )
     model_max_batch_size: Annotated[dict[str, int], NoDecode] = Field(
         default={},

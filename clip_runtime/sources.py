@@ -10,7 +10,7 @@ import logging
 import os
 from copy import deepcopy
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import torch
@@ -43,8 +43,8 @@ TOKENIZER_HELP = (
 
 def ensure_offline_mode_if_unreachable(timeout_s: float = 3.0) -> bool:
     """Set ``HF_HUB_OFFLINE=1`` when the hub cannot be reached, so huggingface fails at once
-    instead of retrying for ~46 s. Must run before huggingface_hub is imported (it reads the
-    variable at import). Returns True when offline mode is on."""
+    instead of retrying (docs/operations.md). Must run before huggingface_hub is imported (it
+    reads the variable at import). Returns True when offline mode is on."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
         return True
     try:
@@ -61,11 +61,14 @@ def _preprocess_cfg(model: torch.nn.Module, architecture: str, tag: str | None) 
     import open_clip
     from open_clip.transform import merge_preprocess_dict
 
-    cfg = deepcopy(model.visual.preprocess_cfg)
+    # open_clip sets these as plain attributes of the tower, which torch's Module.__getattr__
+    # types as Tensor | Module.
+    visual = cast(Any, model.visual)
+    cfg: dict[str, Any] = deepcopy(visual.preprocess_cfg)
     if tag is not None:
         check_tag(architecture, tag)
         cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(architecture, tag))
-        cfg["size"] = model.visual.image_size  # the tag cannot change the architecture's size
+        cfg["size"] = visual.image_size  # the tag cannot change the architecture's size
     return {key: list(value) if isinstance(value, tuple) else value for key, value in cfg.items()}
 
 

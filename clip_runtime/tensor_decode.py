@@ -8,11 +8,11 @@ checks it against the PIL path without a GPU.
 It reproduces open_clip's ``Resize(shortest side, bicubic, antialias) -> CenterCrop -> ToTensor
 -> Normalize`` with torch's resampling instead of Pillow's, in Pillow's order (horizontal pass,
 uint8, vertical pass, uint8). Pillow's fixed-point filter and torch's float one still round a
-few values differently (about 0.01%, by one level); ``tests/test_tensor_decode.py`` bounds the
-difference (pixels and the cosines they cause). Anything this path does not handle exactly like
-the PIL path (not a baseline-decodable JPEG, CMYK, an EXIF rotation, a limit violated) is
-reported as unsupported, and the caller falls back to the PIL path, which also produces the
-proper error.
+few values differently, by one level (docs/performance.md); ``tests/test_tensor_decode.py``
+bounds the difference (pixels and the cosines they cause). Anything this path does not handle
+exactly like the PIL path (not a baseline-decodable JPEG, CMYK, an EXIF rotation, a limit
+violated) is reported as unsupported, and the caller falls back to the PIL path, which also
+produces the proper error.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class TensorPreprocessor:
         if not handles_preprocessing(preprocess_cfg):
             raise ValueError(f"tensor decode supports resize_mode 'shortest': {preprocess_cfg}")
         size = preprocess_cfg["size"]
-        self.size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[assignment]
+        self.size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
         self.interpolation = _INTERPOLATION[preprocess_cfg.get("interpolation", "bicubic")]
         self.limits = limits
         self.device = device
@@ -208,8 +208,8 @@ class TensorPreprocessor:
     def _resize_like_pillow(self, batch: torch.Tensor) -> torch.Tensor:
         """open_clip's Resize (shortest side to the crop's smaller side, torchvision's size rule)
         done as Pillow does it: the horizontal pass, rounded to uint8 levels, then the vertical
-        one, rounded again. One 2-D pass in float instead left 16% of the values a level or two
-        off Pillow's; this way about 0.01% differ, by one level."""
+        one, rounded again. One 2-D pass in float instead left many values a level or two off
+        Pillow's; this way few differ, by one level (docs/performance.md)."""
         height, width = batch.shape[-2:]
         short = min(self.size)
         if height <= width:

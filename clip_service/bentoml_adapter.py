@@ -34,7 +34,7 @@ pinned to 1.4.40 for it).
 - ``forbid_unknown_fields``: the input models BentoML builds from each API's signature refuse
   fields they do not have (pydantic ignores them by default: a misspelt ``caption`` was dropped
   silently), naming at most ``MAX_NAMED_UNKNOWN_FIELDS`` of them (pydantic's own ``forbid``
-  builds an error per key: a body of a million keys took seconds and a 16 MB answer).
+  builds an error per key, so the work and the answer grow with the body; docs/reliability.md).
   ``bentoml.api(input_spec=...)`` would need each signature written twice.
 - ``document_openapi``: the service's OpenAPI document (``/docs.json``, the Bento's
   ``apis/openapi.yaml``) is BentoML's, rewritten by the service (``clip_service/openapi.py``).
@@ -73,6 +73,7 @@ import bentoml
 import h11
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from pydantic import BaseModel
 
 from clip_service.multipart_guard import takes_text
 from clip_service.observability import TRACING_EXCLUDED_URLS, UNKNOWN_PATH
@@ -142,15 +143,20 @@ def forbid_unknown_fields(apis: Iterable[Any]) -> None:
         spec = api.input_spec
         spec.model_config = {**spec.model_config, "extra": "forbid"}
         spec.model_rebuild(force=True)
-        bounded = model_validator(mode="before")(
-            classmethod(lambda cls, data: refuse_unknown_fields(cls, data))
-        )
+        bounded = model_validator(mode="before")(_refuse_unknown_fields)
         api.input_spec = create_model(
             spec.__name__,
             __base__=spec,
             __module__=spec.__module__,
-            __validators__={"_bounded_unknown_fields": bounded},
+            # pydantic annotates __validators__ as plain callables, though its documented values
+            # are model_validator's descriptors (`__namespace__`, typed Any, needs 2.14).
+            __validators__={"_bounded_unknown_fields": bounded},  # type: ignore[dict-item]
         )
+
+
+def _refuse_unknown_fields(cls: type[BaseModel], data: Any) -> Any:
+    # pydantic makes a before-validator whose first parameter is named `cls` a classmethod.
+    return refuse_unknown_fields(cls, data)
 
 
 FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -236,7 +242,7 @@ def document_openapi(
     from bentoml._internal.utils.cattr import bentoml_cattr
 
     base = type(service)
-    generated = base.openapi_spec.fget  # type: ignore[attr-defined]
+    generated = base.openapi_spec.fget
 
     class DocumentedService(base):  # type: ignore[valid-type,misc]
         __slots__ = ()
@@ -446,7 +452,8 @@ def bound_request_metric_paths(known_paths: set[str]) -> None:
             finally:
                 otel_context.detach(token)
 
-    instruments.RunnerTrafficMetricsMiddleware = BoundedTrafficMetricsMiddleware
+    # The patch itself: BentoML builds its metrics middleware from this module attribute.
+    instruments.RunnerTrafficMetricsMiddleware = BoundedTrafficMetricsMiddleware  # type: ignore[misc,assignment]
 
 
 # -- The model worker's client (and its restart) ---------------------------------------------
@@ -685,7 +692,7 @@ def install_fast_worker_restart() -> None:
         self.ctrl.check_delay = min(self.ctrl.check_delay, WORKER_CHECK_DELAY_S * 1000)
         bentoml_start(self, cb)
 
-    arbiter_class.start = start
+    arbiter_class.start = start  # type: ignore[method-assign]  # the patch itself
     setattr(arbiter_class, _FAST_RESTART_MARK, True)
 
 
@@ -724,7 +731,7 @@ def install_cleanup_after_workers() -> None:
         CircusArbiter.stop_controller_and_close_sockets(self)
         self.exit_stack.__exit__(None, None, None)  # an exited ExitStack is empty: idempotent
 
-    arbiter_class.stop = stop
+    arbiter_class.stop = stop  # type: ignore[method-assign]  # the patch itself
     arbiter_class.stop_controller_and_close_sockets = stop_controller_and_close_sockets
     setattr(arbiter_class, BENTOML_STOP_ATTRIBUTE, bentoml_stop)
 

@@ -6,6 +6,7 @@ OpenAPI document, the middleware stack and the model store references. ``service
 from __future__ import annotations
 
 import bentoml
+from starlette.routing import Route
 
 from clip_runtime.model_entry import embed_dim
 from clip_service.bentoml_adapter import document_openapi, forbid_unknown_fields
@@ -47,7 +48,7 @@ for middleware, options in middleware_stack(  # in order: the first added is out
 # Paths BentoML's request metrics may label (anything else: "/{unknown}").
 ROUTES: frozenset[str] = frozenset(
     {api.route for service in (Evaluator, Scorer) for api in service.apis.values()}
-    | {EVALUATOR_PATH + route.path for route in evaluator_routes.routes}
+    | {EVALUATOR_PATH + route.path for route in evaluator_routes.routes if isinstance(route, Route)}
     | openai_route_paths(settings.models)
     | {"/", "/docs.json", "/livez", "/readyz", "/healthz", "/metrics", "/schema.json"}
 )

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import bentoml
 import numpy as np
@@ -43,7 +43,7 @@ from clip_service.schemas import (
     RankResult,
     Scale,
     SingleResult,
-    model_parameter,
+    served_model_field,
 )
 from clip_service.store import batch_api_name, model_folders
 from clip_service.worker import Scorer
@@ -51,7 +51,7 @@ from clip_service.worker import Scorer
 logger = logging.getLogger("clip_service.frontend")
 settings = get_settings()
 
-ServedModel = model_parameter(settings.models, settings.default_model)
+ServedModel = Annotated[str | None, served_model_field(settings.models, settings.default_model)]
 
 
 # + POST /v1/embeddings (clip_service.openai_api), /readyz and health (clip_service.probes)
@@ -88,7 +88,7 @@ class EvaluatorImpl(OpenAIEmbeddings, EvaluatorProbes):
     async def _score(self, name: str, jobs: list[Job]) -> list[JobOutcome]:
         """Jobs through the model worker's batch API; every endpoint's one way to the model."""
         self.queue.acquire(len(jobs))
-        attributes = {"clip.model": name, "clip.pairs": len(jobs)}
+        attributes: dict[str, str | int] = {"clip.model": name, "clip.pairs": len(jobs)}
         try:
             with tracer.start_as_current_span("clip.model_call", attributes=attributes):
                 for job in jobs:  # for the queue-wait metric and the batch span's links

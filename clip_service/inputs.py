@@ -58,7 +58,7 @@ class JobBuilder:
 
     async def _url_job(self, model: str, url: str) -> Job:
         """Fetch, then crop; the body counts in the decode budget from its first byte until
-        its crop is made (64 URLs to a 15 MB image once held ~1 GB of bodies uncounted)."""
+        its crop is made: bodies of many URLs to large images otherwise add up uncounted."""
         claim = self.preprocessing.claim()
 
         async def count(body_bytes: int) -> None:
@@ -117,7 +117,7 @@ class JobBuilder:
         references: list[str] | None = None,
     ) -> PreparedPair:
         """One pair (and its references), validated, its image cropped. The references are
-        counted before any is looked at (a 2 MB body holds 400,000 of them)."""
+        counted before any is looked at (a body within the size limit can hold a great many)."""
         if references is not None and not references:
             raise E.InvalidRequestError("references is empty")
         if references is not None and len(references) > self.settings.max_references:

@@ -5,26 +5,25 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 Scale = Literal["torchmetrics", "paper"]
 
 
-def model_parameter(served: Sequence[str], default: str) -> Any:
-    """The type of the endpoints' optional ``model`` field, documented with the served names (the
-    API docs are generated at import, once the served models are known)."""
+def served_model_field(served: Sequence[str], default: str) -> FieldInfo:
+    """The endpoints' optional ``model`` field (``Annotated[str | None, served_model_field(...)]``),
+    documented with the served names (the API docs are generated at import, once the served
+    models are known)."""
     names = ", ".join(f"`{name}`" for name in served)
-    return Annotated[
-        str | None,
-        Field(
-            description=f"One of the served models: {names} (default `{default}`). "
-            "/evaluator/health gives each one's family (clip or siglip) and tag.",
-            examples=list(served),
-        ),
-    ]
+    return Field(
+        description=f"One of the served models: {names} (default `{default}`). "
+        "/evaluator/health gives each one's family (clip or siglip) and tag.",
+        examples=list(served),
+    )
 
 
 # How many unknown fields an error names (the rest are counted): an answer to a body of a

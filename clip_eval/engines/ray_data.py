@@ -78,6 +78,7 @@ def _pairs_source(dataset: DatasetSpec, skip: int, rows: int) -> Any:
     """The remaining pairs as one read task, a table of text per batch (image bytes become
     ``data:`` URIs: a column must not mix str and bytes)."""
     from ray.data.block import BlockMetadata
+    from ray.data.context import DataContext
     from ray.data.datasource import Datasource, ReadTask
 
     def read() -> Iterator[pa.Table]:
@@ -88,7 +89,13 @@ def _pairs_source(dataset: DatasetSpec, skip: int, rows: int) -> Any:
         def estimate_inmemory_data_size(self) -> int | None:
             return None
 
-        def get_read_tasks(self, parallelism: int, **_: Any) -> list[ReadTask]:
+        def get_read_tasks(
+            self,
+            parallelism: int,
+            per_task_row_limit: int | None = None,
+            data_context: DataContext | None = None,
+            **_: Any,
+        ) -> list[ReadTask]:
             # One sequential reader, whatever the parallelism asked: Ray Data then splits its
             # output into that many blocks.
             unknown = BlockMetadata(

@@ -412,8 +412,10 @@ class RemoteEngine:
                 if isinstance(item, ClipError):
                     outcomes.append(Outcome.failed(model, item))
                 else:
-                    result, vectors = next(answers[model])
-                    outcomes.append(outcome_of(model, result, vectors, self.config.keep_vectors))
+                    result, item_vectors = next(answers[model])
+                    outcomes.append(
+                        outcome_of(model, result, item_vectors, self.config.keep_vectors)
+                    )
         return outcomes
 
     async def _vectors(
