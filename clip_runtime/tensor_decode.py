@@ -159,7 +159,10 @@ class TensorPreprocessor:
         which names the error). nvjpeg fails a whole batch for one bad image, hence the retry one
         by one, on CUDA in this thread: its CUDA stream (``SideStream.producing``) is current
         here only, and decodes made on another thread's stream would not be ordered before the
-        resize that reads them. libjpeg decodes (CPU) run in ``pool`` (it releases the GIL)."""
+        resize that reads them. libjpeg decodes (CPU) run in ``pool`` (it releases the GIL).
+        An empty list decodes to nothing: torchvision's batched nvjpeg call refuses one."""
+        if not images:
+            return []
         if self.device.type == "cuda":
             try:
                 return list(self.decode(images))

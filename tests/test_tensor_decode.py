@@ -143,6 +143,32 @@ def test_cuda_retries_decode_in_the_calling_thread(monkeypatch: pytest.MonkeyPat
     assert threads == [threading.current_thread().name] * 3
 
 
+def test_a_batch_with_no_device_decodable_jpeg_decodes_nothing_on_cuda(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> None:
+    """A model batch of PNGs only (none for the tensor path) asked nvjpeg to decode an empty
+    list, which torchvision refuses with a ValueError: HTTP 500s on the GPU benchmark's
+    mixed-size rows (docs/benchmarks.md). Nothing to decode is decoded without a call."""
+    from torchvision.io import decode_jpeg
+
+    with pytest.raises(ValueError, match="at least one element"):  # why the guard exists
+        decode_jpeg([], device="cuda")
+    tensor = TensorPreprocessor({"size": 64}, LIMITS, torch.device("cuda"))
+
+    def decode(images: list[bytes]) -> list[torch.Tensor]:
+        if not images:
+            raise ValueError("Input list must contain at least one element")
+        return [torch.zeros(3, 8, 8, dtype=torch.uint8) for _ in images]
+
+    monkeypatch.setattr(tensor, "decode", decode)
+    assert tensor.decode_each([]) == []
+    engine = ClipEngine(ClipSettings(models=["tiny"], device="cpu"), {"tiny": tiny_model_dir})
+    monkeypatch.setitem(engine.tensor_preprocessors, "tiny", tensor)
+    png = encode(photo_like(1, 96, 64), "PNG")
+    (outcome,), _ = engine.run([Job("tiny", image=png, text="a cat")])
+    assert outcome.error is None and outcome.cosine is not None
+
+
 def test_a_failed_device_resize_falls_back_to_pil_for_its_images_only(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
