@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from clip_runtime import Job, Preprocessing, check_text
 from clip_runtime import errors as E
@@ -135,17 +135,7 @@ class JobBuilder:
     async def image_jobs(self, model: str, images: list[str], field: str) -> list[Job]:
         """Image-only jobs; the first bad image fails the request, naming its index."""
         self.check_count(len(images), field)
-        prepared = await asyncio.gather(
-            *(self.image_job(model, image) for image in images), return_exceptions=True
-        )
-        jobs = []
-        for index, job in enumerate(prepared):
-            if isinstance(job, ClipError):
-                raise at_index(job, field, index)
-            if isinstance(job, BaseException):
-                raise job
-            jobs.append(job)
-        return jobs
+        return await gathered_jobs([self.image_job(model, image) for image in images], field)
 
     async def text_jobs(self, model: str, texts: list[str], field: str) -> list[Job]:
         """Text-only jobs, counted first, then checked and tokenised in the pool; the first bad
@@ -160,3 +150,17 @@ class JobBuilder:
             )
         if count == 0:
             raise E.InvalidRequestError(f"{field} is empty")
+
+
+async def gathered_jobs(preparing: list[Coroutine[Any, Any, Job]], field: str) -> list[Job]:
+    """The jobs ``preparing`` makes, all at once, in order; the first that fails fails the
+    request, naming its index in ``field``."""
+    prepared = await asyncio.gather(*preparing, return_exceptions=True)
+    jobs = []
+    for index, job in enumerate(prepared):
+        if isinstance(job, ClipError):
+            raise at_index(job, field, index)
+        if isinstance(job, BaseException):
+            raise job
+        jobs.append(job)
+    return jobs

@@ -11,7 +11,6 @@ values and the request id, at the statuses its clients act on (``OpenAIErrorShap
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import json
@@ -35,7 +34,7 @@ from clip_runtime import errors as E
 from clip_runtime.errors import ClipError
 from clip_service.bentoml_adapter import OPENAPI_REF_TEMPLATE, document_plain_routes
 from clip_service.errors import CURRENT_REQUEST_ID, http_status
-from clip_service.inputs import JobBuilder, at_index
+from clip_service.inputs import JobBuilder, gathered_jobs
 from clip_service.observability import record_error
 from clip_service.openai_schemas import (
     Embedding,
@@ -314,15 +313,7 @@ class OpenAIEmbeddings:
                 return await builder.image_job(name, item.image)
             return await builder.text_job(name, item.text)
 
-        prepared = await asyncio.gather(*(job(item) for item in items), return_exceptions=True)
-        jobs = []
-        for index, outcome in enumerate(prepared):
-            if isinstance(outcome, ClipError):
-                raise at_index(outcome, INPUT_FIELD, index)
-            if isinstance(outcome, BaseException):
-                raise outcome
-            jobs.append(outcome)
-        return jobs
+        return await gathered_jobs([job(item) for item in items], INPUT_FIELD)
 
     @bentoml.api(route=EMBEDDINGS_ROUTE)
     @openai_errors
