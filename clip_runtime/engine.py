@@ -22,12 +22,13 @@ from clip_runtime.errors import ClipError
 from clip_runtime.images import ImagePreprocessor
 from clip_runtime.jobs import ImageInput, Job, JobOutcome
 from clip_runtime.memory import freeze_startup_objects
-from clip_runtime.model import BatchReport, ClipModel, Crop, Tokenized
+from clip_runtime.model import BatchReport, ClipModel, Crop
 from clip_runtime.model_entry import ModelEntry
 from clip_runtime.preprocessing import check_text, image_limits, resolve_model_name
 from clip_runtime.runtimes import resolve_runtime
 from clip_runtime.settings import ClipSettings
 from clip_runtime.tensor_decode import SideStream, TensorPreprocessor, tensor_decode_enabled
+from clip_runtime.tokens import Tokenized
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class ClipEngine:
                     [chunk.texts[i] for i in good],
                     [jobs[i].keep_vectors for i in good],
                     report,
-                    {**chunk.tokenized, **_tokenized([jobs[i] for i in good])},
+                    chunk.tokenized,
                 )
                 for i, outcome in zip(good, outcomes, strict=True):
                     results[i] = outcome
@@ -158,13 +159,13 @@ class ClipEngine:
 
     def _prepare(self, name: str, jobs: Sequence[Job], chunk: list[int]) -> _PreparedChunk:
         prepared = _PreparedChunk()
-        tokenizer = self.models[name].tokenizer
+        model = self.models[name]
         for i in chunk:
             try:
                 text = prepared.texts[i] = _checked_text(self.settings, jobs[i].text)
-                if text is not None and jobs[i].token_ids is None:
+                if text is not None and not model.is_cached(text):
                     # Here, per job: a caption the tokenizer refuses fails its job alone.
-                    prepared.tokenized[text] = tokenizer.tokenize(text)
+                    prepared.tokenized[text] = model.tokenizer.tokenize(text)
             except ClipError as error:
                 prepared.texts.pop(i, None)
                 prepared.errors[i] = error
@@ -217,15 +218,6 @@ class _PreparedChunk:
     errors: dict[int, ClipError] = field(default_factory=dict)
     tokenized: dict[str, Tokenized] = field(default_factory=dict)  # texts tokenised here
     ready: torch.cuda.Event | None = None  # the device crops are made once this has passed
-
-
-def _tokenized(jobs: Sequence[Job]) -> dict[str, Tokenized]:
-    """Token ids the front end sent with the texts, by text."""
-    return {
-        job.text: (job.token_ids, job.text_truncated)
-        for job in jobs
-        if job.text is not None and job.token_ids is not None
-    }
 
 
 def _checked_text(settings: ClipSettings, text: str | None) -> str | None:

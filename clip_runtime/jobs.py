@@ -37,10 +37,6 @@ class Job:
     image: ImageInput | None = None
     text: str | None = None
     keep_vectors: bool = False
-    # The text's token ids and truncation flag, when the HTTP front end tokenised it already
-    # (the engine tokenises texts that come without them).
-    token_ids: Array | None = None
-    text_truncated: bool = False
     # For the queue-wait metric and the batch span's links; the engine ignores them.
     sent_at: float = 0.0
     trace_context: str = ""

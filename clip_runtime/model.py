@@ -26,12 +26,10 @@ from clip_runtime.model_entry import (
 )
 from clip_runtime.runtimes import Encoders, RuntimePlan, load_encoders
 from clip_runtime.settings import DEFAULT_MAX_TEXT_WORD_CHARS
-from clip_runtime.tokens import TextTokenizer
+from clip_runtime.tokens import TextTokenizer, Tokenized
 
 # A model-sized crop: HWC uint8 on the host (PIL path) or CHW uint8 on the device (tensor path).
 Crop = np.ndarray | torch.Tensor
-# A caption tokenised where it was received: its token ids and whether it was cut.
-Tokenized = tuple[np.ndarray, bool]
 
 logger = logging.getLogger(__name__)
 
@@ -163,14 +161,13 @@ class ClipModel:
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.encoders.encode_text(tokens), dim=-1)
 
-    def _tokenize(
-        self, texts: list[str], tokenized: Mapping[str, Tokenized]
-    ) -> tuple[torch.Tensor, list[bool]]:
-        """Token ids and truncation flags: the given ones, the model's tokenizer for the rest."""
-        if all(text in tokenized for text in texts):
-            ids = torch.from_numpy(np.stack([tokenized[text][0] for text in texts]))
-            return ids, [tokenized[text][1] for text in texts]
-        return self.tokenizer.ids(texts), [self.is_truncated(text) for text in texts]
+    def is_cached(self, text: str) -> bool:
+        """Whether the text cache holds ``text`` now (it may be evicted before it is asked for;
+        ``encode_texts`` then tokenises it itself)."""
+        if self._text_cache is None:
+            return False
+        with self._cache_lock:
+            return text in self._text_cache
 
     def encode_texts(
         self,
@@ -195,11 +192,11 @@ class ClipModel:
         report.text_cache_misses += len(missing)
         if missing:
             started = time.perf_counter()
-            ids, truncated = self._tokenize(missing, tokenized or {})
-            vectors = self._encode_tokens(ids)
-            for text, vector, cut in zip(missing, vectors, truncated, strict=True):
-                tokens = self.tokenizer.encoded_token_count(text)
-                found[text] = TextEmbedding(vector=vector, truncated=cut, tokens=tokens)
+            given = tokenized or {}
+            encoded = [given.get(text) or self.tokenizer.tokenize(text) for text in missing]
+            vectors = self._encode_tokens(torch.from_numpy(np.stack([e.ids for e in encoded])))
+            for text, vector, tokens in zip(missing, vectors, encoded, strict=True):
+                found[text] = TextEmbedding(vector, tokens.truncated, tokens.tokens)
             report.encode_text_s += time.perf_counter() - started
             if self._text_cache is not None:
                 with self._cache_lock:

@@ -16,7 +16,7 @@ context is refused, and the word cache is bounded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -96,6 +96,14 @@ def _hf_token_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer.tokenizer(cleaned)["input_ids"])
 
 
+class Tokenized(NamedTuple):
+    """One caption, tokenised."""
+
+    ids: np.ndarray  # ``context_length`` token ids, cut and padded as the model takes them
+    truncated: bool  # the caption had more tokens than the context holds
+    tokens: int  # the tokens the model encodes, its special tokens included
+
+
 class TextTokenizer:
     """A saved model's own tokenizer: captions -> token ids (cut to the context) and whether each
     was cut. The model worker runs it, for captions missing from its text cache."""
@@ -115,34 +123,31 @@ class TextTokenizer:
         elif not isinstance(self._tokenizer, HFTokenizer):
             raise TypeError(f"no token count for open_clip tokenizer {type(self._tokenizer)}")
 
-    def tokenize(self, text: str) -> tuple[np.ndarray, bool]:
-        """One caption's token ids (1-D, ``context_length``) and whether it was cut."""
+    def tokenize(self, text: str) -> Tokenized:
+        """One caption's token ids (1-D, ``context_length``), whether it was cut, and how many
+        of its tokens the model encodes."""
         if not self._simple:
             ids = self._tokenizer([text])[0].numpy()
-            return ids, _hf_token_count(self._tokenizer, text) > self.context_length
+            count = _hf_token_count(self._tokenizer, text)
+            return Tokenized(ids, count > self.context_length, min(count, self.context_length))
         room = self.context_length - _SIMPLE_SPECIAL_TOKENS
         tokens = _simple_tokens(self._tokenizer, text, room, self.max_word_chars)
-        truncated = len(tokens) > room
         # As SimpleTokenizer.__call__ cuts: the first tokens, then end-of-text, zero padding.
         row = [self._tokenizer.sot_token_id, *tokens[:room], self._tokenizer.eot_token_id]
         ids = np.zeros(self.context_length, dtype=np.int64)
         ids[: len(row)] = row
-        return ids, truncated
+        return Tokenized(ids, len(tokens) > room, len(row))
 
     def is_truncated(self, text: str) -> bool:
         """True when the tokenizer makes more tokens of the caption (its special tokens included)
         than the context holds, so the end of the caption is not scored."""
-        return self.tokenize(text)[1]
+        return self.tokenize(text).truncated
 
     def encoded_token_count(self, text: str) -> int:
         """Tokens of the caption that the model encodes: the tokenizer's count (its special tokens
         included), cut to the context as the ids are; open_clip's at the bounded cost of
         ``tokenize``."""
-        if not self._simple:
-            return min(_hf_token_count(self._tokenizer, text), self.context_length)
-        room = self.context_length - _SIMPLE_SPECIAL_TOKENS
-        tokens = _simple_tokens(self._tokenizer, text, room, self.max_word_chars)
-        return min(len(tokens), room) + _SIMPLE_SPECIAL_TOKENS
+        return self.tokenize(text).tokens
 
     def ids(self, texts: list[str]) -> torch.Tensor:
         """Token ids, one row of ``context_length`` per text."""

@@ -21,6 +21,7 @@ from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.runtimes import torch_plan
 from clip_runtime.tensor_decode import TensorPreprocessor, tensor_decode_enabled
+from clip_runtime.tokens import Tokenized
 from clip_testkit.images import encode, jpeg_bytes, photo_like
 from tests.hostile_inputs import many_scan_jpeg
 
@@ -218,15 +219,23 @@ def test_front_end_forwards_only_what_the_worker_decodes_like_pillow(tiny_model_
         forwarding.image("ViT-B-32", jpeg_bytes(1, 3, 40))
 
 
-def test_engine_uses_the_token_ids_sent_with_a_job(tiny_model_dir: Path) -> None:
+def test_engine_tokenises_a_caption_once_and_not_on_a_text_cache_hit(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = ClipEngine(ClipSettings(models=["ViT-B-32"]), {"ViT-B-32": tiny_model_dir})
     tokenizer = engine.models["ViT-B-32"].tokenizer
-    ids, truncated = tokenizer.tokenize("a red bus")
-    (sent,), _ = engine.run(
-        [Job("ViT-B-32", IMAGES[0], "a cat", token_ids=ids, text_truncated=truncated)]
-    )
-    engine = ClipEngine(ClipSettings(models=["ViT-B-32"]), {"ViT-B-32": tiny_model_dir})
-    (own,), _ = engine.run([Job("ViT-B-32", IMAGES[0], "a red bus")])
-    assert sent.cosine == pytest.approx(own.cosine, abs=1e-6)
+    tokenised: list[str] = []
+    tokenize = tokenizer.tokenize
+
+    def counted(text: str) -> Tokenized:
+        tokenised.append(text)
+        return tokenize(text)
+
+    monkeypatch.setattr(tokenizer, "tokenize", counted)
+    (first,), _ = engine.run([Job("ViT-B-32", IMAGES[0], "a red bus")])
+    (again,), _ = engine.run([Job("ViT-B-32", IMAGES[1], "a red bus")])
+    assert tokenised == ["a red bus"]  # the second answer came from the text cache
+    assert first.text_tokens == again.text_tokens == 5  # start, a, red, bus, end
     (long_caption,), _ = engine.run([Job("ViT-B-32", IMAGES[0], "word " * 100)])
     assert long_caption.text_truncated
+    assert long_caption.text_tokens == tokenizer.context_length

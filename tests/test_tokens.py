@@ -42,7 +42,7 @@ def test_ids_and_truncation_are_open_clips_own(
     tokenizer: TextTokenizer, tiny_model_dir: Path, caption: str
 ) -> None:
     reference = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")
-    ids, truncated = tokenizer.tokenize(caption)
+    ids, truncated, _ = tokenizer.tokenize(caption)
     assert np.array_equal(ids, reference([caption])[0].numpy())
     assert truncated == (len(reference.encode(caption)) + 2 > reference.context_length)
     assert np.array_equal(tokenizer.ids([caption, "a"])[0].numpy(), ids)
@@ -58,7 +58,7 @@ def test_words_after_the_context_are_never_tokenised(
     monkeypatch.setattr(
         tokenizer._tokenizer, "bpe", lambda word: (seen.append(len(word)), original(word))[1]
     )
-    ids, truncated = tokenizer.tokenize("a cat " * 40 + "z" * 9_000)
+    ids, truncated, _ = tokenizer.tokenize("a cat " * 40 + "z" * 9_000)
     assert truncated and max(seen) < 10
     assert np.array_equal(ids, tokenizer.tokenize("a cat " * 40)[0])
 
