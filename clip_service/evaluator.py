@@ -5,6 +5,8 @@ OpenAPI document, the middleware stack and the model store references. ``service
 
 from __future__ import annotations
 
+import functools
+
 import bentoml
 from starlette.routing import Route
 
@@ -35,8 +37,18 @@ Evaluator = bentoml.service(
 )(bentoml.asgi_app(evaluator_routes, path=EVALUATOR_PATH)(EvaluatorImpl))
 mount_openai_routes(Evaluator)  # GET /v1/models, and its place in the OpenAPI document
 forbid_unknown_fields(Evaluator.apis.values())
-EMBEDDING_SIZES = {name: embed_dim(folder) for name, folder in stored_folders(settings).items()}
-document_openapi(Evaluator, lambda spec: service_document(spec, settings, EMBEDDING_SIZES))
+
+
+@functools.cache
+def embedding_sizes() -> dict[str, int]:
+    """Each served model's embedding size, read once, when the OpenAPI document is first asked
+    for (not at import)."""
+    return {
+        name: embed_dim(folder) for name, folder in stored_folders(EvaluatorImpl, settings).items()
+    }
+
+
+document_openapi(Evaluator, lambda spec: service_document(spec, settings, embedding_sizes()))
 for middleware, options in middleware_stack(  # in order: the first added is outermost
     settings,
     file_fields=file_fields_by_route(Evaluator.apis.values()),

@@ -43,22 +43,16 @@ def add_store_references(cls: type, settings: ClipSettings) -> None:
 
 def model_folders(owner: Any, settings: ClipSettings) -> dict[str, Path]:
     """Store folders of the served models, read through ``owner``'s references."""
+    return stored_folders(type(owner), settings)
+
+
+def stored_folders(cls: type, settings: ClipSettings) -> dict[str, Path]:
+    """Store folders of the served models, from ``cls``'s references (``add_store_references``),
+    read from the store without resolving them (resolving a missing one would try BentoCloud)."""
     folders: dict[str, Path] = {}
     for name in settings.models:
-        reference = type(owner).__dict__[store_attribute(name)]
-        if reference.stored is None:  # checked first: resolving would try BentoCloud
+        reference = cls.__dict__[store_attribute(name)]
+        if reference.stored is None:
             raise _not_saved(name, reference)
-        folders[name] = Path(getattr(owner, store_attribute(name)).path)
-    return folders
-
-
-def stored_folders(settings: ClipSettings) -> dict[str, Path]:
-    """Store folders of the served models, straight from the store (``add_store_references``
-    has checked they are there)."""
-    folders: dict[str, Path] = {}
-    for name in settings.models:
-        stored = bentoml.models.BentoModel(store_name(name)).stored
-        if stored is None:
-            raise _not_saved(name, bentoml.models.BentoModel(store_name(name)))
-        folders[name] = Path(stored.path)
+        folders[name] = Path(reference.stored.path)
     return folders
