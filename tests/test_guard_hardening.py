@@ -4,10 +4,7 @@ an upload route takes forms only, with declared fields only."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-from typing import Any
 
 import httpx
 import pytest
@@ -15,10 +12,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clip_service.framing import AmbiguousLengthMiddleware
-from clip_testkit.guard import guarded
+from clip_testkit.guard import call, guarded
 
 UPLOAD = "/evaluator/up"
 
@@ -37,25 +34,6 @@ def scope_for(path: str, headers: list[tuple[bytes, bytes]], method: str = "POST
         "client": ("127.0.0.1", 5000),
         "root_path": "",
     }
-
-
-def call(app: Any, scope: Scope, messages: list[Message]) -> tuple[int, dict[bytes, bytes], Any]:
-    """Run ``app`` with ``messages`` as what the client sends; status, headers, JSON body."""
-    pending = list(messages)
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        if not pending:
-            await asyncio.sleep(3600)
-        return pending.pop(0)
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return start["status"], dict(start["headers"]), json.loads(body) if body else None
 
 
 async def bentoml_like(request: Request) -> JSONResponse:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,34 +22,13 @@ from clip_service.middleware.error_envelope import ErrorEnvelopeMiddleware
 from clip_service.middleware.forms import FormGuardMiddleware
 from clip_service.middleware.request_id import RequestIdMiddleware
 from clip_service.openai_api import OpenAIErrorShapeMiddleware
-
-Answer = tuple[int, dict[bytes, bytes], Any]
+from clip_testkit.guard import call
 
 
 def scope_for(
     path: str, headers: Sequence[tuple[bytes, bytes]] = (), method: str = "POST"
 ) -> Scope:
     return {"type": "http", "method": method, "path": path, "headers": list(headers)}
-
-
-def call(app: ASGIApp, scope: Scope, messages: list[Message] | None = None) -> Answer:
-    """Run ``app`` with ``messages`` from the client; status, headers, JSON (or None) body."""
-    pending = list(messages or [{"type": "http.request", "body": b"", "more_body": False}])
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        if not pending:
-            await asyncio.sleep(3600)
-        return pending.pop(0)
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
-    starts = [m for m in sent if m["type"] == "http.response.start"]
-    assert len(starts) == 1, sent
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return starts[0]["status"], dict(starts[0]["headers"]), json.loads(body) if body else None
 
 
 def reading_app(status: int = 200, body: bytes = b"{}") -> ASGIApp:
