@@ -13,7 +13,7 @@ from clip_service.bentoml_adapter import (
     setup_tracing,
 )
 from clip_service.evaluator import ROUTES, Evaluator
-from clip_service.worker import Scorer
+from clip_service.model_worker import Scorer
 
 install_bentoml_fixes()  # before the arbiter starts and any Scorer client exists
 setup_tracing()

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from clip_eval.cli_errors import ClipEvalError, UsageError
 from clip_eval.datasets import (
     FORMATS,
     INPUT_FORMATS,
@@ -23,8 +24,7 @@ from clip_eval.datasets import (
 )
 from clip_eval.embeddings import EmbeddingsFile, embeddings_format
 from clip_eval.engines import Engine
-from clip_eval.errors import ClipEvalError, UsageError
-from clip_eval.images import LoaderConfig
+from clip_eval.image_cells import LoaderConfig
 from clip_eval.output import OutputFile, read_results
 from clip_eval.summary import format_summary, plot_histogram, summarize, untrained_note
 from clip_runtime.errors import RuntimeSetupError

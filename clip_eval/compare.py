@@ -12,10 +12,10 @@ from typing import Any
 
 from bentoml.exceptions import BentoMLException
 
+from clip_eval.cli_errors import UsageError
 from clip_eval.datasets import DatasetSpec
 from clip_eval.engines.remote import open_client
-from clip_eval.errors import UsageError
-from clip_eval.images import ImageLoader, LoaderConfig
+from clip_eval.image_cells import ImageLoader, LoaderConfig
 from clip_eval.wire import batch_item
 from clip_runtime.errors import ClipError
 

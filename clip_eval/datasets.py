@@ -16,7 +16,7 @@ from typing import Literal
 import pandas as pd
 
 from clip_eval import shards
-from clip_eval.errors import UsageError
+from clip_eval.cli_errors import UsageError
 from clip_eval.records import (
     RESULT_COLUMNS,
     Pair,

@@ -1,4 +1,4 @@
-"""``--embeddings-out``: each scored pair's image and caption embeddings (L2-normalised float32),
+"""``--embeddings-out``: each scored pair's image and caption embeddings (L2-normalized float32),
 with the input row they belong to, written beside the scores.
 
 Like Parquet outputs, they go to complete part files in ``PATH.parts/`` as rows are scored (the
@@ -25,9 +25,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_eval.errors import UsageError
+from clip_eval.cli_errors import UsageError
 from clip_eval.parts import PartFiles
-from clip_eval.records import Outcome
+from clip_eval.records import PairOutcome
 
 EmbeddingsFormat = Literal["parquet", "npz", "npy"]
 SUFFIXES: dict[str, EmbeddingsFormat] = {".parquet": "parquet", ".npz": "npz", ".npy": "npy"}
@@ -50,7 +50,7 @@ def embeddings_format(path: Path, models: int) -> EmbeddingsFormat:
     return found
 
 
-def embeddings_table(first_row: int, outcomes: Sequence[Outcome], models: int) -> pa.Table:
+def embeddings_table(first_row: int, outcomes: Sequence[PairOutcome], models: int) -> pa.Table:
     """The embeddings of the scored outcomes among ``outcomes`` (``models`` per input row,
     the first of them input row ``first_row``)."""
     rows, names, images, texts = [], [], [], []

@@ -24,9 +24,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_eval.cli_errors import ClipEvalError, UsageError
 from clip_eval.datasets import TableFormat
 from clip_eval.embeddings import EmbeddingsFile
-from clip_eval.errors import ClipEvalError, UsageError
 from clip_eval.parts import PartFiles
 
 STATE_SUFFIX = ".clip-eval.json"

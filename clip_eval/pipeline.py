@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import pandas as pd
 from tqdm import tqdm
 
+from clip_eval.cli_errors import ClipEvalError
 from clip_eval.datasets import DatasetSpec
 from clip_eval.embeddings import embeddings_table
 from clip_eval.engines import Engine
-from clip_eval.errors import ClipEvalError
 from clip_eval.output import OutputFile
-from clip_eval.records import RESULT_COLUMNS, Outcome
+from clip_eval.records import RESULT_COLUMNS, PairOutcome
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ TEXT_COLUMNS = frozenset({"model", "error", "error_message"})
 
 def result_frame(
     rows: pd.DataFrame,
-    outcomes: Sequence[Outcome],
+    outcomes: Sequence[PairOutcome],
     models: int,
     columns: Sequence[str] = RESULT_COLUMNS,
 ) -> pd.DataFrame:
@@ -68,9 +68,11 @@ class RowAligner:
         self.models = models
         self.columns = columns
         self.current: pd.DataFrame | None = None
-        self.waiting: list[Outcome] = []
+        self.waiting: list[PairOutcome] = []
 
-    def add(self, outcomes: Sequence[Outcome]) -> Iterator[tuple[pd.DataFrame, int, list[Outcome]]]:
+    def add(
+        self, outcomes: Sequence[PairOutcome]
+    ) -> Iterator[tuple[pd.DataFrame, int, list[PairOutcome]]]:
         """Result rows ready to write, how many input rows they cover, and their outcomes."""
         width = len(self.models)
         self.waiting.extend(outcomes)
@@ -125,7 +127,7 @@ def evaluate(
     ) as bar:
         if before < total:
             # closing(): the engine's pools, client or Ray are released now, even on Ctrl-C.
-            with closing(engine.run(dataset, before)) as batches:
+            with closing(engine.score_dataset(dataset, before)) as batches:
                 for outcomes in batches:
                     for rows, done, scored in aligner.add(outcomes):
                         vectors = None

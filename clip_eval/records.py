@@ -65,7 +65,7 @@ class LoadedPair:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class PairOutcome:
     """One pair scored by one model: scores, or an error code and message. The embeddings are
     kept only when the run writes them (``--embeddings-out``); they never go into the table."""
 
@@ -81,7 +81,7 @@ class Outcome:
     text_vector: np.ndarray | None = None
 
     @classmethod
-    def scored(cls, model: str, cosine: float, **extra: Any) -> Outcome:
+    def scored(cls, model: str, cosine: float, **extra: Any) -> PairOutcome:
         return cls(model, clip_score(cosine), cosine, **extra)
 
     @classmethod
@@ -96,7 +96,7 @@ class Outcome:
         text_2: np.ndarray | None = None,
         ref_clip_score: float | None = None,
         keep_vectors: bool = False,
-    ) -> Outcome:
+    ) -> PairOutcome:
         """A scored pair, its second image and text compared through their embeddings (every
         engine the same way); the pair's embeddings kept when ``keep_vectors``."""
         return cls.scored(
@@ -110,7 +110,7 @@ class Outcome:
         )
 
     @classmethod
-    def failed(cls, model: str, error: ClipError) -> Outcome:
+    def failed(cls, model: str, error: ClipError) -> PairOutcome:
         return cls(model, error=error.code, error_message=error.message)
 
     def columns(self) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def _scaled(cosine: float | None) -> float | None:
 
 
 def similarity(first: np.ndarray, second: np.ndarray) -> float:
-    """Cosine of two L2-normalised embeddings (as the service's rank computes cosines)."""
+    """Cosine of two L2-normalized embeddings (as the service's rank computes cosines)."""
     return float(cosines(first, second[np.newaxis])[0])
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from clip_eval.errors import UsageError
+from clip_eval.cli_errors import UsageError
 
 WEBDATASET_COLUMNS = ["key", "image", "caption", "json"]
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")

@@ -19,7 +19,7 @@ import torch
 from clip_runtime.decode_placement import handles_preprocessing
 from clip_runtime.device import resolve_device
 from clip_runtime.errors import ClipError
-from clip_runtime.images import ImagePreprocessor
+from clip_runtime.image_inputs import ImagePreprocessor
 from clip_runtime.jobs import ImageInput, Job, JobOutcome
 from clip_runtime.memory import freeze_startup_objects
 from clip_runtime.model import BatchReport, ClipModel, Crop
@@ -99,7 +99,7 @@ class ClipEngine:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
-    def run(self, jobs: Sequence[Job]) -> tuple[list[JobOutcome], dict[str, BatchReport]]:
+    def run_jobs(self, jobs: Sequence[Job]) -> tuple[list[JobOutcome], dict[str, BatchReport]]:
         """Outcomes in job order, and what each model's batches did. Jobs are grouped by model
         and run in chunks of the model's batch size; a job whose text or image is bad gets an
         outcome carrying its error, and the others in its chunk are scored as usual. Where JPEGs
@@ -117,7 +117,7 @@ class ClipEngine:
                 for i, error in chunk.errors.items():
                     results[i] = JobOutcome(error=error)
                 good = list(chunk.crops)
-                outcomes = model.run(
+                outcomes = model.score_batch(
                     list(chunk.crops.values()),
                     [chunk.texts[i] for i in good],
                     [jobs[i].keep_vectors for i in good],
@@ -216,7 +216,7 @@ class _PreparedChunk:
     texts: dict[int, str | None] = field(default_factory=dict)
     crops: dict[int, Crop | None] = field(default_factory=dict)
     errors: dict[int, ClipError] = field(default_factory=dict)
-    tokenized: dict[str, Tokenized] = field(default_factory=dict)  # texts tokenised here
+    tokenized: dict[str, Tokenized] = field(default_factory=dict)  # texts tokenized here
     ready: torch.cuda.Event | None = None  # the device crops are made once this has passed
 
 

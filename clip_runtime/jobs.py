@@ -44,7 +44,7 @@ class Job:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """A job's answer: a pair's cosine and/or embeddings (L2-normalised float32), or the error
+    """A job's answer: a pair's cosine and/or embeddings (L2-normalized float32), or the error
     that made this one job fail (the others in its batch are unaffected)."""
 
     __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(arbitrary_types_allowed=True)

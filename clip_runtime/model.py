@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from cachetools import LRUCache
 
-from clip_runtime.images import ImageLimits, ImagePreprocessor
+from clip_runtime.image_inputs import ImageLimits, ImagePreprocessor
 from clip_runtime.jobs import JobOutcome
 from clip_runtime.model_entry import (
     Family,
@@ -41,7 +41,7 @@ class ModelInfo:
     name: str
     architecture: str
     pretrained: str | None
-    weights_source: str
+    weights: str
     weights_sha256: str
     device: str
     dtype: str
@@ -69,7 +69,7 @@ class BatchReport:
 
 @dataclass(frozen=True)
 class TextEmbedding:
-    vector: torch.Tensor  # L2-normalised, float32, on the model's device
+    vector: torch.Tensor  # L2-normalized, float32, on the model's device
     truncated: bool
     tokens: int  # the caption's tokens that the model encoded, its special tokens included
 
@@ -106,7 +106,7 @@ class ClipModel:
             name=name,
             architecture=self.entry.architecture,
             pretrained=self.entry.pretrained,
-            weights_source=self.entry.weights_source,
+            weights=self.entry.weights,
             weights_sha256=self.entry.weights_sha256,
             device=str(plan.device),
             dtype=plan.precision,
@@ -117,7 +117,7 @@ class ClipModel:
             family=self.family,
             logit_bias=self.logit_bias,
         )
-        if self.entry.is_untrained:
+        if self.entry.untrained:
             logger.warning(
                 "Model %s serves RANDOM-INIT weights (seed %s): scores are meaningless; "
                 "for tests and demos only.",
@@ -149,12 +149,12 @@ class ClipModel:
 
     @torch.inference_mode()
     def encode_images(self, crops: Sequence[Crop]) -> torch.Tensor:
-        """L2-normalised float32 image embeddings, one row per crop, on the model's device."""
+        """L2-normalized float32 image embeddings, one row per crop, on the model's device."""
         return self.encode_pixels(self._pixels(crops))
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Embeddings of a normalised NCHW float batch (the image tower alone)."""
+        """Embeddings of a normalized NCHW float batch (the image tower alone)."""
         return F.normalize(self.encoders.encode_image(pixels), dim=-1)
 
     @torch.inference_mode()
@@ -163,7 +163,7 @@ class ClipModel:
 
     def is_cached(self, text: str) -> bool:
         """Whether the text cache holds ``text`` now (it may be evicted before it is asked for;
-        ``encode_texts`` then tokenises it itself)."""
+        ``encode_texts`` then tokenizes it itself)."""
         if self._text_cache is None:
             return False
         with self._cache_lock:
@@ -176,7 +176,7 @@ class ClipModel:
         tokenized: Mapping[str, Tokenized] | None = None,
     ) -> list[TextEmbedding]:
         """Embeddings of ``texts`` (duplicates encoded once; cached ones not at all), from
-        ``tokenized`` ids where the caller tokenised them already."""
+        ``tokenized`` ids where the caller tokenized them already."""
         report = report if report is not None else BatchReport()
         unique = list(dict.fromkeys(texts))
         found: dict[str, TextEmbedding] = {}
@@ -206,7 +206,7 @@ class ClipModel:
 
     # -- scoring ------------------------------------------------------------------------------
 
-    def run(
+    def score_batch(
         self,
         crops: Sequence[Crop | None],
         texts: Sequence[str | None],
@@ -216,7 +216,7 @@ class ClipModel:
     ) -> list[JobOutcome]:
         """Mixed jobs in one pass per tower: a crop and a text give their cosine, either alone
         gives its embedding; ``keep_vectors`` returns the embeddings of pairs too. ``tokenized``:
-        token ids of texts already tokenised by the caller."""
+        token ids of texts already tokenized by the caller."""
         report = report if report is not None else BatchReport()
         report.items += len(crops)
         image_rows = [i for i, crop in enumerate(crops) if crop is not None]
@@ -261,7 +261,7 @@ class ClipModel:
 
     @staticmethod
     def _row_cosines(images: torch.Tensor, texts: torch.Tensor, report: BatchReport) -> list[float]:
-        """Row-wise cosines of L2-normalised embeddings: the batch's one device sync."""
+        """Row-wise cosines of L2-normalized embeddings: the batch's one device sync."""
         started = time.perf_counter()
         values = (images * texts).sum(dim=-1).cpu().tolist()
         report.score_s += time.perf_counter() - started

@@ -20,14 +20,16 @@ from clip_runtime.registry import store_name
 if TYPE_CHECKING:  # the HTTP front end reads entries without importing torch
     import torch
 
-WeightsSource = Literal["pretrained", "checkpoint", "random-init"]
+Weights = Literal["pretrained", "checkpoint", "random-init"]
 # "clip": softmax over logit_scale * cos; "siglip": sigmoid(logit_scale * cos + logit_bias).
 Family = Literal["clip", "siglip"]
 
 METADATA_FILE = "clip_model.json"
 OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 differs only in a field's name: `weights` was `weights_source`.
+_RENAMED_SINCE_VERSION_1 = {"weights_source": "weights"}
 
 
 __all__ = [
@@ -52,7 +54,7 @@ class ModelEntry:
 
     architecture: str
     pretrained: str | None  # the open_clip tag; None for checkpoint and random-init weights
-    weights_source: WeightsSource
+    weights: Weights
     weights_sha256: str
     preprocess_cfg: dict[str, Any]
     preprocess_from: str | None  # the tag whose preprocessing was adopted, if any
@@ -66,15 +68,15 @@ class ModelEntry:
     tokenizer: str = "open_clip"  # "open_clip" (BPE, in the package) or the HF tokenizer's source
 
     @property
-    def is_untrained(self) -> bool:
-        return self.weights_source == "random-init"
+    def untrained(self) -> bool:
+        return self.weights == "random-init"
 
     def labels(self) -> dict[str, str]:
         """The same facts as BentoML model labels (strings only)."""
         return {
             "architecture": self.architecture,
             "pretrained": self.pretrained or "none",
-            "weights_source": self.weights_source,
+            "weights": self.weights,
             "weights_sha256": self.weights_sha256,
             "family": self.family,
         }
@@ -96,7 +98,7 @@ def write_entry(
     model_cfg: dict[str, Any],
     preprocess_cfg: dict[str, Any],
     pretrained: str | None,
-    weights_source: WeightsSource,
+    weights: Weights,
     preprocess_from: str | None = None,
     seed: int | None = None,
     checkpoint_name: str | None = None,
@@ -117,7 +119,7 @@ def write_entry(
     entry = ModelEntry(
         architecture=architecture,
         pretrained=pretrained,
-        weights_source=weights_source,
+        weights=weights,
         weights_sha256=sha256_of(weights_path),
         preprocess_cfg=preprocess_cfg,
         preprocess_from=preprocess_from,
@@ -136,6 +138,14 @@ def embed_dim(folder: Path) -> int:
     return int(json.loads((folder / OPEN_CLIP_CONFIG_FILE).read_text())["model_cfg"]["embed_dim"])
 
 
+def _upgraded(raw: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 entry in today's names, so that stores saved before the rename still serve."""
+    if isinstance(raw, dict) and raw.get("format_version") == 1:
+        raw = {_RENAMED_SINCE_VERSION_1.get(key, key): value for key, value in raw.items()}
+        raw["format_version"] = FORMAT_VERSION
+    return raw
+
+
 def read_entry(folder: Path) -> ModelEntry:
     """Read ``clip_model.json``; cheap (no weights touched)."""
     metadata_path = folder / METADATA_FILE
@@ -143,7 +153,7 @@ def read_entry(folder: Path) -> ModelEntry:
         raise ModelStoreError(f"{folder} is not a CLIP model entry: {METADATA_FILE} is missing")
     try:
         raw = json.loads(metadata_path.read_text())
-        entry = ModelEntry(**raw)
+        entry = ModelEntry(**_upgraded(raw))
     except (ValueError, TypeError) as exc:
         raise ModelStoreError(f"{metadata_path} is malformed: {exc}") from exc
     if entry.format_version != FORMAT_VERSION:

@@ -2,8 +2,8 @@
 policy, and ``Preprocessing`` (encoded image -> model-sized uint8 crop, in a thread pool).
 
 Nothing here imports torch or open_clip, at import or later: the crop is Pillow's
-(``clip_runtime.images.ImagePreprocessor``), and the model worker tokenises captions and
-normalises crops (docs/architecture-data-path.md). A front-end worker so stays small, and
+(``clip_runtime.image_inputs.ImagePreprocessor``), and the model worker tokenizes captions and
+normalizes crops (docs/architecture-data-path.md). A front-end worker so stays small, and
 accepts connections (and answers probes) as soon as it is up.
 """
 
@@ -24,7 +24,7 @@ from clip_runtime.errors import (
     UnknownModelError,
 )
 from clip_runtime.fetch import FetchPolicy
-from clip_runtime.images import ImageLimits, ImagePreprocessor, open_header
+from clip_runtime.image_inputs import ImageLimits, ImagePreprocessor, open_header
 from clip_runtime.jobs import ImageInput
 from clip_runtime.memory import DecodeBudget, Reservation, freeze_startup_objects
 from clip_runtime.model_entry import ModelEntry, read_entry

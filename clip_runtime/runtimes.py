@@ -1,7 +1,7 @@
 """The seam between the engine and what runs the two towers.
 
-``ClipModel`` tokenises, preprocesses and scores; an ``Encoders`` turns a normalised pixel batch
-or a token batch into raw (unnormalised) float32 embeddings. ``torch`` runs open_clip's own
+``ClipModel`` tokenizes, preprocesses and scores; an ``Encoders`` turns a normalized pixel batch
+or a token batch into raw (unnormalized) float32 embeddings. ``torch`` runs open_clip's own
 modules; ``openvino`` (``clip_runtime.openvino_runtime``) runs them converted. Another runtime
 (TensorRT, ONNX Runtime) is one more ``Encoders`` and one more branch in ``load_encoders``.
 """
@@ -37,7 +37,7 @@ class Encoders(Protocol):
     family: Family
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Raw float32 embeddings of a normalised float32 NCHW batch."""
+        """Raw float32 embeddings of a normalized float32 NCHW batch."""
         ...
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

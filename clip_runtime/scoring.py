@@ -37,7 +37,7 @@ def ref_clip_score(image_text_cosine: float, text_reference_cosines: Sequence[fl
 
 
 def cosines(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Cosines of one L2-normalised vector against rows of L2-normalised vectors."""
+    """Cosines of one L2-normalized vector against rows of L2-normalized vectors."""
     return candidates.astype(np.float64) @ query.astype(np.float64)
 
 

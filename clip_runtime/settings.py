@@ -102,7 +102,7 @@ class ClipSettings(BaseSettings):
         default="auto",
         description="Where JPEGs are decoded: `on`: the model worker (and in-process engine) "
         "decodes them in batches with torchvision (nvjpeg on CUDA) and resizes, crops and "
-        "normalises on the device, and the HTTP front end forwards JPEG bytes after its header "
+        "normalizes on the device, and the HTTP front end forwards JPEG bytes after its header "
         "checks; `off`: the front end decodes and crops every image with Pillow; `auto`: `on` "
         "when the model device is CUDA. Other formats are always cropped in the front end.",
     )
@@ -157,7 +157,7 @@ class ClipSettings(BaseSettings):
         default=DEFAULT_MAX_REFERENCES,
         ge=1,
         description="Most reference captions (`references`, RefCLIPScore) per pair, checked "
-        "before any is tokenised; more get 413 `too_many_items`.",
+        "before any is tokenized; more get 413 `too_many_items`.",
     )
     max_text_chars: int = Field(
         default=10_000, ge=1, description="Longest caption accepted, in characters."
@@ -168,7 +168,7 @@ class ClipSettings(BaseSettings):
         description="Longest word (a run of letters, or of punctuation, as open_clip's BPE "
         "tokenizer splits a caption) within the part of a caption the model reads; its BPE "
         "costs time quadratic in the word's length. Longer words get 422 `text_too_long`; "
-        "words after the context is full are never tokenised. CLIP models' own BPE only "
+        "words after the context is full are never tokenized. CLIP models' own BPE only "
         "(Hugging Face tokenizers are not affected).",
     )
 

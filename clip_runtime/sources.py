@@ -180,7 +180,7 @@ def save_random_init(
         preprocess_cfg=_preprocess_cfg(model, architecture, preprocess_tag),
         tokenizer=tokenizer,
         pretrained=None,
-        weights_source="random-init",
+        weights="random-init",
         preprocess_from=preprocess_tag,
         seed=seed,
     )
@@ -215,7 +215,7 @@ def save_pretrained(
         preprocess_cfg=_preprocess_cfg(model, architecture, tag),
         tokenizer=tokenizer,
         pretrained=tag,
-        weights_source="pretrained",
+        weights="pretrained",
         preprocess_from=tag,
     )
 
@@ -249,7 +249,7 @@ def save_hub(folder: Path, hub_name: str, *, tokenizer_dir: Path | None = None) 
         preprocess_cfg=preprocess_cfg,
         tokenizer=tokenizer,
         pretrained=hub_name,
-        weights_source="pretrained",
+        weights="pretrained",
         preprocess_from=hub_name,
     )
 
@@ -283,7 +283,7 @@ def save_checkpoint(
         preprocess_cfg=_preprocess_cfg(model, architecture, preprocess_tag),
         tokenizer=tokenizer,
         pretrained=None,
-        weights_source="checkpoint",
+        weights="checkpoint",
         preprocess_from=preprocess_tag,
         checkpoint_name=checkpoint.name,
     )

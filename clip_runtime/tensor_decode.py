@@ -1,7 +1,7 @@
 """JPEG decode and open_clip's eval preprocessing as batched torch ops: the GPU hot path.
 
 On CUDA, ``torchvision.io.decode_jpeg(..., device="cuda")`` decodes a whole batch with nvjpeg
-and resize / centre crop / normalise run on the GPU, so the CPU only parses headers. The same
+and resize / centre crop / normalize run on the GPU, so the CPU only parses headers. The same
 code runs on CPU tensors (libjpeg-turbo decode, torch bicubic resize), which is how the suite
 checks it against the PIL path without a GPU.
 
@@ -36,7 +36,7 @@ from clip_runtime.decode_placement import (
     device_decode_enabled,
     handles_preprocessing,
 )
-from clip_runtime.images import ImageLimits, decodes_reduced
+from clip_runtime.image_inputs import ImageLimits, decodes_reduced
 from clip_runtime.jpeg_markers import jpeg_scan_count
 
 __all__ = [
@@ -105,7 +105,7 @@ def _by_shape(images: list[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
 
 
 class TensorPreprocessor:
-    """Encoded JPEGs -> the model's normalised NCHW float32 input, batched on ``device``."""
+    """Encoded JPEGs -> the model's normalized NCHW float32 input, batched on ``device``."""
 
     def __init__(
         self, preprocess_cfg: dict[str, Any], limits: ImageLimits, device: torch.device

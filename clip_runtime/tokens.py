@@ -97,7 +97,7 @@ def _hf_token_count(tokenizer: Any, text: str) -> int:
 
 
 class Tokenized(NamedTuple):
-    """One caption, tokenised."""
+    """One caption, tokenized."""
 
     ids: np.ndarray  # ``context_length`` token ids, cut and padded as the model takes them
     truncated: bool  # the caption had more tokens than the context holds

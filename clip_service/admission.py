@@ -13,7 +13,7 @@ from http import HTTPStatus
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clip_runtime.errors import OverloadedError
-from clip_service.errors import error_body
+from clip_service.http_errors import error_body
 
 
 class PairQueue:

@@ -1,6 +1,6 @@
 """The answers' assembly: wire results built from the model worker's outcomes and the model's
 store entry. Pure (no BentoML, no I/O, no metrics), so every value a client reads is unit-tested
-without a server (tests/test_answers.py); the handlers in ``clip_service.frontend`` call it."""
+without a server (tests/test_answers.py); the handlers in ``clip_service.front_end`` call it."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class ModelFields(TypedDict):
 def model_fields(name: str, entry: ModelEntry) -> ModelFields:
     """The model/pretrained/weights block: ``weights`` says random-init where scores mean
     nothing, and ``pretrained`` is null for anything but an open_clip tag."""
-    return ModelFields(model=name, pretrained=entry.pretrained, weights=entry.weights_source)
+    return ModelFields(model=name, pretrained=entry.pretrained, weights=entry.weights)
 
 
 def vector(value: np.ndarray | None) -> np.ndarray:

@@ -640,7 +640,7 @@ def install_dependency_session_fix() -> None:
 
     Patching the class's methods covers clients created before and after this call, in every
     process that imports the service module (the Evaluator builds its Scorer client lazily, on
-    the first ``self.scorer`` access, long after import).
+    the first ``self.model_worker`` access, long after import).
     """
     apply_session_fix(_session_manager_class())
     apply_readiness_fix(_async_client_class())

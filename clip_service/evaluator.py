@@ -1,5 +1,5 @@
 """The front end's BentoML service (`clip-evaluator`), put together: the handlers
-(``clip_service.frontend``) with the plain routes mounted beside them, the OpenAI routes, the
+(``clip_service.front_end``) with the plain routes mounted beside them, the OpenAI routes, the
 OpenAPI document, the middleware stack and the model store references. ``service.py`` imports
 ``Evaluator`` from here, so ``bentoml serve service:Evaluator`` serves it."""
 
@@ -11,19 +11,19 @@ import bentoml
 from starlette.routing import Route
 
 from clip_runtime.model_entry import embed_dim
+from clip_service.bento_image import BENTO_IMAGE
 from clip_service.bentoml_adapter import document_openapi, forbid_unknown_fields
-from clip_service.frontend import EvaluatorImpl, settings
-from clip_service.image import BENTO_IMAGE
+from clip_service.front_end import FrontEnd, settings
 from clip_service.middleware import middleware_stack
 from clip_service.middleware.error_envelope import input_fields_by_route
+from clip_service.model_worker import Scorer
 from clip_service.multipart_guard import file_fields_by_route
 from clip_service.openai_api import mount_openai_routes, openai_route_paths
 from clip_service.openapi import service_document
 from clip_service.routes import EVALUATOR_PATH, HEALTH_ROUTE, evaluator_routes
 from clip_service.store import add_store_references, stored_folders
-from clip_service.worker import Scorer
 
-add_store_references(EvaluatorImpl, settings)
+add_store_references(FrontEnd, settings)
 # Traffic limits: BentoML's own `traffic.max_concurrency` answers 429 without Retry-After and
 # sheds /evaluator/health and /evaluator/metrics too, so the in-flight limit is
 # InFlightLimitMiddleware's (503 `overloaded`, probes never shed). `timeout` bounds one request.
@@ -34,7 +34,7 @@ Evaluator = bentoml.service(
     workers=settings.http_workers,
     traffic={"timeout": 600},
     image=BENTO_IMAGE,  # the Bento's container image (the entry service's is the Bento's)
-)(bentoml.asgi_app(evaluator_routes, path=EVALUATOR_PATH)(EvaluatorImpl))
+)(bentoml.asgi_app(evaluator_routes, path=EVALUATOR_PATH)(FrontEnd))
 mount_openai_routes(Evaluator)  # GET /v1/models, and its place in the OpenAPI document
 forbid_unknown_fields(Evaluator.apis.values())
 
@@ -43,9 +43,7 @@ forbid_unknown_fields(Evaluator.apis.values())
 def embedding_sizes() -> dict[str, int]:
     """Each served model's embedding size, read once, when the OpenAPI document is first asked
     for (not at import)."""
-    return {
-        name: embed_dim(folder) for name, folder in stored_folders(EvaluatorImpl, settings).items()
-    }
+    return {name: embed_dim(folder) for name, folder in stored_folders(FrontEnd, settings).items()}
 
 
 document_openapi(Evaluator, lambda spec: service_document(spec, settings, embedding_sizes()))

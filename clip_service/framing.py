@@ -16,7 +16,7 @@ from http import HTTPStatus
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from clip_service.errors import error_body
+from clip_service.http_errors import error_body
 
 logger = logging.getLogger("clip_service.framing")
 

@@ -1,4 +1,4 @@
-"""Wire inputs -> engine jobs, in the HTTP front end: validate texts (the model worker tokenises
+"""Wire inputs -> engine jobs, in the HTTP front end: validate texts (the model worker tokenizes
 them, with a bounded cost), fetch URLs, check images and decode and crop those the model worker
 does not decode itself, in a thread pool (nothing client-sized runs on the event loop; counts are
 checked before any item is looked at)."""
@@ -15,7 +15,7 @@ from clip_runtime import Job, Preprocessing, check_text
 from clip_runtime import errors as E
 from clip_runtime.errors import ClipError
 from clip_runtime.fetch import FetchPolicy, fetch_image_bytes
-from clip_runtime.images import decode_image_field, is_url
+from clip_runtime.image_inputs import decode_image_field, is_url
 from clip_runtime.memory import Reservation
 from clip_runtime.settings import ClipSettings
 from clip_service.observability import stage
@@ -86,7 +86,7 @@ class JobBuilder:
             return await self._in_pool(self._image_field, model, image)
 
     def _text_job(self, model: str, text: str | None, what: str = "text") -> Job:
-        """Check one caption (the model worker tokenises it, only on a text-cache miss)."""
+        """Check one caption (the model worker tokenizes it, only on a text-cache miss)."""
         if text is None:
             raise E.InvalidRequestError(f"{what} is missing")
         return Job(model, text=check_text(self.settings, text))
@@ -138,7 +138,7 @@ class JobBuilder:
         return await gathered_jobs([self.image_job(model, image) for image in images], field)
 
     async def text_jobs(self, model: str, texts: list[str], field: str) -> list[Job]:
-        """Text-only jobs, counted first, then checked and tokenised in the pool; the first bad
+        """Text-only jobs, counted first, then checked and tokenized in the pool; the first bad
         text fails the request, naming its index."""
         self.check_count(len(texts), field)
         return await self._in_pool(self._text_list, model, texts, field, "text")

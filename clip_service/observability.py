@@ -62,14 +62,15 @@ def service_metrics() -> ServiceMetrics:
         errors=p.Counter("clip_errors", "Errors answered, by code", ["code"]),
         stage_seconds=p.Histogram(
             "clip_stage_seconds",
-            "Time per pipeline stage: fetch and decode per pair (evaluator); encode_image, "
-            "encode_text (tokenise included) and score per model batch (scorer)",
+            "Time per pipeline stage: fetch and decode per pair (front end); encode_image, "
+            "encode_text (tokenize included) and score per model batch (model worker)",
             ["model", "stage"],
             buckets=STAGE_BUCKETS,
         ),
         queue_wait_seconds=p.Histogram(
             "clip_queue_wait_seconds",
-            "Time from the evaluator handing a pair to the scorer until its model batch starts",
+            "Time from the front end handing a pair to the model worker until its model batch "
+            "starts",
             ["model"],
             buckets=STAGE_BUCKETS,
         ),
@@ -83,17 +84,17 @@ def service_metrics() -> ServiceMetrics:
         text_cache=p.Counter(
             "clip_text_cache", "Text embedding cache lookups", ["model", "result"]
         ),
-        # "max": the one scorer process sets 1; files of a restarted worker must not add up.
+        # "max": the one model worker process sets 1; files of a restarted worker must not add up.
         model_info=p.Gauge(
             "clip_model_info",
-            "Served model (value 1): architecture, pretrained tag, weights source, device, dtype",
+            "Served model (value 1): architecture, pretrained tag, weights, device, dtype",
             ["model", "architecture", "pretrained", "weights", "device", "dtype"],
             multiprocess_mode="max",
         ),
         # "mostrecent": the latest reading wins, whichever process file holds it.
         gpu_memory_bytes=p.Gauge(
             "clip_gpu_memory_bytes",
-            "CUDA memory of the scorer (allocated: tensors; reserved: the caching allocator)",
+            "CUDA memory of the model worker (allocated: tensors; reserved: the caching allocator)",
             ["device", "kind"],
             multiprocess_mode="mostrecent",
         ),
@@ -184,11 +185,11 @@ def stage_spans(parent: trace.Span, model: str, start_ns: int, stages: dict[str,
 
 
 class BatchObservation:
-    """Metrics and the span of one model batch (scorer side): queue wait when it starts, stage
+    """Metrics and the span of one model batch (model worker side): queue wait when it starts, stage
     durations, size and cache counts from the engine's report when it finishes."""
 
     def __init__(self, model: str, handoffs: list[tuple[float, str]], device: Any) -> None:
-        """``handoffs``: (wall-clock time the evaluator sent the pair, its traceparent)."""
+        """``handoffs``: (wall-clock time the front end sent the pair, its traceparent)."""
         self.model, self.device, self.metrics = model, device, service_metrics()
         self.start_ns = time.time_ns()
         for sent_at, _ in handoffs:
@@ -229,7 +230,7 @@ def record_model_info(models: Iterable[ClipModel]) -> None:
     gauge = service_metrics().model_info
     for model in models:
         info = model.info
-        labels = (info.architecture, info.pretrained or "", info.weights_source)
+        labels = (info.architecture, info.pretrained or "", info.weights)
         gauge.labels(info.name, *labels, info.device, info.dtype).set(1)
         record_gpu_memory(model.device)
 

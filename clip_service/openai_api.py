@@ -33,7 +33,7 @@ from clip_runtime import Job, JobOutcome, Preprocessing, get_settings, resolve_m
 from clip_runtime import errors as E
 from clip_runtime.errors import ClipError
 from clip_service.bentoml_adapter import OPENAPI_REF_TEMPLATE, document_plain_routes
-from clip_service.errors import CURRENT_REQUEST_ID, http_status
+from clip_service.http_errors import CURRENT_REQUEST_ID, http_status
 from clip_service.inputs import JobBuilder, gathered_jobs
 from clip_service.observability import record_error
 from clip_service.openai_schemas import (
@@ -238,9 +238,9 @@ def _error_answer(error: ClipError, param: str | None, kwargs: dict[str, Any]) -
 def openai_errors(
     handler: Callable[Concatenate[S, P], Awaitable[R]],
 ) -> Callable[Concatenate[S, P], Awaitable[R | Response]]:
-    """``clip_service.errors.api_errors`` for the OpenAI routes: a ``ClipError`` becomes OpenAI's
-    envelope at the status its clients expect, counted under the requested model (the request
-    guard adds the request id)."""
+    """``clip_service.http_errors.api_errors`` for the OpenAI routes: a ``ClipError`` becomes
+    OpenAI's envelope at the status its clients expect, counted under the requested model (the
+    request id middleware adds the request id)."""
 
     @functools.wraps(handler)
     async def endpoint(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R | Response:
@@ -326,7 +326,7 @@ class OpenAIEmbeddings:
         dimensions: Dimensions = None,
         user: str | None = None,  # OpenAI's end-user id: accepted, not used
     ) -> EmbeddingList:
-        """OpenAI's embeddings API: L2-normalised embeddings of texts and images (the same
+        """OpenAI's embeddings API: L2-normalized embeddings of texts and images (the same
         vectors as /evaluator/v1/embeddings/*), in input order; `usage` counts the texts' tokens
         as the model's own tokenizer makes them (images count 0)."""
         with about("model"):
@@ -357,7 +357,7 @@ def _card(service: Any, name: str) -> ModelCard:
     return ModelCard(
         id=name,
         created=int(saved.creation_time.timestamp()),
-        owned_by=entry.pretrained or entry.weights_source,
+        owned_by=entry.pretrained or entry.weights,
     )
 
 

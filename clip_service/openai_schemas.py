@@ -14,7 +14,7 @@ EncodingFormat = Literal["float", "base64"]
 class TextItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(description="a caption, tokenised by the model's own tokenizer")
+    text: str = Field(description="a caption, tokenized by the model's own tokenizer")
 
 
 class ImageItem(BaseModel):
@@ -40,7 +40,7 @@ class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: list[float] | str = Field(
-        description="L2-normalised; with encoding_format=base64, the little-endian float32 "
+        description="L2-normalized; with encoding_format=base64, the little-endian float32 "
         "bytes in base64"
     )
 

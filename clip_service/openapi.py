@@ -51,7 +51,7 @@ PACKAGE = "clip-score-service"
 SCHEMAS = "#/components/schemas/"
 IMAGE_FORMAT = "image"  # a string holding an image: base64, data: URI or http(s) URL
 
-# What each scoring route can answer besides 200 (clip_service/errors.py and the middleware):
+# What each scoring route can answer besides 200 (clip_service/http_errors.py and the middleware):
 # 400 a malformed request, 401 a missing key, 408 a slow body, 413 over a size limit, 415 an image
 # format not served, 422 a value refused, 500 a bug, 503 shed or the model worker unreachable.
 ERROR_STATUSES = {

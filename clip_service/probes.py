@@ -16,17 +16,17 @@ from clip_service.schemas import HealthResult
 
 # How long a probe (/readyz, /evaluator/health) waits for the model worker: probes must answer
 # within a Kubernetes probe's timeout, whether the model worker is up, loading or gone.
-SCORER_PROBE_TIMEOUT_S = 1.0
+MODEL_WORKER_PROBE_TIMEOUT_S = 1.0
 # What a call to the model worker raises when it is restarting, killed or not listening.
-SCORER_UNREACHABLE = (aiohttp.ClientError, httpx.HTTPError, ConnectionError)
+MODEL_WORKER_UNREACHABLE = (aiohttp.ClientError, httpx.HTTPError, ConnectionError)
 
 
-class EvaluatorProbes:
+class FrontEndProbes:
     """Mixin of the front end's service class: its readiness and health probes. It uses the
-    front end's model worker client (``scorer``), preprocessing and ``worker_models``."""
+    front end's model worker client (``model_worker``), preprocessing and ``worker_models``."""
 
     if TYPE_CHECKING:
-        scorer: Any  # bentoml.depends(Scorer): the model worker's client
+        model_worker: Any  # bentoml.depends(Scorer): the model worker's client
         preprocessing: Preprocessing
         worker_models: WorkerModels
 
@@ -35,9 +35,10 @@ class EvaluatorProbes:
         its socket accepts connections that nobody answers yet."""
         try:
             return await asyncio.wait_for(
-                self.scorer.to_async.is_ready(SCORER_PROBE_TIMEOUT_S), SCORER_PROBE_TIMEOUT_S
+                self.model_worker.to_async.is_ready(MODEL_WORKER_PROBE_TIMEOUT_S),
+                MODEL_WORKER_PROBE_TIMEOUT_S,
             )
-        except (TimeoutError, *SCORER_UNREACHABLE):
+        except (TimeoutError, *MODEL_WORKER_UNREACHABLE):
             return False
 
     async def __is_ready__(self) -> bool:
@@ -53,7 +54,7 @@ class EvaluatorProbes:
         started = loop.time()
         worker_ready = self.preprocessing.ready and await self._scorer_ready()
         if worker_ready:
-            left_s = SCORER_PROBE_TIMEOUT_S - (loop.time() - started)
+            left_s = MODEL_WORKER_PROBE_TIMEOUT_S - (loop.time() - started)
             described = await self.worker_models.known(left_s)
         else:
             self.worker_models.forget()  # gone or restarting: describe the next one anew

@@ -14,7 +14,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from clip_service.bentoml_adapter import metrics_text
-from clip_service.probes import EvaluatorProbes
+from clip_service.probes import FrontEndProbes
 
 DEMO_PAGE = Path(__file__).resolve().parents[1] / "web" / "demo.html"
 EVALUATOR_PATH = "/evaluator"  # where the plain routes beside the APIs are mounted
@@ -22,8 +22,8 @@ HEALTH_ROUTE = "/health"  # its 503 is a health document, not an error envelope
 
 
 async def health(request: Request) -> Response:
-    evaluator: EvaluatorProbes = bentoml.get_current_service()
-    result, ready = await evaluator.health()
+    front_end: FrontEndProbes = bentoml.get_current_service()
+    result, ready = await front_end.health()
     status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
     return JSONResponse(result.model_dump(mode="json"), status_code=status)
 

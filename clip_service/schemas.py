@@ -75,7 +75,7 @@ class ItemError(BaseModel):
 
 class SingleResult(BaseModel):
     score: float = Field(description="100 * max(cosine, 0), torchmetrics' CLIPScore scale")
-    cosine: float = Field(description="cosine of the L2-normalised image and text embeddings")
+    cosine: float = Field(description="cosine of the L2-normalized image and text embeddings")
     model: str
     pretrained: str | None = Field(description="open_clip tag; null for non-pretrained weights")
     weights: str = Field(description="pretrained | checkpoint | random-init (untrained!)")
@@ -149,7 +149,7 @@ class EmbeddingsResult(BaseModel):
     pretrained: str | None
     weights: str
     dim: int
-    embeddings: list[list[float]] = Field(description="L2-normalised float32, request order")
+    embeddings: list[list[float]] = Field(description="L2-normalized float32, request order")
     text_truncated: list[bool] | None = Field(
         default=None, exclude_if=_absent, description="text embeddings: per text"
     )

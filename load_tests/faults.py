@@ -28,10 +28,10 @@ import httpx
 import psutil
 
 from clip_runtime.settings import ClipSettings
-from clip_testkit.images import b64, jpeg_bytes
 from clip_testkit.latency import latency_percentiles_ms
 from clip_testkit.loadgen import START_DELAY_S, RequestRecord, run_load
 from clip_testkit.routes import SINGLE
+from clip_testkit.sample_images import b64, jpeg_bytes
 from clip_testkit.server import ServerProcess, save_random_init_models
 from load_tests.run import bentoml_home
 from load_tests.verdicts import is_deliberate_shed, is_worker_down_answer
@@ -47,33 +47,31 @@ BODIES = [
 # One generator process: the checks run on small machines, beside the service.
 GENERATOR_PROCESSES = 1
 
-Outcome = RequestRecord  # one request of a check's traffic, as the load generator recorded it
-
 
 @dataclass
 class Traffic:
-    outcomes: list[Outcome] = field(default_factory=list)
+    records: list[RequestRecord] = field(default_factory=list)  # as the load generator took them
 
-    def by(self, status: int) -> list[Outcome]:
-        return [o for o in self.outcomes if o.status == status]
-
-
-def is_shed(outcome: Outcome) -> bool:
-    return is_deliberate_shed(outcome.status, outcome.retry_after, outcome.code)
+    def by(self, status: int) -> list[RequestRecord]:
+        return [r for r in self.records if r.status == status]
 
 
-def is_worker_down(outcome: Outcome) -> bool:
-    return is_worker_down_answer(outcome.status, outcome.retry_after, outcome.code)
+def is_shed(record: RequestRecord) -> bool:
+    return is_deliberate_shed(record.status, record.retry_after, record.code)
 
 
-def is_failure(outcome: Outcome) -> bool:
+def is_worker_down(record: RequestRecord) -> bool:
+    return is_worker_down_answer(record.status, record.retry_after, record.code)
+
+
+def is_failure(record: RequestRecord) -> bool:
     """Neither served nor shed deliberately: a 5xx, any other 503 (``model_not_ready`` with no
     worker killed included), a 503 without Retry-After, a dropped link."""
-    return outcome.status != 200 and not is_shed(outcome)
+    return record.status != 200 and not is_shed(record)
 
 
-def latency_summary(outcomes: list[Outcome]) -> dict[str, float | int | None]:
-    return {"count": len(outcomes), **latency_percentiles_ms(o.latency_s for o in outcomes)}
+def latency_summary(records: list[RequestRecord]) -> dict[str, float | int | None]:
+    return {"count": len(records), **latency_percentiles_ms(r.latency_s for r in records)}
 
 
 async def open_loop(url: str, rate: float, seconds: float, traffic: Traffic) -> None:
@@ -88,7 +86,7 @@ async def open_loop(url: str, rate: float, seconds: float, traffic: Traffic) -> 
         processes=GENERATOR_PROCESSES,
         rate=rate,
     )
-    traffic.outcomes += load.records
+    traffic.records += load.records
 
 
 async def closed_loop(url: str, concurrency: int, seconds: float) -> Traffic:
@@ -122,18 +120,18 @@ def overload(server: ServerProcess, args: argparse.Namespace) -> bool:
     traffic = Traffic()
     samples = asyncio.run(open_loop_sampling_rss(server, rate, args.overload_seconds, traffic))
     early, late, growth = rss_growth(samples)
-    shed = [o for o in traffic.outcomes if is_shed(o)]
-    others = [o for o in traffic.outcomes if o.status != 200 and not is_shed(o)]
+    shed = [o for o in traffic.records if is_shed(o)]
+    others = [o for o in traffic.records if o.status != 200 and not is_shed(o)]
     ok_summary, shed_summary = latency_summary(traffic.by(200)), latency_summary(shed)
     figures = {
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "warm_up_requests": len(warm.outcomes),
+        "warm_up_requests": len(warm.records),
         "capacity_rps": round(capacity, 2),
         "capacity_latency": latency_summary(measured.by(200)),
         "offered_rps": round(rate, 2),
         "seconds": args.overload_seconds,
         "latency_budget_ms": args.latency_budget_ms,
-        "sent": len(traffic.outcomes),
+        "sent": len(traffic.records),
         "ok": ok_summary,
         "shed": shed_summary,
         "other_statuses": sorted({f"{o.status} {o.code or ''}".strip() for o in others}),
@@ -204,12 +202,12 @@ def sigkill(server: ServerProcess, args: argparse.Namespace) -> bool:
     # until a second after /readyz is 200 again. Anything else that is not 200 is a failure.
     window_end = killed_at + (recovered[0] if recovered else args.kill_seconds) + 1
 
-    def during_kill(o: Outcome) -> bool:
+    def during_kill(o: RequestRecord) -> bool:
         return is_worker_down(o) and o.answered_at >= killed_at and o.sent_at <= window_end
 
-    worker_down = [o for o in traffic.outcomes if during_kill(o)]
-    failed = [o for o in traffic.outcomes if is_failure(o) and not during_kill(o)]
-    after = [o for o in traffic.outcomes if recovered and o.sent_at > window_end]
+    worker_down = [o for o in traffic.records if during_kill(o)]
+    failed = [o for o in traffic.records if is_failure(o) and not during_kill(o)]
+    after = [o for o in traffic.records if recovered and o.sent_at > window_end]
     figures = {
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "killed_pid": victim.pid,
@@ -217,9 +215,9 @@ def sigkill(server: ServerProcess, args: argparse.Namespace) -> bool:
         "readyz_went_non_200": bool(not_ready),
         "recovery_s": round(recovered[0], 2) if recovered else None,
         "max_recovery_s": args.max_recovery_s,
-        "sent": len(traffic.outcomes),
+        "sent": len(traffic.records),
         "ok": len(traffic.by(200)),
-        "shed": sum(is_shed(o) for o in traffic.outcomes),
+        "shed": sum(is_shed(o) for o in traffic.records),
         "model_not_ready_during_kill": len(worker_down),
         "failed": len(failed),
         "failed_statuses": sorted({f"{o.status} {o.code or ''}".strip() for o in failed}),
@@ -275,10 +273,10 @@ def soak(server: ServerProcess, args: argparse.Namespace) -> bool:
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "seconds": args.soak_seconds,
         "rate_rps": args.soak_rate,
-        "sent": len(traffic.outcomes),
+        "sent": len(traffic.records),
         "ok": len(traffic.by(200)),
-        "shed": sum(is_shed(o) for o in traffic.outcomes),
-        "failed": sum(is_failure(o) for o in traffic.outcomes),
+        "shed": sum(is_shed(o) for o in traffic.records),
+        "failed": sum(is_failure(o) for o in traffic.records),
         "rss_mb_second_quarter_mean": round(early, 1),
         "rss_mb_last_quarter_mean": round(late, 1),
         "rss_growth_pct": round(growth, 2),

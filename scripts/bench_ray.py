@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clip_testkit.images import jpeg_bytes  # noqa: E402
+from clip_testkit.sample_images import jpeg_bytes  # noqa: E402
 
 CAPTIONS = [f"a photo of a {thing}" for thing in ("cat", "dog", "bridge", "car", "tree", "cake")]
 CAPTIONS += ["two people on a beach at sunset", "a diagram of a neural network"]
@@ -195,7 +195,7 @@ def main() -> None:
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores; load average "
         f"{', '.join(f'{x:.2f}' for x in load_start)} at start, "
         f"{', '.join(f'{x:.2f}' for x in load_end)} at end",
-        f"- Pairs: {args.pairs} photo-like 640x480 JPEG files (clip_testkit.images, one per "
+        f"- Pairs: {args.pairs} photo-like 640x480 JPEG files (clip_testkit.sample_images, one per "
         f"row), {len(CAPTIONS)} captions; {MODEL} random-init; Ray: a two-node cluster on this "
         "machine (`ray.cluster_utils.Cluster`, 1 CPU per node, 127.0.0.1), "
         "`--ray-cpus-per-actor 1`",

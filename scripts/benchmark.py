@@ -47,13 +47,13 @@ import torch
 
 from clip_runtime import ClipEngine, ClipSettings, Job
 from clip_runtime.device import resolve_device
-from clip_runtime.images import ImageLimits
+from clip_runtime.image_inputs import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.model_entry import read_entry, store_name
 from clip_runtime.tensor_decode import TensorPreprocessor
-from clip_testkit.images import encode, jpeg_bytes, photo_like
 from clip_testkit.latency import latency_percentiles_ms as percentiles
 from clip_testkit.loadgen import UNIQUE_MARKER, LoadResult, run_load
+from clip_testkit.sample_images import encode, jpeg_bytes, photo_like
 from clip_testkit.server import (
     ServerProcess,
     model_folder,
@@ -199,12 +199,12 @@ def measure_pipeline(
     step = engine.settings.batch_size_for(name)
     device = engine.models[name].device
     jobs = [Job(name, image=data, text=text) for data, text in pairs]
-    engine.run(jobs[: min(step, 8)])  # warm-up
+    engine.run_jobs(jobs[: min(step, 8)])  # warm-up
     times = []
     with PeakSampler(os.getpid()) as rss, gpu_peak(device) as gpu:
         for start in range(0, len(jobs), step):
             started = time.perf_counter()
-            engine.run(jobs[start : start + step])
+            engine.run_jobs(jobs[start : start + step])
             times.append(time.perf_counter() - started)
     return Row(
         model=name,
@@ -295,8 +295,8 @@ def agreement(model: ClipModel, images: list[bytes]) -> dict[str, float]:
     pil_uint8 = torch.stack([torch.tensor(crop).permute(2, 0, 1) for crop in pil_crops])
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(len(images))]
     keep = [False] * len(images)
-    pil_cos = np.array([o.cosine for o in model.run(pil_crops, texts, keep)])
-    tensor_cos = np.array([o.cosine for o in model.run(list(uint8), texts, keep)])
+    pil_cos = np.array([o.cosine for o in model.score_batch(pil_crops, texts, keep)])
+    tensor_cos = np.array([o.cosine for o in model.score_batch(list(uint8), texts, keep)])
     return {
         "max_abs_uint8_levels": int((pil_uint8.to(uint8.device).int() - uint8.int()).abs().max()),
         "max_abs_cosine": float(np.abs(pil_cos - tensor_cos).max()),
@@ -822,7 +822,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 name, folders[name], home_env, images, pairs, config, args
             )
             rows += runtime_rows
-            weights.add(read_entry(folders[name]).weights_source)
+            weights.add(read_entry(folders[name]).weights)
     for name in args.models if not args.runtimes_only else []:
         rss_before = tree_rss(psutil.Process())
         base = {"models": [name], "default_model": name}
@@ -830,7 +830,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         engine.warm_up()
         model = engine.models[name]
         base_rss = mb(tree_rss(psutil.Process()) - rss_before)
-        weights.add(model.info.weights_source)
+        weights.add(model.info.weights)
         ceiling = measure_ceiling(model, config)
         scan = [measure_ceiling(model, config, size) for size in args.batch_scan]
         tensor_engine = ClipEngine(ClipSettings(**base, gpu_decode="on"), {name: folders[name]})

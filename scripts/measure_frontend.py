@@ -6,7 +6,7 @@ Two parts, both printed as JSON:
 * ``stages``: the front end's work for one `/single` pair, stage by stage, timed in this process
   with ``time.process_time`` over many repetitions: JSON parse, base64, header + decode, resize
   + crop, the pickling of the job for the hop to the model worker (BentoML pickles it) and its
-  size. (Tokenisation happens on the model worker; its cost is printed for reference.)
+  size. (Tokenization happens on the model worker; its cost is printed for reference.)
 * ``served``: `bentoml serve` of random-init ViT-B-32 with one HTTP worker; after a warm-up,
   ``--requests`` `/single` requests at ``--clients`` concurrency. For each process: CPU seconds
   per request (user + system, from psutil), RSS and USS after the load, and whether torch's
@@ -37,11 +37,11 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clip_runtime.images import decode_image_field, decode_pixels, open_header  # noqa: E402
+from clip_runtime.image_inputs import decode_image_field, decode_pixels, open_header  # noqa: E402
 from clip_runtime.jobs import Job  # noqa: E402
 from clip_runtime.preprocessing import Preprocessing  # noqa: E402
 from clip_runtime.settings import ClipSettings  # noqa: E402
-from clip_testkit.images import b64, jpeg_bytes  # noqa: E402
+from clip_testkit.sample_images import b64, jpeg_bytes  # noqa: E402
 from clip_testkit.server import ServerProcess, model_folder  # noqa: E402
 
 MODEL = "ViT-B-32"

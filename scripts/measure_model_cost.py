@@ -66,7 +66,7 @@ def measure(name: str, folder: Path, repeats: int) -> Cost:
     import psutil
     import torch
 
-    from clip_runtime.images import ImageLimits
+    from clip_runtime.image_inputs import ImageLimits
     from clip_runtime.model import ClipModel
     from clip_runtime.runtimes import torch_plan
 
@@ -84,7 +84,7 @@ def measure(name: str, folder: Path, repeats: int) -> Cost:
     for repeat in range(repeats + 1):  # the first batch warms up, untimed
         captions = [f"a photo number {repeat} {i}" for i in range(BATCH)]
         started = time.perf_counter()
-        model.run(crops, captions, [False] * BATCH)
+        model.score_batch(crops, captions, [False] * BATCH)
         timings.append(time.perf_counter() - started)
     return Cost(
         name=name,

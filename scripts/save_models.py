@@ -125,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         except ClipError as error:
             logging.error("%s", error.message)
             return 2
-        flag = "  (RANDOM-INIT: untrained, for tests and demos)" if entry.is_untrained else ""
+        flag = "  (RANDOM-INIT: untrained, for tests and demos)" if entry.untrained else ""
         print(
             f"saved {stored.tag}: {spec.name} ({entry.family}) architecture={entry.architecture} "
-            f"weights={entry.weights_source} pretrained={entry.pretrained} "
+            f"weights={entry.weights} pretrained={entry.pretrained} "
             f"sha256={entry.weights_sha256[:12]}{flag}"
         )
     return 0
@@ -176,10 +176,10 @@ def _already_saved(name: str, spec: ModelSpec, args: argparse.Namespace) -> bool
     except (bentoml.exceptions.NotFound, ClipError):
         return False
     if args.random_init:
-        return entry.is_untrained and entry.seed == args.seed
+        return entry.untrained and entry.seed == args.seed
     if args.checkpoint:
         return False  # a file path says nothing about whether its content changed
-    return not entry.is_untrained and entry.pretrained == (spec.tag or spec.architecture)
+    return not entry.untrained and entry.pretrained == (spec.tag or spec.architecture)
 
 
 if __name__ == "__main__":

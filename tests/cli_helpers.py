@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_testkit.images import encode, jpeg_bytes, photo_like
 from clip_testkit.reference import reference_cosines, reference_model
+from clip_testkit.sample_images import encode, jpeg_bytes, photo_like
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,7 +131,7 @@ def reference_features(
     folder: Path, images: list[bytes], texts: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """open_clip end to end, its own way (its transform and tokenizer), fp32 on the CPU:
-    L2-normalised image and text embeddings."""
+    L2-normalized image and text embeddings."""
     model, preprocess, tokenizer = reference_model(folder)
     with torch.no_grad():
         image_features = torch.zeros((0, 0))

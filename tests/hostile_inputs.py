@@ -301,7 +301,7 @@ def build_cases() -> list[Case]:
             message=("CLIP_MAX_IMAGE_ASPECT_RATIO",),
         ),
         Case(
-            "100,000 references, counted before any is tokenised",
+            "100,000 references, counted before any is tokenized",
             413,
             "too_many_items",
             {"image": good, "text": "a", "references": ["a cat"] * 100_000},

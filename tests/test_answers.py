@@ -17,7 +17,7 @@ from clip_service.schemas import ModelStatus
 RANDOM_INIT = ModelEntry(
     architecture="ViT-B-32",
     pretrained=None,
-    weights_source="random-init",
+    weights="random-init",
     weights_sha256="0" * 64,
     preprocess_cfg={},
     preprocess_from=None,
@@ -26,7 +26,7 @@ RANDOM_INIT = ModelEntry(
 PRETRAINED = ModelEntry(
     architecture="ViT-B-32",
     pretrained="openai",
-    weights_source="pretrained",
+    weights="pretrained",
     weights_sha256="1" * 64,
     preprocess_cfg={},
     preprocess_from="openai",

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from clip_runtime import ClipEngine, ClipSettings
-from clip_testkit.images import jpeg_bytes
+from clip_testkit.sample_images import jpeg_bytes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 

@@ -27,6 +27,7 @@ from bentoml.exceptions import BentoMLException
 from PIL import Image
 
 from clip_eval import cli
+from clip_eval.cli_errors import ClipEvalError
 from clip_eval.engines.local import LocalScorer
 from clip_eval.engines.remote import (
     BatchRequester,
@@ -35,14 +36,13 @@ from clip_eval.engines.remote import (
     parse_retry_after,
     record_retry_after,
 )
-from clip_eval.errors import ClipEvalError
-from clip_eval.images import ImageLoader, LoaderConfig
+from clip_eval.image_cells import ImageLoader, LoaderConfig
 from clip_eval.output import OutputFile, state_path
 from clip_eval.pipeline import RowAligner
-from clip_eval.records import Outcome, result_columns
+from clip_eval.records import PairOutcome, result_columns
 from clip_eval.summary import summarize
 from clip_runtime.errors import ClipError
-from clip_testkit.images import jpeg_bytes
+from clip_testkit.sample_images import jpeg_bytes
 from tests.cli_helpers import (
     Dataset,
     allow_host,
@@ -294,7 +294,7 @@ def test_rows_and_outcomes_are_lined_up_whatever_the_batch_sizes() -> None:
     frame = pd.DataFrame({"id": range(7)})
     chunks = iter([frame.iloc[0:3], frame.iloc[3:6], frame.iloc[6:7]])
     aligner = RowAligner(chunks, ["A", "B"])
-    outcomes = [Outcome.scored(model, row / 10) for row in range(7) for model in ("A", "B")]
+    outcomes = [PairOutcome.scored(model, row / 10) for row in range(7) for model in ("A", "B")]
     written = []
     for start, stop in [(0, 1), (1, 6), (6, 7), (7, 14)]:  # 1, 5, 1 and 7 outcomes
         written.extend(aligner.add(outcomes[start:stop]))
@@ -304,7 +304,10 @@ def test_rows_and_outcomes_are_lined_up_whatever_the_batch_sizes() -> None:
     assert list(rows["model"]) == ["A", "B"] * 7
     assert list(rows["cosine"]) == pytest.approx([i / 10 for i in range(7) for _ in range(2)])
     assert not aligner.unmatched()
-    extra = [Outcome.scored("A", 0.0), Outcome.scored("B", 0.0)]  # a row more than the input
+    extra = [
+        PairOutcome.scored("A", 0.0),
+        PairOutcome.scored("B", 0.0),
+    ]  # a row more than the input
     assert list(aligner.add(extra)) == [] and aligner.unmatched()
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from clip_eval import cli
 from clip_eval.embeddings import EmbeddingsFile, embeddings_format, embeddings_table
-from clip_eval.records import Outcome
+from clip_eval.records import PairOutcome
 from clip_runtime.errors import EmptyTextError
 from clip_runtime.scoring import clip_score, ref_clip_score
 from tests.cli_helpers import (
@@ -99,9 +99,9 @@ def test_embeddings_formats(tmp_path: Path, suffix: str) -> None:
     merged into Parquet (row, model, vectors) or a structured .npy."""
     vector = np.arange(4, dtype=np.float32)
     outcomes = [
-        Outcome.scored("m", 0.5, image_vector=vector, text_vector=vector + 1),
-        Outcome.failed("m", EmptyTextError("text is empty")),
-        Outcome.scored("m", 0.2, image_vector=vector * 2, text_vector=vector),
+        PairOutcome.scored("m", 0.5, image_vector=vector, text_vector=vector + 1),
+        PairOutcome.failed("m", EmptyTextError("text is empty")),
+        PairOutcome.scored("m", 0.2, image_vector=vector * 2, text_vector=vector),
     ]
     path = tmp_path / f"e.{suffix}"
     target = EmbeddingsFile(path, embeddings_format(path, models=1))

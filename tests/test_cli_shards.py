@@ -13,8 +13,8 @@ import pandas as pd
 from PIL import Image
 
 from clip_eval import cli
-from clip_testkit.images import encode, jpeg_bytes, photo_like
 from clip_testkit.reference import reference_cosines
+from clip_testkit.sample_images import encode, jpeg_bytes, photo_like
 
 CAPTIONS = ["a photo of a cat", "a diagram of a bridge", "two dogs on a beach", "red and green"]
 

@@ -11,7 +11,7 @@ from bentoml._internal.server import http_app
 from bentoml.exceptions import InternalServerError, InvalidArgument
 from pydantic import BaseModel, ValidationError
 
-from clip_service.errors import CURRENT_REQUEST_ID
+from clip_service.http_errors import CURRENT_REQUEST_ID
 from clip_service.middleware.client_logs import BENTOML_API_ERROR_LOGGER, quiet_client_error_logs
 
 

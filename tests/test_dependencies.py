@@ -132,7 +132,14 @@ def test_the_remote_cli_imports_only_its_extras() -> None:
     module the remote path imports."""
     remote_path = [
         ROOT / "clip_eval" / name
-        for name in ("cli.py", "compare.py", "datasets.py", "errors.py", "images.py", "output.py")
+        for name in (
+            "cli.py",
+            "compare.py",
+            "datasets.py",
+            "cli_errors.py",
+            "image_cells.py",
+            "output.py",
+        )
     ] + [
         ROOT / "clip_eval" / name
         for name in ("pipeline.py", "records.py", "summary.py", "engines/remote.py")

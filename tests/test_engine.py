@@ -13,11 +13,11 @@ import torch
 
 from clip_runtime import ClipEngine, ClipSettings, Job, JobOutcome
 from clip_runtime.errors import EmptyTextError, InvalidImageError, UnknownModelError
-from clip_runtime.images import ImageLimits
+from clip_runtime.image_inputs import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.runtimes import torch_plan
-from clip_testkit.images import jpeg_bytes
 from clip_testkit.reference import reference_cosines
+from clip_testkit.sample_images import jpeg_bytes
 
 LIMITS = ImageLimits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, min_image_side=4)
 CAPTIONS = ["a photo of a cat", "a diagram of a bridge", "two dogs on a beach at sunset"]
@@ -28,7 +28,7 @@ def load(folder: Path, cache: int = 16) -> ClipModel:
 
 
 def score(model: ClipModel, crops: list[np.ndarray], texts: list[str]) -> list[JobOutcome]:
-    return model.run(crops, texts, [False] * len(crops))
+    return model.score_batch(crops, texts, [False] * len(crops))
 
 
 @pytest.mark.parametrize("model_dir", ["tiny_model_dir", "b32_model_dir"])
@@ -98,7 +98,7 @@ def test_engine_groups_models_and_keeps_order(tiny_model_dir: Path) -> None:
     engine = ClipEngine(settings, {"ViT-B-32": tiny_model_dir, "other": tiny_model_dir})
     crop = engine.models["ViT-B-32"].preprocessor.from_bytes(jpeg_bytes(2))
     jobs = [Job("ViT-B-32" if i % 2 else "other", crop, f"text {i}") for i in range(5)]
-    outcomes, reports = engine.run(jobs)
+    outcomes, reports = engine.run_jobs(jobs)
     alone = [score(engine.models[job.model], [crop], [str(job.text)])[0].cosine for job in jobs]
     np.testing.assert_allclose([o.cosine for o in outcomes], alone, atol=1e-6)
     assert reports["other"].items == 3 and reports["ViT-B-32"].items == 2
@@ -114,7 +114,7 @@ def test_run_decodes_encoded_images_and_keeps_per_job_errors(tiny_model_dir: Pat
         Job("ViT-B-32", model.preprocessor.from_bytes(jpeg_bytes(0)), "ok"),
         Job("ViT-B-32", text="only a text"),
     ]
-    results, _ = engine.run(jobs)
+    results, _ = engine.run_jobs(jobs)
     assert isinstance(results[1].error, InvalidImageError)
     assert isinstance(results[2].error, EmptyTextError)
     assert results[0].error is None and results[0].cosine is not None

@@ -17,7 +17,7 @@ from clip_runtime.errors import (
     UrlNotAllowedError,
 )
 from clip_runtime.fetch import FetchPolicy, fetch_image_bytes, host_is_allow_listed
-from clip_testkit.images import jpeg_bytes
+from clip_testkit.sample_images import jpeg_bytes
 from tests.local_http import LocalServer, endless_body, local_server, slow_body
 
 JPEG = jpeg_bytes(0, 32, 32)

@@ -1,5 +1,5 @@
 """The HTTP front end never loads torch: it crops with Pillow and ships uint8 crops and checked
-captions; the model worker normalises and tokenises (docs/architecture-data-path.md). torch,
+captions; the model worker normalizes and tokenizes (docs/architecture-data-path.md). torch,
 torchvision and open_clip held ~850 MB in every front-end worker."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 from clip_runtime.preprocessing import Preprocessing, fetch_policy
 from clip_service import evaluator
 from clip_service.inputs import JobBuilder
-from clip_testkit.images import b64, jpeg_bytes
+from clip_testkit.sample_images import b64, jpeg_bytes
 
 settings = evaluator.settings
 preprocessing = Preprocessing(settings, {"ViT-B-32": Path(sys.argv[1])})

@@ -15,7 +15,7 @@ from clip_service.health import WorkerModels, health_result
 ENTRY = ModelEntry(
     architecture="ViT-B-32",
     pretrained=None,
-    weights_source="random-init",
+    weights="random-init",
     weights_sha256="0" * 64,
     preprocess_cfg={},
     preprocess_from=None,

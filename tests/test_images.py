@@ -29,7 +29,7 @@ from clip_runtime.errors import (
     UnsupportedImageFormatError,
     UrlNotAllowedError,
 )
-from clip_runtime.images import (
+from clip_runtime.image_inputs import (
     ImageLimits,
     ImagePreprocessor,
     decode_image_field,
@@ -40,7 +40,7 @@ from clip_runtime.images import (
 )
 from clip_runtime.jpeg_markers import jpeg_scan_count
 from clip_runtime.memory import DecodeBudget, Reservation
-from clip_testkit.images import encode, jpeg_bytes, photo_like
+from clip_testkit.sample_images import encode, jpeg_bytes, photo_like
 from tests.hostile_inputs import many_scan_jpeg, png_header_only
 
 LIMITS = ImageLimits(max_image_bytes=5_000_000, max_image_pixels=4_000_000, min_image_side=4)
@@ -324,7 +324,7 @@ def test_the_model_worker_refuses_a_crop_that_open_clip_would_not_make() -> None
         _ = pre.normalize
 
 
-def test_each_tag_keeps_its_own_normalisation() -> None:
+def test_each_tag_keeps_its_own_normalization() -> None:
     assert tuple(L14_CFG["mean"]) == (0.5, 0.5, 0.5)
     b32, l14 = preprocessor(), preprocessor("ViT-L-14", "laion2b_s32b_b82k")
     assert tuple(l14.normalize.mean) == (0.5, 0.5, 0.5)

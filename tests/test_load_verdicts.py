@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from load_tests.faults import Outcome, is_failure, is_shed, is_worker_down
+from clip_testkit.loadgen import RequestRecord
+from load_tests.faults import is_failure, is_shed, is_worker_down
 from load_tests.verdicts import error_code
 
 
@@ -29,10 +30,10 @@ def _envelope(code: str) -> str:
 def test_only_an_overloaded_answer_with_retry_after_is_a_shed(
     status: int, retry_after: str | None, code: str | None, shed: bool, worker_down: bool
 ) -> None:
-    outcome = Outcome(0.0, status, 0.01, retry_after, code)
-    assert is_shed(outcome) is shed
-    assert is_worker_down(outcome) is worker_down
-    assert is_failure(outcome) is not shed  # model_not_ready fails unless a check killed it
+    record = RequestRecord(0.0, status, 0.01, retry_after, code)
+    assert is_shed(record) is shed
+    assert is_worker_down(record) is worker_down
+    assert is_failure(record) is not shed  # model_not_ready fails unless a check killed it
 
 
 @pytest.mark.parametrize(

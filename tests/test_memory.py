@@ -16,7 +16,7 @@ from PIL import Image
 
 from clip_runtime import memory
 from clip_runtime.errors import OverloadedError
-from clip_runtime.images import (
+from clip_runtime.image_inputs import (
     DRAFT_MIN_FACTOR,
     ImageLimits,
     decode_cost,
@@ -26,7 +26,7 @@ from clip_runtime.images import (
 from clip_runtime.memory import DecodeBudget
 from clip_runtime.model import ClipModel
 from clip_runtime.runtimes import torch_plan
-from clip_testkit.images import encode, photo_like
+from clip_testkit.sample_images import encode, photo_like
 
 LIMITS = ImageLimits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, min_image_side=4)
 # (seed, size): reduced 1/4, reduced 1/2, just under the threshold (decoded whole).
@@ -249,8 +249,8 @@ def test_large_jpegs_decode_drafted_within_bounds_of_the_full_decode(b32_model_d
     assert levels <= 4  # 3 seen
     texts = [f"a photo of thing {i}" for i in range(len(images))]
     keep = [False] * len(images)
-    exact_cos = [pair.cosine for pair in model.run(exact, texts, keep)]
-    drafted_cos = [pair.cosine for pair in model.run(drafted, texts, keep)]
+    exact_cos = [pair.cosine for pair in model.score_batch(exact, texts, keep)]
+    drafted_cos = [pair.cosine for pair in model.score_batch(drafted, texts, keep)]
     print(
         "draft vs full decode: uint8 levels",
         levels,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from clip_runtime.errors import ModelStoreError
-from clip_runtime.images import ImageLimits
+from clip_runtime.image_inputs import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.model_entry import (
     METADATA_FILE,
@@ -37,10 +37,10 @@ def test_store_names() -> None:
 
 def test_entry_records_source_and_hash(tiny_model_dir: Path) -> None:
     entry = read_entry(tiny_model_dir)
-    assert entry.weights_source == "random-init" and entry.is_untrained
+    assert entry.weights == "random-init" and entry.untrained
     assert entry.pretrained is None and entry.seed == 0
     assert entry.weights_sha256 == sha256_of(tiny_model_dir / WEIGHTS_FILE)
-    assert entry.labels()["weights_source"] == "random-init"
+    assert entry.labels()["weights"] == "random-init"
     with (tiny_model_dir / WEIGHTS_FILE).open("rb") as handle:
         header_len = int.from_bytes(handle.read(8), "little")
         header = json.loads(handle.read(header_len))

@@ -14,12 +14,12 @@ import torch
 
 from clip_runtime import ClipEngine, ClipSettings, Job
 from clip_runtime.errors import RuntimeSetupError
-from clip_runtime.images import ImageLimits
+from clip_runtime.image_inputs import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.model_entry import read_entry
 from clip_runtime.runtimes import RuntimePlan, cpu_has_native_bf16, resolve_runtime, torch_plan
-from clip_testkit.images import jpeg_bytes
 from clip_testkit.reference import reference_cosines
+from clip_testkit.sample_images import jpeg_bytes
 
 pytest.importorskip("openvino", reason="openvino is not installed (CLIP_RUNTIME=torch only)")
 from clip_runtime import openvino_runtime
@@ -54,7 +54,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def served_cosines(model: ClipModel, images: list[bytes]) -> list[float]:
     crops = [model.preprocessor.from_bytes(data) for data in images]
-    outcomes = model.run(crops, CAPTIONS, [False] * len(crops))
+    outcomes = model.score_batch(crops, CAPTIONS, [False] * len(crops))
     return [outcome.cosine for outcome in outcomes]
 
 
@@ -145,7 +145,7 @@ def test_the_engine_runs_on_the_openvino_runtime(tiny_model_dir: Path, cache_dir
     images = [jpeg_bytes(seed) for seed in range(len(CAPTIONS))]
     pairs = zip(images, CAPTIONS, strict=True)
     jobs = [Job(model="tiny", image=data, text=text) for data, text in pairs]
-    outcomes, _ = engine.run(jobs)
+    outcomes, _ = engine.run_jobs(jobs)
     expected = reference_cosines(tiny_model_dir, images, CAPTIONS)
     np.testing.assert_allclose([o.cosine for o in outcomes], expected, atol=FP32_BOUND, rtol=0)
 

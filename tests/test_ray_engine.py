@@ -17,8 +17,8 @@ from clip_eval.engines.ray_data import (
     _explain_unreachable,
     _start_error,
 )
-from clip_eval.images import LoaderConfig, local_path
-from clip_eval.records import Outcome
+from clip_eval.image_cells import LoaderConfig, local_path
+from clip_eval.records import PairOutcome
 
 
 def engine(**options: object) -> RayEngine:
@@ -66,7 +66,7 @@ def test_a_file_missing_on_the_actors_node_but_here_is_called_a_storage_problem(
 ) -> None:
     here = tmp_path / "cat.jpg"
     here.write_bytes(b"jpeg")
-    failed = Outcome("ViT-B-32", error="image_not_found", error_message=f"not found: {here}")
+    failed = PairOutcome("ViT-B-32", error="image_not_found", error_message=f"not found: {here}")
     explained = _explain_unreachable(failed, [str(here)])
     assert explained.error == "image_not_found"
     assert str(here) in (explained.error_message or "")

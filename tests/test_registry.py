@@ -17,7 +17,7 @@ from bentoml._internal.tag import validate_tag_str
 
 from clip_runtime import ClipEngine, ClipSettings, Job
 from clip_runtime.errors import WeightsUnavailableError
-from clip_runtime.images import ImageLimits
+from clip_runtime.image_inputs import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.model_entry import WEIGHTS_FILE, read_entry
 from clip_runtime.registry import api_suffix, parse_spec, store_name
@@ -25,8 +25,8 @@ from clip_runtime.runtimes import torch_plan
 from clip_runtime.scoring import rank_probabilities
 from clip_runtime.sources import save_pretrained, save_random_init
 from clip_runtime.tokens import token_count
-from clip_testkit.images import jpeg_bytes
 from clip_testkit.reference import reference_cosines
+from clip_testkit.sample_images import jpeg_bytes
 
 LIMITS = ImageLimits(10_000_000, 50_000_000, 4)
 CAPTIONS = ["a photo of a cat", "a diagram of a bridge", "two dogs on a beach at sunset"]
@@ -134,7 +134,7 @@ def test_engine_matches_open_clip_per_family(
     folder = request.getfixturevalue(model_dir)
     images = [jpeg_bytes(seed) for seed in range(3)]
     engine = ClipEngine(ClipSettings(models=["m"], gpu_decode="off"), {"m": folder})
-    outcomes, _ = engine.run(
+    outcomes, _ = engine.run_jobs(
         [Job("m", image, caption) for image, caption in zip(images, CAPTIONS, strict=True)]
     )
     ours = [outcome.cosine for outcome in outcomes if outcome.error is None]

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from clip_runtime import errors as E
-from clip_service.errors import (
+from clip_service.http_errors import (
     CURRENT_REQUEST_ID,
     ERROR_STATUS,
     ClientGoneError,
@@ -91,7 +91,7 @@ def test_error_answers_are_logged_with_their_request_id(caplog: pytest.LogCaptur
         finally:
             CURRENT_REQUEST_ID.reset(token)
 
-    with caplog.at_level("INFO", logger="clip_service.errors"):
+    with caplog.at_level("INFO", logger="clip_service.http_errors"):
         asyncio.run(in_request(with_id))
     assert "503 overloaded (request req-42): the model queue is full" in caplog.text
 

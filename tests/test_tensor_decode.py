@@ -17,12 +17,12 @@ import torch
 
 from clip_runtime import ClipEngine, ClipSettings, Job, Preprocessing
 from clip_runtime.errors import EmptyTextError, ImageTooSmallError, InvalidImageError
-from clip_runtime.images import ImageLimits
+from clip_runtime.image_inputs import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.runtimes import torch_plan
 from clip_runtime.tensor_decode import TensorPreprocessor, tensor_decode_enabled
 from clip_runtime.tokens import Tokenized
-from clip_testkit.images import encode, jpeg_bytes, photo_like
+from clip_testkit.sample_images import encode, jpeg_bytes, photo_like
 from tests.hostile_inputs import many_scan_jpeg
 
 LIMITS = ImageLimits(max_image_bytes=10_000_000, max_image_pixels=50_000_000, min_image_side=4)
@@ -51,8 +51,8 @@ def test_tensor_path_matches_pil_path(model_dir: str, request: pytest.FixtureReq
     assert (pil_uint8 != tensor_uint8).float().mean().item() <= MAX_DIFFERING_SHARE
 
     keep = [False] * len(TEXTS)
-    pil_cos = [pair.cosine for pair in model.run(pil_crops, TEXTS, keep)]
-    tensor_cos = [pair.cosine for pair in model.run(list(tensor_uint8), TEXTS, keep)]
+    pil_cos = [pair.cosine for pair in model.score_batch(pil_crops, TEXTS, keep)]
+    tensor_cos = [pair.cosine for pair in model.score_batch(list(tensor_uint8), TEXTS, keep)]
     np.testing.assert_allclose(tensor_cos, pil_cos, atol=MAX_COSINE_DIFF)
 
 
@@ -112,8 +112,8 @@ def test_engine_tensor_path_keeps_order_errors_and_fallbacks(tiny_model_dir: Pat
         Job("ViT-B-32", IMAGES[1], "   "),
         Job("ViT-B-32", IMAGES[6], "e"),
     ]
-    got, _ = fast.run(jobs)
-    want, _ = slow.run(jobs)
+    got, _ = fast.run_jobs(jobs)
+    want, _ = slow.run_jobs(jobs)
     assert isinstance(got[1].error, InvalidImageError)
     assert isinstance(got[3].error, EmptyTextError)
     for index in (0, 2, 4):
@@ -166,7 +166,7 @@ def test_a_batch_with_no_device_decodable_jpeg_decodes_nothing_on_cuda(
     engine = ClipEngine(ClipSettings(models=["tiny"], device="cpu"), {"tiny": tiny_model_dir})
     monkeypatch.setitem(engine.tensor_preprocessors, "tiny", tensor)
     png = encode(photo_like(1, 96, 64), "PNG")
-    (outcome,), _ = engine.run([Job("tiny", image=png, text="a cat")])
+    (outcome,), _ = engine.run_jobs([Job("tiny", image=png, text="a cat")])
     assert outcome.error is None and outcome.cosine is not None
 
 
@@ -189,8 +189,8 @@ def test_a_failed_device_resize_falls_back_to_pil_for_its_images_only(
 
     monkeypatch.setattr(TensorPreprocessor, "_resize_like_pillow", resize)
     jobs = [Job("ViT-B-32", image, text) for image, text in zip(IMAGES, TEXTS, strict=True)]
-    got, _ = fast.run(jobs)
-    want, _ = slow.run(jobs)
+    got, _ = fast.run_jobs(jobs)
+    want, _ = slow.run_jobs(jobs)
     assert (61, 97) in resized_shapes  # the device path was tried
     for mine, reference in zip(got, want, strict=True):
         assert mine.error is None and mine.cosine is not None and reference.cosine is not None
@@ -219,23 +219,23 @@ def test_front_end_forwards_only_what_the_worker_decodes_like_pillow(tiny_model_
         forwarding.image("ViT-B-32", jpeg_bytes(1, 3, 40))
 
 
-def test_engine_tokenises_a_caption_once_and_not_on_a_text_cache_hit(
+def test_engine_tokenizes_a_caption_once_and_not_on_a_text_cache_hit(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = ClipEngine(ClipSettings(models=["ViT-B-32"]), {"ViT-B-32": tiny_model_dir})
     tokenizer = engine.models["ViT-B-32"].tokenizer
-    tokenised: list[str] = []
+    tokenized: list[str] = []
     tokenize = tokenizer.tokenize
 
     def counted(text: str) -> Tokenized:
-        tokenised.append(text)
+        tokenized.append(text)
         return tokenize(text)
 
     monkeypatch.setattr(tokenizer, "tokenize", counted)
-    (first,), _ = engine.run([Job("ViT-B-32", IMAGES[0], "a red bus")])
-    (again,), _ = engine.run([Job("ViT-B-32", IMAGES[1], "a red bus")])
-    assert tokenised == ["a red bus"]  # the second answer came from the text cache
+    (first,), _ = engine.run_jobs([Job("ViT-B-32", IMAGES[0], "a red bus")])
+    (again,), _ = engine.run_jobs([Job("ViT-B-32", IMAGES[1], "a red bus")])
+    assert tokenized == ["a red bus"]  # the second answer came from the text cache
     assert first.text_tokens == again.text_tokens == 5  # start, a, red, bus, end
-    (long_caption,), _ = engine.run([Job("ViT-B-32", IMAGES[0], "word " * 100)])
+    (long_caption,), _ = engine.run_jobs([Job("ViT-B-32", IMAGES[0], "word " * 100)])
     assert long_caption.text_truncated
     assert long_caption.text_tokens == tokenizer.context_length

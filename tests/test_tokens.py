@@ -1,4 +1,4 @@
-"""Tokenising: open_clip's exact ids and truncation flag, at a bounded cost per caption, with a
+"""Tokenizing: open_clip's exact ids and truncation flag, at a bounded cost per caption, with a
 bounded word cache."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from clip_runtime.errors import TextTooLongError, TooManyItemsError
 from clip_runtime.fetch import FetchPolicy
 from clip_runtime.tokens import TextTokenizer
 from clip_service.inputs import JobBuilder
-from clip_testkit.images import jpeg_bytes
+from clip_testkit.sample_images import jpeg_bytes
 
 CAPTIONS = [
     "a photo of a cat",
@@ -48,7 +48,7 @@ def test_ids_and_truncation_are_open_clips_own(
     assert np.array_equal(tokenizer.ids([caption, "a"])[0].numpy(), ids)
 
 
-def test_words_after_the_context_are_never_tokenised(
+def test_words_after_the_context_are_never_tokenized(
     tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A word's BPE costs time quadratic in its length; past the context it cannot change the
@@ -68,7 +68,7 @@ def test_a_long_word_within_the_context_is_refused(tokenizer: TextTokenizer) -> 
         tokenizer.tokenize("a photo of " + "q" * 101)
     with pytest.raises(TextTooLongError):  # punctuation runs are one BPE word too
         tokenizer.tokenize("!" * 5_000)
-    assert tokenizer.tokenize("q" * 100)[0][1] > 0  # at the limit: tokenised
+    assert tokenizer.tokenize("q" * 100)[0][1] > 0  # at the limit: tokenized
 
 
 def test_the_word_cache_is_bounded_and_keeps_the_special_tokens(
@@ -88,7 +88,7 @@ def test_the_word_cache_is_bounded_and_keeps_the_special_tokens(
 def test_a_bad_caption_fails_its_job_alone_in_the_engine(tiny_model_dir: Path) -> None:
     engine = ClipEngine(ClipSettings(models=["ViT-B-32"]), {"ViT-B-32": tiny_model_dir})
     image = jpeg_bytes(0, 64, 64)
-    good, bad = engine.run(
+    good, bad = engine.run_jobs(
         [Job("ViT-B-32", image, "a cat"), Job("ViT-B-32", image, "a " + "m" * 500)]
     )[0]
     assert good.error is None and good.cosine is not None
@@ -98,7 +98,7 @@ def test_a_bad_caption_fails_its_job_alone_in_the_engine(tiny_model_dir: Path) -
 def test_references_are_counted_before_any_is_looked_at(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The front end checks captions (the model worker tokenises them): a request's references
+    """The front end checks captions (the model worker tokenizes them): a request's references
     are counted before any is checked, and the checks run in the pool, not on the loop."""
     from clip_service import inputs
 

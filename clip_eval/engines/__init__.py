@@ -11,13 +11,15 @@ from collections.abc import Generator
 from typing import Protocol
 
 from clip_eval.datasets import DatasetSpec
-from clip_eval.records import Outcome
+from clip_eval.records import PairOutcome
 
 
 class Engine(Protocol):
     models: tuple[str, ...]
 
-    def run(self, dataset: DatasetSpec, skip: int) -> Generator[list[Outcome], None, None]: ...
+    def score_dataset(
+        self, dataset: DatasetSpec, skip: int
+    ) -> Generator[list[PairOutcome], None, None]: ...
 
     def untrained_models(self) -> list[str]:
         """The models whose weights are random-init (untrained): their scores mean nothing."""

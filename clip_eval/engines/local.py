@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from clip_eval.cli_errors import UsageError
 from clip_eval.datasets import DatasetSpec
-from clip_eval.errors import UsageError
-from clip_eval.images import ImageLoader, LoaderConfig
-from clip_eval.records import LoadedPair, Outcome, Pair, need_vector, similarity
+from clip_eval.image_cells import ImageLoader, LoaderConfig
+from clip_eval.records import LoadedPair, Pair, PairOutcome, need_vector, similarity
 from clip_runtime import ClipEngine, ClipError, ClipSettings, Job, JobOutcome
 from clip_runtime.model_entry import read_entry, store_name
 from clip_runtime.scoring import ref_clip_score
@@ -100,7 +100,7 @@ class LocalScorer:
         """Start fetching a batch's images; the caller scores the previous batch meanwhile."""
         return [self.io_pool.submit(self.loader.load_pair, pair) for pair in pairs]
 
-    def score_loaded(self, loaded: Sequence[Future[LoadedPair | ClipError]]) -> list[Outcome]:
+    def score_loaded(self, loaded: Sequence[Future[LoadedPair | ClipError]]) -> list[PairOutcome]:
         ready = [future.result() for future in loaded]
         jobs = [
             job
@@ -109,9 +109,9 @@ class LocalScorer:
             for model in self.models
             for job in self._jobs(model, item)
         ]
-        results = iter(self.engine.run(jobs)[0])
+        results = iter(self.engine.run_jobs(jobs)[0])
         return [
-            Outcome.failed(model, item)
+            PairOutcome.failed(model, item)
             if isinstance(item, ClipError)
             else self._outcome(model, item, results)
             for item in ready
@@ -131,7 +131,7 @@ class LocalScorer:
             jobs.append(Job(model, text=item.text_2))
         return jobs
 
-    def _outcome(self, model: str, item: LoadedPair, results: Iterator[JobOutcome]) -> Outcome:
+    def _outcome(self, model: str, item: LoadedPair, results: Iterator[JobOutcome]) -> PairOutcome:
         """One row's outcome from its jobs' (in ``_jobs``'s order): the scores the service would
         give, RefCLIPScore as its batch endpoint computes it."""
         pair = next(results)
@@ -140,14 +140,14 @@ class LocalScorer:
         text_2 = next(results) if item.text_2 is not None else None
         for result in (pair, *references, image_2, text_2):
             if result is not None and result.error is not None:
-                return Outcome.failed(model, result.error)
+                return PairOutcome.failed(model, result.error)
         cosine = pair.cosine or 0.0
         caption = _float32(pair.text_vector)  # None when no embedding was asked for
         ref_score = None
         if references:
             similarities = [similarity(_need(r.text_vector), _need(caption)) for r in references]
             ref_score = ref_clip_score(cosine, similarities)
-        return Outcome.with_vectors(
+        return PairOutcome.with_vectors(
             model,
             cosine,
             image=_float32(pair.image_vector),
@@ -158,13 +158,13 @@ class LocalScorer:
             keep_vectors=self.config.keep_vectors,
         )
 
-    def score(self, pairs: Sequence[Pair]) -> list[Outcome]:
+    def score(self, pairs: Sequence[Pair]) -> list[PairOutcome]:
         return self.score_loaded(self.load(pairs))
 
 
 def untrained_in(model_dirs: dict[str, Path]) -> list[str]:
     """The models whose saved entry says random-init."""
-    return [name for name, folder in model_dirs.items() if read_entry(folder).is_untrained]
+    return [name for name, folder in model_dirs.items() if read_entry(folder).untrained]
 
 
 class LocalEngine:
@@ -175,7 +175,9 @@ class LocalEngine:
     def untrained_models(self) -> list[str]:
         return untrained_in(self.config.model_dirs)
 
-    def run(self, dataset: DatasetSpec, skip: int) -> Generator[list[Outcome], None, None]:
+    def score_dataset(
+        self, dataset: DatasetSpec, skip: int
+    ) -> Generator[list[PairOutcome], None, None]:
         scorer = LocalScorer(self.config)
         try:
             previous: list[Future[LoadedPair | ClipError]] | None = None

@@ -29,11 +29,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from clip_eval.cli_errors import ClipEvalError
 from clip_eval.datasets import DatasetSpec
 from clip_eval.engines.local import LocalConfig, LocalScorer
-from clip_eval.errors import ClipEvalError
-from clip_eval.images import as_transportable, local_path
-from clip_eval.records import Outcome, Pair, is_missing
+from clip_eval.image_cells import as_transportable, local_path
+from clip_eval.records import Pair, PairOutcome, is_missing
 from clip_runtime.errors import ModelStoreError
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class _ScoreActor:
         ]
         outcomes = self.scorer.score(pairs)
         width = len(self.scorer.models)
-        # Every field of Outcome as a column (embeddings as lists: Arrow has no ragged tensors).
+        # Every field of PairOutcome as a column (embeddings as lists: Arrow has no ragged tensors).
         columns: dict[str, list[Any]] = {
             name: [_plain(getattr(outcome, name)) for outcome in outcomes]
             for name in OUTCOME_FIELDS
@@ -166,7 +166,7 @@ class _ScoreActor:
         ]
         return pd.DataFrame(columns)
 
-    def _missing_paths(self, pair: Pair, outcome: Outcome) -> list[str] | None:
+    def _missing_paths(self, pair: Pair, outcome: PairOutcome) -> list[str] | None:
         """The pair's local image paths this node cannot see, when that is why it failed."""
         if outcome.error != "image_not_found":
             return None
@@ -186,7 +186,9 @@ class RayEngine:
 
         return untrained_in(self.config.local.model_dirs)
 
-    def run(self, dataset: DatasetSpec, skip: int) -> Generator[list[Outcome], None, None]:
+    def score_dataset(
+        self, dataset: DatasetSpec, skip: int
+    ) -> Generator[list[PairOutcome], None, None]:
         import ray
 
         # Ray's INFO lines (start-up, execution plans) would tear through the progress bar.
@@ -212,7 +214,7 @@ class RayEngine:
             if started_here:
                 ray.shutdown()
 
-    def _score(self, dataset: DatasetSpec, skip: int) -> Iterator[list[Outcome]]:
+    def _score(self, dataset: DatasetSpec, skip: int) -> Iterator[list[PairOutcome]]:
         import ray
         import ray.data
 
@@ -274,7 +276,7 @@ class RayEngine:
         return gpus, actors
 
 
-OUTCOME_FIELDS = tuple(field.name for field in fields(Outcome))
+OUTCOME_FIELDS = tuple(field.name for field in fields(PairOutcome))
 
 
 def _alive_nodes() -> list[dict[str, float]]:
@@ -295,7 +297,7 @@ def _start_error(error: BaseException) -> ActorStartError | None:
     return ActorStartError(text.rsplit(marker, 1)[1].strip().splitlines()[0])
 
 
-def _explain_unreachable(outcome: Outcome, missing: Any) -> Outcome:
+def _explain_unreachable(outcome: PairOutcome, missing: Any) -> PairOutcome:
     """A file the actor's node did not find but the driver's does: say it is a storage problem."""
     if missing is None or len(missing) == 0:
         return outcome
@@ -320,7 +322,7 @@ def _plain(value: Any) -> Any:
     return value.tolist() if isinstance(value, np.ndarray) else value
 
 
-def _outcome(row: dict[str, Any]) -> Outcome:
+def _outcome(row: dict[str, Any]) -> PairOutcome:
     values = {name: _value(row, name) for name in OUTCOME_FIELDS}
     for name in ("image_vector", "text_vector"):
         if values[name] is not None:
@@ -328,4 +330,4 @@ def _outcome(row: dict[str, Any]) -> Outcome:
     for name in ("score", "cosine", "ref_clip_score", "image_image_cosine", "text_text_cosine"):
         if values[name] is not None:
             values[name] = float(values[name])
-    return Outcome(**values)
+    return PairOutcome(**values)

@@ -36,10 +36,10 @@ from tenacity import (
 )
 from tenacity.wait import wait_base
 
+from clip_eval.cli_errors import ClipEvalError, ServiceItemError
 from clip_eval.datasets import DatasetSpec
-from clip_eval.errors import ClipEvalError, ServiceItemError
-from clip_eval.images import ImageLoader, LoaderConfig
-from clip_eval.records import LoadedPair, Outcome, Pair
+from clip_eval.image_cells import ImageLoader, LoaderConfig
+from clip_eval.records import LoadedPair, Pair, PairOutcome
 from clip_eval.wire import batch_item, encode_image
 from clip_runtime.errors import ClipError
 
@@ -305,16 +305,16 @@ def outcome_of(
     result: dict[str, Any],
     vectors: dict[str, np.ndarray | ClipError | None],
     keep_vectors: bool = False,
-) -> Outcome:
+) -> PairOutcome:
     """A row's outcome from its batch result and the embeddings fetched for it."""
     error = result.get("error")
     if error:
-        return Outcome(model, error=error["code"], error_message=error["message"])
+        return PairOutcome(model, error=error["code"], error_message=error["message"])
     for vector in vectors.values():
         if isinstance(vector, ClipError):
-            return Outcome.failed(model, vector)
+            return PairOutcome.failed(model, vector)
     ref_score = result.get("ref_clip_score")
-    return Outcome.with_vectors(
+    return PairOutcome.with_vectors(
         model,
         float(result["cosine"]),
         ref_clip_score=None if ref_score is None else float(ref_score),
@@ -340,13 +340,15 @@ class RemoteEngine:
             return []
         return [m["name"] for m in served if m.get("untrained") and m["name"] in self.models]
 
-    def run(self, dataset: DatasetSpec, skip: int) -> Generator[list[Outcome], None, None]:
+    def score_dataset(
+        self, dataset: DatasetSpec, skip: int
+    ) -> Generator[list[PairOutcome], None, None]:
         """A synchronous generator driving an event loop: requests overlap one another (up to
         ``concurrency``) while results are handed out strictly in input order."""
         loop = asyncio.new_event_loop()
         io_pool = ThreadPoolExecutor(self.config.io_workers, thread_name_prefix="clip-eval-io")
         loader = ImageLoader(self.config.loader)
-        pending: deque[asyncio.Task[list[Outcome]]] = deque()
+        pending: deque[asyncio.Task[list[PairOutcome]]] = deque()
         client = None
         try:
             client = loop.run_until_complete(
@@ -383,7 +385,7 @@ class RemoteEngine:
         loader: ImageLoader,
         io_pool: ThreadPoolExecutor,
         pairs: Sequence[Pair],
-    ) -> list[Outcome]:
+    ) -> list[PairOutcome]:
         loop = asyncio.get_running_loop()
         # Files and URLs are read in threads: the event loop keeps the other requests moving.
         ready = await asyncio.gather(
@@ -406,11 +408,11 @@ class RemoteEngine:
             model: iter(zip(results, model_vectors, strict=True))
             for model, results, model_vectors in zip(self.models, per_model, vectors, strict=True)
         }
-        outcomes: list[Outcome] = []
+        outcomes: list[PairOutcome] = []
         for item in ready:
             for model in self.models:
                 if isinstance(item, ClipError):
-                    outcomes.append(Outcome.failed(model, item))
+                    outcomes.append(PairOutcome.failed(model, item))
                 else:
                     result, item_vectors = next(answers[model])
                     outcomes.append(

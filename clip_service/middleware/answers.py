@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.types import Scope, Send
 
-from clip_service.errors import CLIENT_CLOSED_REQUEST, error_body
+from clip_service.http_errors import CLIENT_CLOSED_REQUEST, error_body
 
 logger = logging.getLogger("clip_service.middleware")
 

@@ -14,7 +14,7 @@ from http import HTTPStatus
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clip_service.errors import CLIENT_CLOSED_REQUEST
+from clip_service.http_errors import CLIENT_CLOSED_REQUEST
 from clip_service.middleware.answers import header, send_error
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
-from clip_service.errors import CLIENT_CLOSED_REQUEST, CURRENT_REQUEST_ID
+from clip_service.http_errors import CLIENT_CLOSED_REQUEST, CURRENT_REQUEST_ID
 
 # BentoML logs every failed API call here, client mistakes included, at ERROR with a traceback
 # whose exception text quotes the request body (``log_exception``, bentoml._internal).

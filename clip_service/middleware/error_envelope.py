@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clip_service.errors import CLIENT_CLOSED_REQUEST, error_body
+from clip_service.http_errors import CLIENT_CLOSED_REQUEST, error_body
 from clip_service.middleware.answers import header, request_id_of
 from clip_service.schemas import MAX_NAMED_UNKNOWN_FIELDS, MORE_UNKNOWN_FIELDS, echoed
 

@@ -9,7 +9,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clip_service.errors import CURRENT_REQUEST_ID
+from clip_service.http_errors import CURRENT_REQUEST_ID
 from clip_service.middleware.client_logs import quiet_client_error_logs
 from clip_service.observability import escape_logged_client_values
 

@@ -21,7 +21,7 @@ from clip_eval import cli
 from clip_eval.datasets import DatasetSpec
 from clip_eval.engines.local import LocalConfig
 from clip_eval.engines.ray_data import ActorStartError, RayConfig, RayEngine
-from clip_eval.images import LoaderConfig
+from clip_eval.image_cells import LoaderConfig
 from clip_eval.output import OutputFile, state_path
 from tests.cli_helpers import OPTIONAL_SCORES, add_second_columns, check_output
 
@@ -125,7 +125,7 @@ def test_an_actor_without_the_model_store_stops_the_run(two_nodes: str, tmp_path
     local = LocalConfig(("tiny",), {"tiny": unmounted}, LoaderConfig(dataset.path.parent))
     engine = RayEngine(RayConfig(local=local, address=two_nodes, actors=1))
     with pytest.raises(ActorStartError) as raised:
-        list(engine.run(DatasetSpec(dataset.path, "parquet"), 0))
+        list(engine.score_dataset(DatasetSpec(dataset.path, "parquet"), 0))
     message = str(raised.value)
     assert str(unmounted) in message
     assert "model store" in message and "storage every node mounts" in message

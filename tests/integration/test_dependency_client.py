@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clip_testkit.images import b64, jpeg_bytes
 from clip_testkit.routes import BATCH, EMBED_IMAGE, EMBED_TEXT, HEALTH, RANK, SINGLE, UPLOAD
+from clip_testkit.sample_images import b64, jpeg_bytes
 from clip_testkit.server import ServerProcess
 
 pytestmark = pytest.mark.integration

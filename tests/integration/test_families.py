@@ -22,8 +22,8 @@ from PIL import Image
 
 from clip_runtime.registry import store_name
 from clip_runtime.tokens import token_count
-from clip_testkit.images import b64, jpeg_bytes
 from clip_testkit.reference import reference_cosines
+from clip_testkit.sample_images import b64, jpeg_bytes
 from clip_testkit.server import ServerProcess, model_folder, save_random_init_models
 from tests.conftest import FIXTURES, SIGLIP_TINY, TINY, write_offline_tokenizer
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_testkit.images import b64, encode, jpeg_bytes, photo_like
 from clip_testkit.reference import reference_model
 from clip_testkit.routes import BATCH, EMBED_IMAGE, EMBED_TEXT, RANK, SINGLE
+from clip_testkit.sample_images import b64, encode, jpeg_bytes, photo_like
 from clip_testkit.server import ServerProcess, model_folder
 
 pytestmark = pytest.mark.integration

@@ -28,9 +28,9 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.formats import unregister_string_format
 
 from clip_eval import cli
-from clip_testkit.images import b64, jpeg_bytes
 from clip_testkit.metrics import metric
 from clip_testkit.routes import EMBED_IMAGE, EMBED_TEXT, RANK, SINGLE
+from clip_testkit.sample_images import b64, jpeg_bytes
 from clip_testkit.server import PROBE_TIMEOUT_S, ROOT, ServerProcess, run_load_test
 from tests.cli_helpers import make_dataset, read_table
 from tests.hostile_inputs import build_cases, readyz_while_heaviest_in_flight, run

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from clip_runtime import errors as clip_errors
-from clip_testkit.images import b64, jpeg_bytes
 from clip_testkit.metrics import metric, series
 from clip_testkit.routes import BATCH, SINGLE
+from clip_testkit.sample_images import b64, jpeg_bytes
 from clip_testkit.server import ROOT
 from tests.test_k8s_manifests import ADAPTER_SERIES
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from clip_service.image import CUDA_BASE_IMAGE
+from clip_service.bento_image import CUDA_BASE_IMAGE
 from clip_testkit.server import ROOT, model_folder
 
 pytestmark = pytest.mark.integration
@@ -165,7 +165,7 @@ def test_bento_source_is_the_service_code_only(bento: Path) -> None:
     }
     # BentoML adds the resolved build configuration as src/bentofile.yaml.
     assert shipped == code | {"service.py", "bentofile.yaml"}
-    assert "clip_service/image.py" in shipped
+    assert "clip_service/bento_image.py" in shipped
     assert not any(
         part == "tests" or part.startswith(("test_", "conftest")) or part == "__pycache__"
         for path in shipped
@@ -188,7 +188,7 @@ def test_dockerfile_builds_the_cuda_image_with_the_env_defaults(bento: Path) -> 
     assert CUDA_BASE_IMAGE.startswith("nvidia/cuda:")
     assert re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE) == [CUDA_BASE_IMAGE]
 
-    # The service's image (clip_service/image.py): its system packages and Python version.
+    # The service's image (clip_service/bento_image.py): its system packages and Python version.
     installs = re.findall(r"^RUN apt-get install (.*)$", dockerfile, re.MULTILINE)
     assert any({"python3-pip", "zlib1g"} <= set(line.split()) for line in installs)
     assert "uv venv --python 3.11 /app/.venv" in dockerfile
@@ -256,7 +256,7 @@ def test_bento_from_the_store_drains_within_its_own_bound(
 
     import httpx
 
-    from clip_testkit.images import b64, jpeg_bytes
+    from clip_testkit.sample_images import b64, jpeg_bytes
     from clip_testkit.server import ServerProcess
     from tests.local_http import local_server
 

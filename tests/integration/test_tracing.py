@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clip_testkit.images import b64, jpeg_bytes
 from clip_testkit.metrics import metric
 from clip_testkit.routes import BATCH, SINGLE
+from clip_testkit.sample_images import b64, jpeg_bytes
 from clip_testkit.server import ServerProcess, launched_together
 from tests.integration.otlp_receiver import OtlpReceiver, ReceivedSpan
 

@@ -11,9 +11,9 @@ import httpx
 import numpy as np
 import pytest
 
-from clip_testkit.images import b64, jpeg_bytes
 from clip_testkit.reference import reference_cosines
 from clip_testkit.routes import BATCH, EMBED_TEXT, HEALTH, SINGLE
+from clip_testkit.sample_images import b64, jpeg_bytes
 from clip_testkit.server import ServerProcess, model_folder
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from clip_runtime.model_entry import store_name
-from clip_testkit.images import b64, encode, jpeg_bytes, photo_like
 from clip_testkit.reference import reference_cosines
+from clip_testkit.sample_images import b64, encode, jpeg_bytes, photo_like
 from clip_testkit.server import ServerProcess, model_folder
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from clip_service.schemas import ModelStatus
 from clip_service.shutdown import stop_after_siblings_on_sigterm
 from clip_service.store import add_store_references, batch_api_name, model_folders
 
-logger = logging.getLogger("clip_service.worker")
+logger = logging.getLogger("clip_service.model_worker")
 settings = get_settings()
 
 # Above the HTTP workers' bounded drain, so that the model worker outlives the requests that
@@ -25,7 +25,7 @@ settings = get_settings()
 DRAIN_CAP_S = settings.shutdown_timeout_s + 30
 
 
-class ScorerImpl:
+class ModelWorker:
     def __init__(self) -> None:
         # Imported here, not at module level: the HTTP front end imports this module (for
         # `bentoml.depends`) and never loads torch (docs/architecture-data-path.md).
@@ -39,7 +39,7 @@ class ScorerImpl:
         bound_graceful_shutdown(settings.shutdown_timeout_s)
         stop_after_siblings_on_sigterm(cap_s=DRAIN_CAP_S)
         record_model_info(self.engine.models.values())
-        logger.info("Scorer ready: %s", ", ".join(self.engine.models))
+        logger.info("model worker ready: %s", ", ".join(self.engine.models))
 
     def __is_ready__(self) -> bool:
         return self.engine.ready
@@ -48,7 +48,7 @@ class ScorerImpl:
         """One adaptive batch of one model's jobs through the engine, observed."""
         handoffs = [(job.sent_at, job.trace_context) for job in jobs]
         with BatchObservation(model, handoffs, self.engine.models[model].device) as batch:
-            outcomes, reports = self.engine.run(jobs)
+            outcomes, reports = self.engine.run_jobs(jobs)
             batch.finish(reports[model])
         return outcomes
 
@@ -60,8 +60,8 @@ class ScorerImpl:
                 name=model.info.name,
                 architecture=model.info.architecture,
                 pretrained=model.info.pretrained,
-                weights=model.info.weights_source,
-                untrained=model.entry.is_untrained,
+                weights=model.info.weights,
+                untrained=model.entry.untrained,
                 device=model.info.device,
                 dtype=model.info.dtype,
                 runtime=model.info.runtime,
@@ -76,8 +76,8 @@ class ScorerImpl:
         ]
 
 
-def _batch_api(model: str) -> Callable[[ScorerImpl, list[Job]], list[JobOutcome]]:
-    def score(self: ScorerImpl, jobs: list[Job]) -> list[JobOutcome]:
+def _batch_api(model: str) -> Callable[[ModelWorker, list[Job]], list[JobOutcome]]:
+    def score(self: ModelWorker, jobs: list[Job]) -> list[JobOutcome]:
         """Jobs of one model (internal, batched)."""
         return self.run_batch(model, jobs)
 
@@ -85,10 +85,10 @@ def _batch_api(model: str) -> Callable[[ScorerImpl, list[Job]], list[JobOutcome]
     return score
 
 
-add_store_references(ScorerImpl, settings)
+add_store_references(ModelWorker, settings)
 for _model in settings.models:
     setattr(
-        ScorerImpl,
+        ModelWorker,
         batch_api_name(_model),
         bentoml.api(
             batchable=True,
@@ -102,4 +102,4 @@ Scorer = bentoml.service(
     workers=1,  # one process owns the accelerator; batches are what use it well
     resources=accelerator_resources(settings.device, gpu_count()),
     traffic={"timeout": 600},
-)(ScorerImpl)
+)(ModelWorker)

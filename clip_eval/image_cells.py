@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clip_eval.errors import ImageNotFoundError, ImageUnreadableError
+from clip_eval.cli_errors import ImageNotFoundError, ImageUnreadableError
 from clip_eval.records import LoadedPair, Pair, is_missing
 from clip_runtime.errors import ClipError, ImageTooLargeError, InvalidRequestError
 from clip_runtime.fetch import FetchPolicy, fetch_image_bytes_sync

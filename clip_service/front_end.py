@@ -1,8 +1,8 @@
-"""The HTTP front end's handlers (`clip-evaluator`): thin endpoints under ``/evaluator`` that
+"""The front end's handlers (`clip-evaluator`): thin endpoints under ``/evaluator`` that
 validate, turn inputs into jobs, hand them to the model worker and have the answer assembled
 (``clip_service.answers``). Errors are raised and become answers in one place
-(``clip_service.errors.api_errors``). The probes are in ``clip_service.probes``, the plain routes
-in ``clip_service.routes``, the service's construction in ``clip_service.evaluator``."""
+(``clip_service.http_errors.api_errors``). The probes are in ``clip_service.probes``, the plain
+routes in ``clip_service.routes``, the service's construction in ``clip_service.evaluator``."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from clip_runtime.preprocessing import fetch_policy
 from clip_service import answers
 from clip_service.admission import PairQueue
 from clip_service.bentoml_adapter import bound_graceful_shutdown, call_with_reconnect
-from clip_service.errors import ClientGoneError, api_errors
 from clip_service.health import WorkerModels
+from clip_service.http_errors import ClientGoneError, api_errors
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
+from clip_service.model_worker import Scorer
 from clip_service.observability import (
     configure_logging,
     current_traceparent,
@@ -33,7 +34,7 @@ from clip_service.observability import (
     tracer,
 )
 from clip_service.openai_api import OpenAIEmbeddings
-from clip_service.probes import SCORER_UNREACHABLE, EvaluatorProbes
+from clip_service.probes import MODEL_WORKER_UNREACHABLE, FrontEndProbes
 from clip_service.schemas import (
     BatchItem,
     BatchItemResult,
@@ -46,17 +47,16 @@ from clip_service.schemas import (
     served_model_field,
 )
 from clip_service.store import batch_api_name, model_folders
-from clip_service.worker import Scorer
 
-logger = logging.getLogger("clip_service.frontend")
+logger = logging.getLogger("clip_service.front_end")
 settings = get_settings()
 
 ServedModel = Annotated[str | None, served_model_field(settings.models, settings.default_model)]
 
 
 # + POST /v1/embeddings (clip_service.openai_api), /readyz and health (clip_service.probes)
-class EvaluatorImpl(OpenAIEmbeddings, EvaluatorProbes):
-    scorer = bentoml.depends(Scorer)
+class FrontEnd(OpenAIEmbeddings, FrontEndProbes):
+    model_worker = bentoml.depends(Scorer)
 
     def __init__(self) -> None:
         # Cheap by design: this runs in uvicorn's lifespan, before the worker accepts a
@@ -68,10 +68,10 @@ class EvaluatorImpl(OpenAIEmbeddings, EvaluatorProbes):
         self.queue = PairQueue(settings.max_queued_pairs)
         # Learned from the model worker once it is ready, and kept (see clip_service.health).
         self.worker_models = WorkerModels(
-            lambda: call_with_reconnect(self.scorer.to_async.describe)
+            lambda: call_with_reconnect(self.model_worker.to_async.describe)
         )
         for name, entry in self.preprocessing.entries.items():
-            if entry.is_untrained:
+            if entry.untrained:
                 logger.warning("%s serves RANDOM-INIT weights: scores are meaningless", name)
 
     def _entry(self, name: str) -> ModelEntry:
@@ -93,13 +93,13 @@ class EvaluatorImpl(OpenAIEmbeddings, EvaluatorProbes):
             with tracer.start_as_current_span("clip.model_call", attributes=attributes):
                 for job in jobs:  # for the queue-wait metric and the batch span's links
                     job.sent_at, job.trace_context = time.time(), current_traceparent()
-                batch_api = getattr(self.scorer.to_async, batch_api_name(name))
+                batch_api = getattr(self.model_worker.to_async, batch_api_name(name))
                 # Idempotent: one retry when the connection (not the model) failed.
                 outcomes: list[JobOutcome] = await call_with_reconnect(lambda: batch_api(jobs))
         except bentoml.exceptions.ServiceUnavailable as exc:
             # The batcher cancels what cannot meet max_latency_ms: that is overload too.
             raise E.OverloadedError("the model queue is full; retry later") from exc
-        except SCORER_UNREACHABLE as exc:
+        except MODEL_WORKER_UNREACHABLE as exc:
             # The model worker is restarting (or was just killed): a 503 to retry, not a 500.
             logger.warning("model worker unreachable: %s", exc)
             raise E.ModelNotReadyError("the model worker is not reachable; retry later") from exc
@@ -264,7 +264,7 @@ class EvaluatorImpl(OpenAIEmbeddings, EvaluatorProbes):
     async def embed_images(
         self, images: list[str], ctx: bentoml.Context, model: ServedModel = None
     ) -> EmbeddingsResult:
-        """L2-normalised image embeddings (float32), batched with everything else."""
+        """L2-normalized image embeddings (float32), batched with everything else."""
         name = resolve_model_name(settings, model)
         jobs = await self.jobs.image_jobs(name, images, "images")
         vectors, _ = await self._embed(name, jobs, "images")
@@ -275,7 +275,7 @@ class EvaluatorImpl(OpenAIEmbeddings, EvaluatorProbes):
     async def embed_texts(
         self, texts: list[str], ctx: bentoml.Context, model: ServedModel = None
     ) -> EmbeddingsResult:
-        """L2-normalised text embeddings (float32); `text_truncated` per text."""
+        """L2-normalized text embeddings (float32); `text_truncated` per text."""
         name = resolve_model_name(settings, model)
         jobs = await self.jobs.text_jobs(name, texts, "texts")
         vectors, outcomes = await self._embed(name, jobs, "texts")

@@ -216,7 +216,7 @@ class ImagePreprocessor:
     The PIL half (resize, centre crop or pad) runs per image where the request is decoded,
     with Pillow alone, exactly as torchvision's transforms call Pillow on PIL images: no torch,
     so the HTTP front end does not load it. It yields the crop as HWC uint8, which is exactly
-    what ``ToTensor`` would see. The tensor half (scale to [0, 1], normalise with the tag's
+    what ``ToTensor`` would see. The tensor half (scale to [0, 1], normalize with the tag's
     mean/std) runs on whole batches on the model's device, with open_clip's own ``Normalize``
     (``to_pixels``, on the model worker).
     """

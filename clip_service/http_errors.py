@@ -21,7 +21,7 @@ from clip_runtime import errors as E
 from clip_runtime.errors import ClipError
 from clip_service.observability import record_error
 
-logger = logging.getLogger("clip_service.errors")
+logger = logging.getLogger("clip_service.http_errors")
 
 # The id of the request being handled (set by RequestIdMiddleware), so that every log line
 # about an error answer carries the id the answer shows.
