@@ -3,8 +3,8 @@
 Ray engine with 1 and 2 actors on a two-node Ray cluster started here (one CPU per node, both on
 127.0.0.1), on the same pairs of photo-like 640x480 JPEGs, random-init ViT-B-32.
 
-    python scripts/bench_ray.py                      # what `make bench-ray` runs
-    python scripts/bench_ray.py --pairs 64 --markdown ''   # a quick look, nothing appended
+    python -m scripts.bench_ray                      # what `make bench-ray` runs
+    python -m scripts.bench_ray --pairs 64 --markdown ''   # a quick look, nothing appended
 
 Each engine runs as the user runs it: a ``clip-eval`` process of its own, timed from start to
 exit (imports, connecting to Ray, model loading included), and its own ``scored now in`` figure
@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from clip_testkit.images import jpeg_bytes
 
-from clip_testkit.images import jpeg_bytes  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CAPTIONS = [f"a photo of a {thing}" for thing in ("cat", "dog", "bridge", "car", "tree", "cake")]
 CAPTIONS += ["two people on a beach at sunset", "a diagram of a neural network"]
@@ -190,7 +189,7 @@ def main() -> None:
     header = [
         f"## {started:%Y-%m-%d %H:%M} UTC — Ray engine (`scripts/bench_ray.py`)",
         "",
-        f"- Command: `python scripts/bench_ray.py --pairs {args.pairs} "
+        f"- Command: `python -m scripts.bench_ray --pairs {args.pairs} "
         f"--batch-size {args.batch_size}`",
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores; load average "
         f"{', '.join(f'{x:.2f}' for x in load_start)} at start, "
