@@ -29,7 +29,7 @@ import psutil
 
 from clip_runtime.settings import ClipSettings
 from clip_testkit.images import b64, jpeg_bytes
-from clip_testkit.latency import latency_percentiles_ms
+from clip_testkit.latency import LatencyPercentiles, latency_percentiles_ms
 from clip_testkit.loadgen import START_DELAY_S, RequestRecord, run_load
 from clip_testkit.routes import SINGLE
 from clip_testkit.server import ServerProcess, save_random_init_models
@@ -72,8 +72,14 @@ def is_failure(outcome: Outcome) -> bool:
     return outcome.status != 200 and not is_shed(outcome)
 
 
-def latency_summary(outcomes: list[Outcome]) -> dict[str, float | int | None]:
-    return {"count": len(outcomes), **latency_percentiles_ms(o.latency_s for o in outcomes)}
+class LatencySummary(LatencyPercentiles):
+    count: int
+
+
+def latency_summary(outcomes: list[Outcome]) -> LatencySummary:
+    return LatencySummary(
+        count=len(outcomes), **latency_percentiles_ms(o.latency_s for o in outcomes)
+    )
 
 
 async def open_loop(url: str, rate: float, seconds: float, traffic: Traffic) -> None:
@@ -240,7 +246,8 @@ def sigkill(server: ServerProcess, args: argparse.Namespace) -> bool:
 
 
 def rss_mb(server: ServerProcess) -> float:
-    processes = [psutil.Process(server.process.pid), *server.workers()]  # type: ignore[union-attr]
+    assert server.process is not None, "start() first"
+    processes = [psutil.Process(server.process.pid), *server.workers()]
     return sum(p.memory_info().rss for p in processes) / 2**20
 
 

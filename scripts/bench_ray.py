@@ -28,8 +28,12 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clip_testkit.images import jpeg_bytes
+
+if TYPE_CHECKING:  # imported at run time only after LOOPBACK_ONLY_ENV is set
+    from ray.cluster_utils import Cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,14 +82,14 @@ def save_model(home: Path) -> Path:
     return model_folder(home, store_name(MODEL))
 
 
-def start_cluster() -> object:
+def start_cluster() -> Cluster:
     """Two nodes of one CPU each on loopback, owned by this process."""
     os.environ.update(LOOPBACK_ONLY_ENV)  # before Ray is imported: it reads this at import
     from ray.cluster_utils import Cluster
 
-    node = {"node_ip_address": LOOPBACK, "num_cpus": 1}
-    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-    cluster.add_node(**node)
+    head = {"node_ip_address": LOOPBACK, "num_cpus": 1, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    cluster.add_node(node_ip_address=LOOPBACK, num_cpus=1)
     cluster.wait_for_nodes()
     return cluster
 
@@ -167,7 +171,7 @@ def main() -> None:
         pairs = make_pairs(folder / "data", args.pairs)
         model_dir = save_model(folder / "bentoml")
         cluster = start_cluster()
-        address = cluster.address  # type: ignore[attr-defined]
+        address = cluster.address
         ray = ["--engine", "ray", "--ray-address", address, "--ray-cpus-per-actor", "1"]
         runs = [
             Run("local", []),
@@ -183,7 +187,7 @@ def main() -> None:
                 run.matches_local = "-" if index == 0 else compare(output, folder / "run-0.parquet")
                 print(f"  {run.wall_s:.1f} s", flush=True)
         finally:
-            cluster.shutdown()  # type: ignore[attr-defined]
+            cluster.shutdown()
     load_end = os.getloadavg()
     report = table(runs)
     header = [

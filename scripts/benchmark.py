@@ -31,12 +31,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, get_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 
@@ -50,6 +50,7 @@ from clip_runtime.device import resolve_device
 from clip_runtime.images import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.model_entry import read_entry, store_name
+from clip_runtime.settings import Precision, RuntimeName
 from clip_runtime.tensor_decode import TensorPreprocessor
 from clip_testkit.images import encode, jpeg_bytes, photo_like
 from clip_testkit.latency import latency_percentiles_ms as percentiles
@@ -192,7 +193,7 @@ def measure_ceiling(model: ClipModel, config: Config, batch: int | None = None) 
 
 
 def measure_pipeline(
-    engine: ClipEngine, name: str, pairs: list[tuple[bytes, str | None]], label: str
+    engine: ClipEngine, name: str, pairs: Sequence[tuple[bytes, str | None]], label: str
 ) -> Row:
     """bytes -> scores (or image embeddings, without texts) in process, in calls of the model's
     batch size."""
@@ -514,13 +515,24 @@ def batching_and_cache(before: dict[str, float], after: dict[str, float]) -> dic
 # -- runtimes ----------------------------------------------------------------------------------
 
 
-def runtime_variants(requested: list[str]) -> list[tuple[str, str]]:
+def is_runtime(name: str) -> TypeGuard[RuntimeName]:
+    return name in get_args(RuntimeName)
+
+
+def is_precision(name: str) -> TypeGuard[Precision]:
+    return name in get_args(Precision)
+
+
+def runtime_variants(requested: list[str]) -> list[tuple[RuntimeName, Precision]]:
     """(runtime, precision) pairs from RUNTIME-PRECISION names; bf16 only where the CPU has it."""
     from clip_runtime.runtimes import cpu_has_native_bf16
 
-    variants = []
+    variants: list[tuple[RuntimeName, Precision]] = []
     for item in requested:
-        runtime, precision = item.split("-", 1)
+        runtime, _, precision = item.partition("-")
+        if not (is_runtime(runtime) and is_precision(precision)):
+            runtimes, precisions = ", ".join(get_args(RuntimeName)), ", ".join(get_args(Precision))
+            raise SystemExit(f"--runtimes {item}: RUNTIME ({runtimes})-PRECISION ({precisions})")
         if precision == "bf16" and not cpu_has_native_bf16():
             print(f"skipping {item}: this CPU has no native bf16", flush=True)
             continue
@@ -540,7 +552,7 @@ def measure_runtimes(
     folder: Path,
     home: Path,
     images: list[bytes],
-    pairs: list[tuple[bytes, str | None]],
+    pairs: Sequence[tuple[bytes, str | None]],
     config: Config,
     args: argparse.Namespace,
 ) -> tuple[list[Row], dict[str, Any]]:
@@ -604,7 +616,7 @@ def runtime_service_row(
     images: list[bytes],
     home: Path,
     cache: Path,
-    env: dict[str, str],
+    env: Mapping[str, str],
     config: Config,
     args: argparse.Namespace,
 ) -> Row:
@@ -844,16 +856,21 @@ def measure_in_process(
     the naive and the ceiling figures. Also the summary figures and where the weights came from.
     """
     rss_before = tree_rss(psutil.Process())
-    base = {"models": [name], "default_model": name}
-    engine = ClipEngine(ClipSettings(**base, gpu_decode="off"), {name: folder})
+
+    def engine_with(**options: Any) -> ClipEngine:
+        return ClipEngine(
+            ClipSettings(models=[name], default_model=name, **options), {name: folder}
+        )
+
+    engine = engine_with(gpu_decode="off")
     engine.warm_up()
     model = engine.models[name]
     base_rss = mb(tree_rss(psutil.Process()) - rss_before)
     weights = model.info.weights_source
     ceiling = measure_ceiling(model, config)
     scan = [measure_ceiling(model, config, size) for size in args.batch_scan]
-    tensor_engine = ClipEngine(ClipSettings(**base, gpu_decode="on"), {name: folder})
-    batch16 = ClipEngine(ClipSettings(**base, max_batch_size=16, gpu_decode="auto"), {name: folder})
+    tensor_engine = engine_with(gpu_decode="on")
+    batch16 = engine_with(max_batch_size=16, gpu_decode="auto")
     decode_images = images * max(1, config.pipeline_pairs // len(images))
     measured = [
         ceiling,
