@@ -128,7 +128,7 @@ bench-quick: install-dev
 # BENCH_RAY_ARGS e.g. "--pairs 64 --markdown ''".
 BENCH_RAY_ARGS ?=
 bench-ray: install-dev
-	HF_HUB_OFFLINE=1 $(PY) scripts/bench_ray.py $(BENCH_RAY_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m scripts.bench_ray $(BENCH_RAY_ARGS)
 
 # On a fresh CUDA machine with torch (no venv): installs bentoml/open_clip from .whl/ when missing,
 # benchmarks random-init ViT-B-32 and ViT-L-14, writes $(BENCH_OUT)/benchmark.{md,json}.

@@ -19,6 +19,7 @@ from clip_eval.datasets import (
     FORMATS,
     INPUT_FORMATS,
     DatasetSpec,
+    TableFormat,
     detect_format,
     detect_input_format,
 )
@@ -51,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_general_arguments(parser)
+    _add_input_output_arguments(parser)
+    _add_local_engine_arguments(parser)
+    _add_remote_engine_arguments(parser)
+    _add_ray_engine_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    return parser
+
+
+def _add_general_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="CSV, JSONL or Parquet table of pairs")
     parser.add_argument("-o", "--output", type=Path, help="where the scored rows go")
     parser.add_argument("--engine", choices=("local", "remote", "ray"), default="local")
@@ -64,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="pairs per batch")
 
+
+def _add_input_output_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("input and output")
     data.add_argument("--image-column", default="image", help="path, URL or base64 (image)")
     data.add_argument("--caption-column", default="caption", help="(caption)")
@@ -108,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--plot", type=Path, metavar="FILE.png", help="histogram of the scores")
     data.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+
+def _add_local_engine_arguments(parser: argparse.ArgumentParser) -> None:
     local = parser.add_argument_group("--engine local (and ray)")
     local.add_argument(
         "--model-dir", type=Path, help="a saved model entry folder instead of the BentoML store"
@@ -125,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--io-workers", type=_positive_int, default=16, help="threads reading images (16)"
     )
 
+
+def _add_remote_engine_arguments(parser: argparse.ArgumentParser) -> None:
     remote = parser.add_argument_group("--engine remote and --compare-modes")
     remote.add_argument("--url", help="the service, e.g. http://localhost:3000")
     remote.add_argument(
@@ -155,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare-pairs", type=_positive_int, default=64, help="pairs to compare with (64)"
     )
 
+
+def _add_ray_engine_arguments(parser: argparse.ArgumentParser) -> None:
     ray = parser.add_argument_group("--engine ray")
     ray.add_argument("--ray-address", help="an existing cluster (default: start a local Ray)")
     ray.add_argument(
@@ -169,9 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPUs each actor holds; its torch and decode threads (1)",
     )
     ray.add_argument("--ray-gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs")
-
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    return parser
 
 
 def _positive_int(text: str) -> int:
@@ -200,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         format="clip-eval: %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return run(args)
+        return score_or_compare(args)
     except ClipEvalError as error:
         print(f"clip-eval: error: {error}", file=sys.stderr)
         return error.exit_code
@@ -212,11 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def run(args: argparse.Namespace) -> int:
-    from clip_runtime.fetch import host_is_allow_listed
-    from clip_runtime.settings import ClipSettings
-
+def score_or_compare(args: argparse.Namespace) -> int:
+    """Scores the input table into --output, or with --compare-modes times the two endpoints."""
     models: tuple[str, ...] = tuple(dict.fromkeys(args.models or ["ViT-B-32"]))
+    dataset = _dataset_from_args(args)
+    loader = _loader_from_args(args)
+    if args.compare_modes:
+        return _compare_modes(args, dataset, loader, models[0])
+    return _score_table(args, dataset, loader, models)
+
+
+def _dataset_from_args(args: argparse.Namespace) -> DatasetSpec:
     dataset = DatasetSpec(
         path=args.input,
         format=detect_input_format(args.input, args.input_format),
@@ -227,6 +249,13 @@ def run(args: argparse.Namespace) -> int:
         text_column_2=args.text_column_2,
     )
     dataset.validate()
+    return dataset
+
+
+def _loader_from_args(args: argparse.Namespace) -> LoaderConfig:
+    from clip_runtime.fetch import host_is_allow_listed
+    from clip_runtime.settings import ClipSettings
+
     settings = ClipSettings()  # the service's CLIP_MAX_IMAGE_BYTES and URL policy apply here too
     loader = LoaderConfig(
         image_root=(args.image_root or args.input.parent).resolve(),
@@ -240,59 +269,47 @@ def run(args: argparse.Namespace) -> int:
         host_is_allow_listed("", 0, loader.url_allowed_hosts)
     except ValueError as error:
         raise UsageError(f"--url-allowed-host: {error}") from error
+    return loader
 
-    if args.compare_modes:
-        from clip_eval.compare import compare_modes
 
-        comparison = compare_modes(
-            args.url,
-            dataset,
-            loader,
-            model=models[0],
-            pairs=args.compare_pairs,
-            batch_size=args.batch_size,
-            concurrency=args.concurrency,
-            timeout_s=args.timeout,
-            ready_timeout_s=args.ready_timeout,
-            api_key=args.api_key,
-        )
-        print(comparison.format())
-        return 0
+def _compare_modes(
+    args: argparse.Namespace, dataset: DatasetSpec, loader: LoaderConfig, model: str
+) -> int:
+    from clip_eval.compare import compare_modes
 
+    comparison = compare_modes(
+        args.url,
+        dataset,
+        loader,
+        model=model,
+        pairs=args.compare_pairs,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        timeout_s=args.timeout,
+        ready_timeout_s=args.ready_timeout,
+        api_key=args.api_key,
+    )
+    print(comparison.format())
+    return 0
+
+
+def _score_table(
+    args: argparse.Namespace,
+    dataset: DatasetSpec,
+    loader: LoaderConfig,
+    models: tuple[str, ...],
+) -> int:
     output_format = detect_format(args.output, args.output_format)
     if args.output.resolve() == args.input.resolve():
         raise UsageError("--output must not be the input file")
     if args.plot is not None and not args.plot.resolve().parent.is_dir():
         raise UsageError(f"--plot: folder does not exist: {args.plot.parent}")  # before scoring
-    embeddings = None
-    if args.embeddings_out is not None:
-        if args.embeddings_out.resolve() in (args.output.resolve(), args.input.resolve()):
-            raise UsageError("--embeddings-out must be another file than the input and output")
-        embeddings = EmbeddingsFile(
-            args.embeddings_out, embeddings_format(args.embeddings_out, len(models))
-        )
+    embeddings = _embeddings_file(args, len(models))
     engine = build_engine(args, models, loader)  # before the output: fail fast on a bad model
-    fingerprint = {
-        "input": str(args.input.resolve()),
-        "input_bytes": args.input.stat().st_size,
-        "input_format": dataset.format,
-        "image_column": dataset.image_column,
-        "caption_column": dataset.caption_column,
-        "models": list(models),
-        "output_format": output_format,
-    }
-    optional = {
-        "reference_column": dataset.reference_column,
-        "image_column_2": dataset.image_column_2,
-        "text_column_2": dataset.text_column_2,
-        "embeddings_out": None if embeddings is None else str(embeddings.path.resolve()),
-    }
-    # Only what was asked for: a run started before these flags existed still resumes.
-    fingerprint.update((key, value) for key, value in optional.items() if value is not None)
     output = OutputFile.open(
         args.output,
         output_format,
-        fingerprint,
+        _run_fingerprint(args, dataset, models, output_format, embeddings),
         resume=args.resume,
         overwrite=args.overwrite,
         embeddings=embeddings,
@@ -313,12 +330,52 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-
     print(
         f"{args.output}: {report.rows_total} rows x {len(models)} model(s); "
         f"{report.rows_scored} scored now in {report.seconds:.1f} s"
         + (f", {report.rows_before} kept from before" if report.rows_before else "")
     )
+    _print_summary(args, output_format, engine)
+    return 0
+
+
+def _embeddings_file(args: argparse.Namespace, model_count: int) -> EmbeddingsFile | None:
+    if args.embeddings_out is None:
+        return None
+    if args.embeddings_out.resolve() in (args.output.resolve(), args.input.resolve()):
+        raise UsageError("--embeddings-out must be another file than the input and output")
+    return EmbeddingsFile(args.embeddings_out, embeddings_format(args.embeddings_out, model_count))
+
+
+def _run_fingerprint(
+    args: argparse.Namespace,
+    dataset: DatasetSpec,
+    models: tuple[str, ...],
+    output_format: TableFormat,
+    embeddings: EmbeddingsFile | None,
+) -> dict[str, object]:
+    """What an output was scored from: --resume refuses to continue one made from other input."""
+    fingerprint: dict[str, object] = {
+        "input": str(args.input.resolve()),
+        "input_bytes": args.input.stat().st_size,
+        "input_format": dataset.format,
+        "image_column": dataset.image_column,
+        "caption_column": dataset.caption_column,
+        "models": list(models),
+        "output_format": output_format,
+    }
+    optional = {
+        "reference_column": dataset.reference_column,
+        "image_column_2": dataset.image_column_2,
+        "text_column_2": dataset.text_column_2,
+        "embeddings_out": None if embeddings is None else str(embeddings.path.resolve()),
+    }
+    # Only what was asked for: a run started before these flags existed still resumes.
+    fingerprint.update((key, value) for key, value in optional.items() if value is not None)
+    return fingerprint
+
+
+def _print_summary(args: argparse.Namespace, output_format: TableFormat, engine: Engine) -> None:
     results = read_results(args.output, output_format)
     print(format_summary(summarize(results)))
     untrained = engine.untrained_models()
@@ -329,7 +386,6 @@ def run(args: argparse.Namespace) -> int:
         title = f"CLIP scores: {args.input.name}"
         plot_histogram(results, args.plot, title=title, untrained=untrained)
         print(f"histogram: {args.plot}")
-    return 0
 
 
 def build_engine(args: argparse.Namespace, models: tuple[str, ...], loader: LoaderConfig) -> Engine:

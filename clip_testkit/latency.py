@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from typing import TypedDict
 
 # The latency percentiles every report shows, as fractions.
 REPORTED = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
@@ -24,12 +25,22 @@ def percentile(values: Iterable[float] | Mapping[float, int], fraction: float) -
     return ordered[-1] if ordered else None
 
 
-def latency_percentiles_ms(
-    latencies_s: Iterable[float], failed: int = 0
-) -> dict[str, float | None]:
+class LatencyPercentiles(TypedDict):
+    """The reported percentiles in milliseconds; None when there was no latency."""
+
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+
+
+def latency_percentiles_ms(latencies_s: Iterable[float], failed: int = 0) -> LatencyPercentiles:
     """``p50_ms``, ``p95_ms``, ``p99_ms`` of latencies in seconds; each of ``failed`` requests
     counts as an unbounded latency (inf), so failing requests never make the figures better."""
     counts = Counter(round(s * 1e3, 1) for s in latencies_s)
     if failed:
         counts[float("inf")] += failed
-    return {f"{name}_ms": percentile(counts, fraction) for name, fraction in REPORTED.items()}
+    return LatencyPercentiles(
+        p50_ms=percentile(counts, REPORTED["p50"]),
+        p95_ms=percentile(counts, REPORTED["p95"]),
+        p99_ms=percentile(counts, REPORTED["p99"]),
+    )

@@ -28,7 +28,7 @@ import httpx
 import psutil
 
 from clip_runtime.settings import ClipSettings
-from clip_testkit.latency import latency_percentiles_ms
+from clip_testkit.latency import LatencyPercentiles, latency_percentiles_ms
 from clip_testkit.loadgen import START_DELAY_S, RequestRecord, run_load
 from clip_testkit.routes import SINGLE
 from clip_testkit.sample_images import b64, jpeg_bytes
@@ -70,8 +70,14 @@ def is_failure(record: RequestRecord) -> bool:
     return record.status != 200 and not is_shed(record)
 
 
-def latency_summary(records: list[RequestRecord]) -> dict[str, float | int | None]:
-    return {"count": len(records), **latency_percentiles_ms(r.latency_s for r in records)}
+class LatencySummary(LatencyPercentiles):
+    count: int
+
+
+def latency_summary(records: list[RequestRecord]) -> LatencySummary:
+    return LatencySummary(
+        count=len(records), **latency_percentiles_ms(r.latency_s for r in records)
+    )
 
 
 async def open_loop(url: str, rate: float, seconds: float, traffic: Traffic) -> None:
@@ -238,7 +244,8 @@ def sigkill(server: ServerProcess, args: argparse.Namespace) -> bool:
 
 
 def rss_mb(server: ServerProcess) -> float:
-    processes = [psutil.Process(server.process.pid), *server.workers()]  # type: ignore[union-attr]
+    assert server.process is not None, "start() first"
+    processes = [psutil.Process(server.process.pid), *server.workers()]
     return sum(p.memory_info().rss for p in processes) / 2**20
 
 

@@ -173,7 +173,7 @@ class BadInputUser(ClipUser):
     def malformed_json(self) -> None:
         with self.client.post(
             SINGLE,
-            data=b"{not json",
+            data="{not json",  # ASCII: sent as these bytes
             headers={"content-type": "application/json"},
             name="bad-json",
             catch_response=True,

@@ -24,9 +24,13 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from clip_testkit.latency import REPORTED, percentile
+
+if TYPE_CHECKING:
+    from clip_testkit.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -72,7 +76,7 @@ def bentoml_home() -> Path:
     return ROOT / ".bentoml-home"
 
 
-def start_service(models: str, log_dir: Path, port: int | None = None) -> object:
+def start_service(models: str, log_dir: Path, port: int | None = None) -> ServerProcess:
     from clip_runtime.model_entry import store_name
     from clip_testkit.server import ServerProcess, save_random_init_models
 
@@ -116,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if url is None:
         log_dir = Path(tempfile.mkdtemp(prefix="load-test-"))
         server = start_service(args.models, log_dir, args.port)
-        url = server.url  # type: ignore[attr-defined]
+        url = server.url
     check_target(url, args.allow_remote)
     prefix = args.reports / args.name
     command = [
@@ -153,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         subprocess.run(command, cwd=ROOT, env=env, check=False)
     finally:
         if server is not None:
-            server.stop()  # type: ignore[attr-defined]
+            server.stop()
     total, failures = summarize(Path(f"{prefix}.json"))
     print(f"{total} requests, {failures} failures in {time.monotonic() - started:.0f} s")
     print(f"report: {prefix}.html  stats: {prefix}.json")

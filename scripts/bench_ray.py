@@ -3,8 +3,8 @@
 Ray engine with 1 and 2 actors on a two-node Ray cluster started here (one CPU per node, both on
 127.0.0.1), on the same pairs of photo-like 640x480 JPEGs, random-init ViT-B-32.
 
-    python scripts/bench_ray.py                      # what `make bench-ray` runs
-    python scripts/bench_ray.py --pairs 64 --markdown ''   # a quick look, nothing appended
+    python -m scripts.bench_ray                      # what `make bench-ray` runs
+    python -m scripts.bench_ray --pairs 64 --markdown ''   # a quick look, nothing appended
 
 Each engine runs as the user runs it: a ``clip-eval`` process of its own, timed from start to
 exit (imports, connecting to Ray, model loading included), and its own ``scored now in`` figure
@@ -28,11 +28,14 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clip_testkit.sample_images import jpeg_bytes
+
+if TYPE_CHECKING:  # imported at run time only after LOOPBACK_ONLY_ENV is set
+    from ray.cluster_utils import Cluster
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from clip_testkit.sample_images import jpeg_bytes  # noqa: E402
 
 CAPTIONS = [f"a photo of a {thing}" for thing in ("cat", "dog", "bridge", "car", "tree", "cake")]
 CAPTIONS += ["two people on a beach at sunset", "a diagram of a neural network"]
@@ -79,14 +82,14 @@ def save_model(home: Path) -> Path:
     return model_folder(home, store_name(MODEL))
 
 
-def start_cluster() -> object:
+def start_cluster() -> Cluster:
     """Two nodes of one CPU each on loopback, owned by this process."""
     os.environ.update(LOOPBACK_ONLY_ENV)  # before Ray is imported: it reads this at import
     from ray.cluster_utils import Cluster
 
-    node = {"node_ip_address": LOOPBACK, "num_cpus": 1}
-    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-    cluster.add_node(**node)
+    head = {"node_ip_address": LOOPBACK, "num_cpus": 1, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    cluster.add_node(node_ip_address=LOOPBACK, num_cpus=1)
     cluster.wait_for_nodes()
     return cluster
 
@@ -168,7 +171,7 @@ def main() -> None:
         pairs = make_pairs(folder / "data", args.pairs)
         model_dir = save_model(folder / "bentoml")
         cluster = start_cluster()
-        address = cluster.address  # type: ignore[attr-defined]
+        address = cluster.address
         ray = ["--engine", "ray", "--ray-address", address, "--ray-cpus-per-actor", "1"]
         runs = [
             Run("local", []),
@@ -184,13 +187,13 @@ def main() -> None:
                 run.matches_local = "-" if index == 0 else compare(output, folder / "run-0.parquet")
                 print(f"  {run.wall_s:.1f} s", flush=True)
         finally:
-            cluster.shutdown()  # type: ignore[attr-defined]
+            cluster.shutdown()
     load_end = os.getloadavg()
     report = table(runs)
     header = [
         f"## {started:%Y-%m-%d %H:%M} UTC — Ray engine (`scripts/bench_ray.py`)",
         "",
-        f"- Command: `python scripts/bench_ray.py --pairs {args.pairs} "
+        f"- Command: `python -m scripts.bench_ray --pairs {args.pairs} "
         f"--batch-size {args.batch_size}`",
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores; load average "
         f"{', '.join(f'{x:.2f}' for x in load_start)} at start, "

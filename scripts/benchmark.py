@@ -31,12 +31,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, get_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 
@@ -50,6 +50,7 @@ from clip_runtime.device import resolve_device
 from clip_runtime.image_inputs import ImageLimits
 from clip_runtime.model import ClipModel
 from clip_runtime.model_entry import read_entry, store_name
+from clip_runtime.settings import Precision, RuntimeName
 from clip_runtime.tensor_decode import TensorPreprocessor
 from clip_testkit.latency import latency_percentiles_ms as percentiles
 from clip_testkit.loadgen import UNIQUE_MARKER, LoadResult, run_load
@@ -192,7 +193,7 @@ def measure_ceiling(model: ClipModel, config: Config, batch: int | None = None) 
 
 
 def measure_pipeline(
-    engine: ClipEngine, name: str, pairs: list[tuple[bytes, str | None]], label: str
+    engine: ClipEngine, name: str, pairs: Sequence[tuple[bytes, str | None]], label: str
 ) -> Row:
     """bytes -> scores (or image embeddings, without texts) in process, in calls of the model's
     batch size."""
@@ -405,6 +406,45 @@ def load_row(
     )
 
 
+@dataclass
+class LoadRunner:
+    """Runs load shapes against the service for one model, from ``generators`` processes of its
+    own, and keeps each row (printed as it comes)."""
+
+    name: str
+    server_pid: int | None
+    generators: int
+    rows: list[Row] = field(default_factory=list)
+
+    def measure(
+        self,
+        label: str,
+        url: str,
+        bodies: list[bytes],
+        per: int,
+        mode: str,
+        level: float,
+        secs: float,
+    ) -> Row:
+        sampler = PeakSampler(self.server_pid) if self.server_pid else None
+        with sampler or nullcontext():
+            load = run_load(
+                url,
+                bodies,
+                mode=mode,
+                seconds=secs,
+                processes=self.generators,
+                rate=level if mode == "open" else 0.0,
+                clients=int(level) if mode == "closed" else 0,
+            )
+        shape = f"open {level:g}/s" if mode == "open" else f"closed {int(level)}"
+        rss = mb(sampler.peak) if sampler else None
+        row = load_row(self.name, label, load, per, shape, rss)
+        self.rows.append(row)
+        print(json.dumps(asdict(row)), flush=True)
+        return row
+
+
 def measure_service(
     base_url: str,
     name: str,
@@ -420,31 +460,8 @@ def measure_service(
     single = base_url + "/evaluator/v1/evaluation/single"
     batch = base_url + "/evaluator/v1/evaluation/batch"
     repeated = single_bodies(name, inputs.standard)
-    rows: list[Row] = []
-
-    def measure(
-        label: str, url: str, bodies: list[bytes], per: int, mode: str, level: float, secs: float
-    ) -> Row:
-        sampler = PeakSampler(server_pid) if server_pid else None
-        if sampler:
-            sampler.__enter__()
-        load = run_load(
-            url,
-            bodies,
-            mode=mode,
-            seconds=secs,
-            processes=generators,
-            rate=level if mode == "open" else 0.0,
-            clients=int(level) if mode == "closed" else 0,
-        )
-        if sampler:
-            sampler.__exit__()
-        shape = f"open {level:g}/s" if mode == "open" else f"closed {int(level)}"
-        row = load_row(name, label, load, per, shape, mb(sampler.peak) if sampler else None)
-        rows.append(row)
-        print(json.dumps(asdict(row)), flush=True)
-        return row
-
+    runner = LoadRunner(name, server_pid, generators)
+    measure = runner.measure
     before = scrape(base_url, name)
     # Warm-up: first requests pay for connection set-up and lazy paths; its failures are shown.
     warm = measure("warm-up (not a measurement)", single, repeated, 1, "closed", 4, 2.0)
@@ -474,31 +491,48 @@ def measure_service(
     idle_after = measure(
         "single, idle after the load", single, repeated, 1, "open", config.idle_rate, config.seconds
     )
-    after = scrape(base_url, name)
-    delta = {key: after[key] - before.get(key, 0.0) for key in after}
     counters: dict[str, Any] = {
         "warm-up failures": warm.errors,
         "idle p50 ms before / after load": f"{idle.p50_ms} / {idle_after.p50_ms}",
         "single 16 clients pairs/s": c16.pairs_s,
     }
+    counters.update(batching_and_cache(before, scrape(base_url, name)))
+    return runner.rows, counters
+
+
+def batching_and_cache(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The mean model batch and the text cache's hit rate between two scrapes."""
+    delta = {key: after[key] - before.get(key, 0.0) for key in after}
+    figures: dict[str, float] = {}
     if delta.get("batches"):
-        counters["mean pairs per model batch"] = round(delta["batch_items"] / delta["batches"], 1)
+        figures["mean pairs per model batch"] = round(delta["batch_items"] / delta["batches"], 1)
     lookups = delta.get("cache_hit", 0.0) + delta.get("cache_miss", 0.0)
     if lookups:
-        counters["text cache hit rate"] = round(delta.get("cache_hit", 0.0) / lookups, 3)
-    return rows, counters
+        figures["text cache hit rate"] = round(delta.get("cache_hit", 0.0) / lookups, 3)
+    return figures
 
 
 # -- runtimes ----------------------------------------------------------------------------------
 
 
-def runtime_variants(requested: list[str]) -> list[tuple[str, str]]:
+def is_runtime(name: str) -> TypeGuard[RuntimeName]:
+    return name in get_args(RuntimeName)
+
+
+def is_precision(name: str) -> TypeGuard[Precision]:
+    return name in get_args(Precision)
+
+
+def runtime_variants(requested: list[str]) -> list[tuple[RuntimeName, Precision]]:
     """(runtime, precision) pairs from RUNTIME-PRECISION names; bf16 only where the CPU has it."""
     from clip_runtime.runtimes import cpu_has_native_bf16
 
-    variants = []
+    variants: list[tuple[RuntimeName, Precision]] = []
     for item in requested:
-        runtime, precision = item.split("-", 1)
+        runtime, _, precision = item.partition("-")
+        if not (is_runtime(runtime) and is_precision(precision)):
+            runtimes, precisions = ", ".join(get_args(RuntimeName)), ", ".join(get_args(Precision))
+            raise SystemExit(f"--runtimes {item}: RUNTIME ({runtimes})-PRECISION ({precisions})")
         if precision == "bf16" and not cpu_has_native_bf16():
             print(f"skipping {item}: this CPU has no native bf16", flush=True)
             continue
@@ -518,7 +552,7 @@ def measure_runtimes(
     folder: Path,
     home: Path,
     images: list[bytes],
-    pairs: list[tuple[bytes, str | None]],
+    pairs: Sequence[tuple[bytes, str | None]],
     config: Config,
     args: argparse.Namespace,
 ) -> tuple[list[Row], dict[str, Any]]:
@@ -582,7 +616,7 @@ def runtime_service_row(
     images: list[bytes],
     home: Path,
     cache: Path,
-    env: dict[str, str],
+    env: Mapping[str, str],
     config: Config,
     args: argparse.Namespace,
 ) -> Row:
@@ -778,8 +812,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def benchmark_config(args: argparse.Namespace) -> Config:
+    """The counts and durations of a run: --quick's small ones or the full ones, and overrides."""
     config = (
         Config(True, 16, 2, 32, 8, 10.0, 15.0)
         if args.quick
@@ -791,19 +825,168 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config.batch_sizes = tuple(args.batch_sizes or ((32,) if args.quick else (32, 256)))
     if args.quick:
         config.idle_rate = 1.0
+    return config
 
+
+def model_store(args: argparse.Namespace) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
+    """--bentoml-home, else $BENTOML_HOME, else a temporary store of random-init models (the
+    second item, for the caller to clean up)."""
+    if args.bentoml_home is not None:
+        return args.bentoml_home, None
+    if os.environ.get("BENTOML_HOME"):
+        return Path(os.environ["BENTOML_HOME"]), None
+    temporary = tempfile.TemporaryDirectory(prefix="clip-bench-")
+    home = Path(temporary.name)
+    print(f"saving random-init {args.models} into {home}", flush=True)
+    save_random_init_models(home, args.models)
+    return home, temporary
+
+
+def measure_in_process(
+    name: str,
+    folder: Path,
+    images: list[bytes],
+    pairs: list[tuple[bytes, str]],
+    config: Config,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> tuple[list[Row], dict[str, Any], str]:
+    """One model in this process: the encoder ceiling (and --batch-scan), decode alone, the
+    pipeline through each decode path and at batch 16, and the naive loop; each row set against
+    the naive and the ceiling figures. Also the summary figures and where the weights came from.
+    """
+    rss_before = tree_rss(psutil.Process())
+
+    def engine_with(**options: Any) -> ClipEngine:
+        return ClipEngine(
+            ClipSettings(models=[name], default_model=name, **options), {name: folder}
+        )
+
+    engine = engine_with(gpu_decode="off")
+    engine.warm_up()
+    model = engine.models[name]
+    base_rss = mb(tree_rss(psutil.Process()) - rss_before)
+    weights = model.info.weights
+    ceiling = measure_ceiling(model, config)
+    scan = [measure_ceiling(model, config, size) for size in args.batch_scan]
+    tensor_engine = engine_with(gpu_decode="on")
+    batch16 = engine_with(max_batch_size=16, gpu_decode="auto")
+    decode_images = images * max(1, config.pipeline_pairs // len(images))
+    measured = [
+        ceiling,
+        *scan,
+        measure_decode(engine, name, decode_images, "decode alone: Pillow, thread pool"),
+        measure_decode(tensor_engine, name, decode_images, "decode alone: tensor path"),
+        measure_pipeline(
+            engine,
+            name,
+            [(data, None) for data, _ in pairs],
+            "in-process bytes -> image embedding, Pillow decode",
+        ),
+        measure_pipeline(engine, name, pairs, "in-process bytes -> score, Pillow decode"),
+        measure_pipeline(
+            tensor_engine, name, pairs, "in-process bytes -> score, tensor decode path"
+        ),
+        measure_pipeline(batch16, name, pairs, "in-process bytes -> score, batch 16"),
+    ]
+    for row in measured:
+        print(json.dumps(asdict(row)), flush=True)
+    agree = agreement(model, images[:8])
+    model_dtype = model.info.dtype
+    del tensor_engine, engine, model, batch16
+    naive = measure_naive(folder, name, pairs[: config.naive_pairs], device)
+    print(json.dumps(asdict(naive)), flush=True)
+    measured.append(naive)
+    for row in measured:
+        row.vs_naive = round(row.pairs_s / naive.pairs_s, 2)
+        row.vs_ceiling = round(row.pairs_s / ceiling.pairs_s, 3)
+    summary = {
+        "in-process model RSS increment MB": base_rss,
+        "tensor-vs-PIL max |d uint8|": agree["max_abs_uint8_levels"],
+        f"tensor-vs-PIL max |d cosine| in {model_dtype} (bound: fp16 3e-3, fp32 1e-4)": (
+            f"{agree['max_abs_cosine']:.2e}"
+        ),
+    }
+    return measured, summary, weights
+
+
+def start_service(args: argparse.Namespace, home: Path, http_workers: int) -> ServerProcess:
+    log = Path(tempfile.mkdtemp(prefix="clip-bench-log-")) / "serve.log"
+    env = {
+        "CLIP_MODELS": ",".join(args.models),
+        "CLIP_HTTP_WORKERS": str(http_workers),  # a front end on every core
+        **dict(item.split("=", 1) for item in args.server_env),
+    }
+    server = ServerProcess(home, log, env)
+    print(f"starting bentoml serve (log {log})", flush=True)
+    server.start()
+    return server
+
+
+def measure_services(
+    args: argparse.Namespace,
+    home: Path,
+    http_workers: int,
+    images: list[bytes],
+    config: Config,
+    rows: list[Row],
+    summary: dict[str, dict[str, Any]],
+) -> list[Row]:
+    """Every model over HTTP, on --url or a service started here; the new rows, and each
+    model's service figures added to ``summary`` (set against its in-process rows)."""
+    server = start_service(args, home, http_workers) if args.url is None else None
+    base_url = args.url if server is None else server.url
+    server_pid = None
+    if server is not None:
+        assert server.process is not None
+        server_pid = server.process.pid
+    inputs = service_inputs(images)
+    new_rows: list[Row] = []
+    try:
+        idle_rss = mb(tree_rss(psutil.Process(server_pid))) if server_pid else None
+        for name in args.models:
+            service_rows, counters = measure_service(
+                base_url, name, inputs, config, server_pid, args.generators
+            )
+            new_rows += service_rows
+            summary[name].update(counters)
+            pipeline16 = next(r for r in rows if r.model == name and "batch 16" in r.name)
+            c16 = counters["single 16 clients pairs/s"]
+            summary[name]["service at 16 clients / in-process batch 16 (target >= 1)"] = (
+                round(c16 / pipeline16.pairs_s, 2) if pipeline16.pairs_s else None
+            )
+            peak = max((r.peak_rss_mb or 0.0) for r in service_rows)
+            if idle_rss is not None:
+                summary[name]["server tree idle RSS MB"] = idle_rss
+                summary[name]["server tree peak RSS MB"] = peak
+    finally:
+        if server is not None:
+            server.stop()
+    return new_rows
+
+
+def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """The JSON to --json, the markdown table appended to --markdown (when given) and printed."""
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        if not args.markdown.exists():
+            args.markdown.write_text(
+                "# Benchmarks\n\nAppended by `scripts/benchmark.py` (`make bench`); newest last."
+                "\n\n"
+            )
+        with args.markdown.open("a") as out:
+            out.write(markdown(result))
+    print(markdown(result))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    config = benchmark_config(args)
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    home_env = args.bentoml_home or (
-        Path(os.environ["BENTOML_HOME"]) if os.environ.get("BENTOML_HOME") else None
-    )
-    temporary = None
-    if home_env is None:
-        temporary = tempfile.TemporaryDirectory(prefix="clip-bench-")
-        home_env = Path(temporary.name)
-        print(f"saving random-init {args.models} into {home_env}", flush=True)
-        save_random_init_models(home_env, args.models)
-    folders = {name: model_folder(home_env, store_name(name)) for name in args.models}
-
+    home, temporary = model_store(args)
+    folders = {name: model_folder(home, store_name(name)) for name in args.models}
     settings = ClipSettings(models=args.models)
     device = resolve_device(settings.device)
     info = machine(device)
@@ -811,7 +994,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pairs = [
         (images[i % len(images)], PROMPTS[i % len(PROMPTS)]) for i in range(config.pipeline_pairs)
     ]
-    naive_pairs = pairs[: config.naive_pairs]
     rows: list[Row] = []
     summary: dict[str, dict[str, Any]] = {}
     weights: set[str] = set()
@@ -819,102 +1001,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.runtimes and not args.url:
         for name in args.models:
             runtime_rows, summary[name] = measure_runtimes(
-                name, folders[name], home_env, images, pairs, config, args
+                name, folders[name], home, images, pairs, config, args
             )
             rows += runtime_rows
             weights.add(read_entry(folders[name]).weights)
     for name in args.models if not args.runtimes_only else []:
-        rss_before = tree_rss(psutil.Process())
-        base = {"models": [name], "default_model": name}
-        engine = ClipEngine(ClipSettings(**base, gpu_decode="off"), {name: folders[name]})
-        engine.warm_up()
-        model = engine.models[name]
-        base_rss = mb(tree_rss(psutil.Process()) - rss_before)
-        weights.add(model.info.weights)
-        ceiling = measure_ceiling(model, config)
-        scan = [measure_ceiling(model, config, size) for size in args.batch_scan]
-        tensor_engine = ClipEngine(ClipSettings(**base, gpu_decode="on"), {name: folders[name]})
-        batch16 = ClipEngine(
-            ClipSettings(**base, max_batch_size=16, gpu_decode="auto"), {name: folders[name]}
+        model_rows, model_summary, model_weights = measure_in_process(
+            name, folders[name], images, pairs, config, args, device
         )
-        decode_images = images * max(1, config.pipeline_pairs // len(images))
-        measured = [
-            ceiling,
-            *scan,
-            measure_decode(engine, name, decode_images, "decode alone: Pillow, thread pool"),
-            measure_decode(tensor_engine, name, decode_images, "decode alone: tensor path"),
-            measure_pipeline(
-                engine,
-                name,
-                [(data, None) for data, _ in pairs],
-                "in-process bytes -> image embedding, Pillow decode",
-            ),
-            measure_pipeline(engine, name, pairs, "in-process bytes -> score, Pillow decode"),
-            measure_pipeline(
-                tensor_engine, name, pairs, "in-process bytes -> score, tensor decode path"
-            ),
-            measure_pipeline(batch16, name, pairs, "in-process bytes -> score, batch 16"),
-        ]
-        for row in measured:
-            print(json.dumps(asdict(row)), flush=True)
-        agree = agreement(model, images[:8])
-        model_dtype = model.info.dtype
-        del tensor_engine, engine, model, batch16
-        naive = measure_naive(folders[name], name, naive_pairs, device)
-        print(json.dumps(asdict(naive)), flush=True)
-        measured.append(naive)
-        for row in measured:
-            row.vs_naive = round(row.pairs_s / naive.pairs_s, 2)
-            row.vs_ceiling = round(row.pairs_s / ceiling.pairs_s, 3)
-        rows += measured
-        summary.setdefault(name, {}).update(
-            {
-                "in-process model RSS increment MB": base_rss,
-                "tensor-vs-PIL max |d uint8|": agree["max_abs_uint8_levels"],
-                f"tensor-vs-PIL max |d cosine| in {model_dtype} (bound: fp16 3e-3, fp32 1e-4)": (
-                    f"{agree['max_abs_cosine']:.2e}"
-                ),
-            }
-        )
-
+        rows += model_rows
+        summary.setdefault(name, {}).update(model_summary)
+        weights.add(model_weights)
     if not args.no_service and not args.runtimes_only:
-        server = None
-        base_url = args.url
-        server_pid = None
-        if base_url is None:
-            log = Path(tempfile.mkdtemp(prefix="clip-bench-log-")) / "serve.log"
-            env = {
-                "CLIP_MODELS": ",".join(args.models),
-                "CLIP_HTTP_WORKERS": str(settings.http_workers),  # a front end on every core
-                **dict(item.split("=", 1) for item in args.server_env),
-            }
-            server = ServerProcess(home_env, log, env)
-            print(f"starting bentoml serve (log {log})", flush=True)
-            server.start()
-            base_url = server.url
-            assert server.process is not None
-            server_pid = server.process.pid
-        inputs = service_inputs(images)
-        try:
-            idle_rss = mb(tree_rss(psutil.Process(server_pid))) if server_pid else None
-            for name in args.models:
-                service_rows, counters = measure_service(
-                    base_url, name, inputs, config, server_pid, args.generators
-                )
-                rows += service_rows
-                summary[name].update(counters)
-                pipeline16 = next(r for r in rows if r.model == name and "batch 16" in r.name)
-                c16 = counters["single 16 clients pairs/s"]
-                summary[name]["service at 16 clients / in-process batch 16 (target >= 1)"] = (
-                    round(c16 / pipeline16.pairs_s, 2) if pipeline16.pairs_s else None
-                )
-                peak = max((r.peak_rss_mb or 0.0) for r in service_rows)
-                if idle_rss is not None:
-                    summary[name]["server tree idle RSS MB"] = idle_rss
-                    summary[name]["server tree peak RSS MB"] = peak
-        finally:
-            if server is not None:
-                server.stop()
+        rows += measure_services(args, home, settings.http_workers, images, config, rows, summary)
 
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {
@@ -929,18 +1028,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": [asdict(row) for row in rows],
         "summary": summary,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        if not args.markdown.exists():
-            args.markdown.write_text(
-                "# Benchmarks\n\nAppended by `scripts/benchmark.py` (`make bench`); newest last."
-                "\n\n"
-            )
-        with args.markdown.open("a") as out:
-            out.write(markdown(result))
-    print(markdown(result))
+    write_report(result, args)
     if temporary is not None:
         temporary.cleanup()
     return result

@@ -5,8 +5,8 @@ with ``CLIP_URL_ALLOWED_HOSTS=127.0.0.1:PORT``); their last candidate is not an 
 image is fetched and decoded and the request answers 422 without model work (or earlier: 422
 for a fetch that failed, 503 ``overloaded`` at the memory budget).
 
-    python scripts/measure_decode_memory.py http://127.0.0.1:3000 --requests 100 --concurrency 8
-    python scripts/measure_decode_memory.py http://127.0.0.1:3000 --urls 64 --requests 20
+    python -m scripts.measure_decode_memory http://127.0.0.1:3000 --requests 100 --concurrency 8
+    python -m scripts.measure_decode_memory http://127.0.0.1:3000 --urls 64 --requests 20
 
 Run it on the server's machine (the evaluator worker is found by its listening port). It
 prints figures and exits 1 when the worker, --settle-s after the last answer, has grown by more

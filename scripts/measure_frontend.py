@@ -12,8 +12,8 @@ Two parts, both printed as JSON:
   per request (user + system, from psutil), RSS and USS after the load, and whether torch's
   library is mapped into it.
 
-Usage: ``BENTOML_HOME=... python scripts/measure_frontend.py [--skip-served]`` (the home needs
-ViT-B-32 saved, e.g. ``scripts/save_models.py --models ViT-B-32 --random-init``).
+Usage: ``BENTOML_HOME=... python -m scripts.measure_frontend [--skip-served]`` (the home needs
+ViT-B-32 saved, e.g. ``python -m scripts.save_models --models ViT-B-32 --random-init``).
 """
 
 from __future__ import annotations
@@ -34,15 +34,12 @@ from typing import Any
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from clip_runtime.image_inputs import decode_image_field, decode_pixels, open_header  # noqa: E402
-from clip_runtime.jobs import Job  # noqa: E402
-from clip_runtime.preprocessing import Preprocessing  # noqa: E402
-from clip_runtime.settings import ClipSettings  # noqa: E402
-from clip_testkit.sample_images import b64, jpeg_bytes  # noqa: E402
-from clip_testkit.server import ServerProcess, model_folder  # noqa: E402
+from clip_runtime.image_inputs import decode_image_field, decode_pixels, open_header
+from clip_runtime.jobs import Job
+from clip_runtime.preprocessing import Preprocessing
+from clip_runtime.settings import ClipSettings
+from clip_testkit.sample_images import b64, jpeg_bytes
+from clip_testkit.server import ServerProcess, model_folder
 
 MODEL = "ViT-B-32"
 STORE_NAME = "clip-vit-b-32"

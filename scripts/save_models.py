@@ -1,12 +1,12 @@
 """Save open_clip models to the BentoML model store, each under a name derived from its spec.
 
-    python scripts/save_models.py                          # ViT-B-32 and ViT-L-14, default tags
-    python scripts/save_models.py --models ViT-B-32 --pretrained openai
-    python scripts/save_models.py --models ViT-SO400M-14-SigLIP-384:webli
-    python scripts/save_models.py --models hf-hub:timm/ViT-B-16-SigLIP
-    python scripts/save_models.py --models ViT-B-32 --checkpoint ./my_clip.safetensors
-    python scripts/save_models.py --models my-clip --config my-clip.json --checkpoint my.safetensors
-    python scripts/save_models.py --random-init --seed 0   # offline, untrained (tests, demos)
+    python -m scripts.save_models                          # ViT-B-32 and ViT-L-14, default tags
+    python -m scripts.save_models --models ViT-B-32 --pretrained openai
+    python -m scripts.save_models --models ViT-SO400M-14-SigLIP-384:webli
+    python -m scripts.save_models --models hf-hub:timm/ViT-B-16-SigLIP
+    python -m scripts.save_models --models ViT-B-32 --checkpoint ./my_clip.safetensors
+    python -m scripts.save_models --models my-clip --config my-clip.json --checkpoint my.safetensors
+    python -m scripts.save_models --random-init --seed 0   # offline, untrained (tests, demos)
 
 A spec is ``ARCH:TAG`` (any architecture and pretrained tag open_clip lists), ``hf-hub:ORG/NAME``,
 or an architecture alone (``ViT-B-32`` and ``ViT-L-14`` take their default tags). The spec is the

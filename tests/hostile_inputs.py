@@ -101,14 +101,24 @@ def build_cases() -> list[Case]:
     jpeg = _encode(photo, "JPEG", quality=85)
     good = _b64(jpeg)
     bomb = _encode(Image.new("1", (20_000, 20_000)), "PNG")  # 400 M pixels in a few KB
+    return [
+        *_undecodable_image_cases(jpeg, bomb, photo),
+        *_request_field_cases(good),
+        *_string_content_cases(good),
+        *_json_shape_cases(good),
+        *_image_format_and_size_cases(photo),
+        *_url_cases(),
+        *_work_limit_cases(good),
+        *_batch_item_cases(good, bomb),
+        *_multipart_shape_cases(jpeg),
+        *_upload_field_cases(jpeg),
+    ]
+
+
+def _undecodable_image_cases(jpeg: bytes, bomb: bytes, photo: Image.Image) -> list[Case]:
+    """Image bytes that do not decode as an image, or decode to far too many pixels."""
     polyglot = _encode(photo, "GIF") + b"<script>alert(1)</script>PK\x03\x04"
     wrong_magic = b"\x89PNX" + _encode(photo, "PNG")[4:]
-    nested = ("[" * 5000 + "]" * 5000).encode()
-    deep_object = ('{"image": ' * 3000 + '"x"' + "}" * 3000).encode()
-    ten_k = {"items": [{"image": "AAAA", "text": "x"}] * 10_000}
-    deep_png = _encode(Image.new("I;16", (6300, 6300), 40_000), "PNG")  # ~80 KB, 80 MB decoded
-    no_boundary = {"content-type": "multipart/form-data"}
-    form_body = b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\na\r\n--b--\r\n'
     return [
         Case(
             "truncated JPEG",
@@ -144,6 +154,12 @@ def build_cases() -> list[Case]:
             {"image": "/home/me/cat.jpg", "text": "a"},
             message=("file path", "base64, a data: URI or an http(s) URL", "upload endpoint"),
         ),
+    ]
+
+
+def _request_field_cases(good: str) -> list[Case]:
+    """Missing, mistyped and misspelt fields, and JSON sent as a form."""
+    return [
         Case(
             "a missing and a mistyped field, named",
             400,
@@ -175,6 +191,12 @@ def build_cases() -> list[Case]:
             headers={"content-type": "application/x-www-form-urlencoded"},
             message=("Content-Type: application/json",),
         ),
+    ]
+
+
+def _string_content_cases(good: str) -> list[Case]:
+    """Image strings that are not base64 or an image data: URI, and captions of every kind."""
+    return [
         Case("base64 padding inside", 422, "invalid_image", {"image": "AB=CD", "text": "a"}),
         Case(
             "data URI with a non-image type",
@@ -199,6 +221,14 @@ def build_cases() -> list[Case]:
         Case("NUL bytes in text", 422, "invalid_text", {"image": good, "text": "a cat\x00"}),
         Case("empty text", 422, "empty_text", {"image": good, "text": ""}),
         Case("blank text", 422, "empty_text", {"image": good, "text": " \n\t "}),
+    ]
+
+
+def _json_shape_cases(good: str) -> list[Case]:
+    """Bodies that are not the expected JSON object, and values that must not be echoed."""
+    nested = ("[" * 5000 + "]" * 5000).encode()
+    deep_object = ('{"image": ' * 3000 + '"x"' + "}" * 3000).encode()
+    return [
         Case("deeply nested JSON array", 400, "invalid_request", content=nested),
         Case("deeply nested JSON object", 400, "invalid_request", content=deep_object),
         Case("not JSON", 400, "invalid_request", content=b"hello there"),
@@ -226,6 +256,13 @@ def build_cases() -> list[Case]:
             {"image": good, "text": "a", "scale": "y" * 5000},
             absent=("pydantic.dev", "y" * 100),
         ),
+    ]
+
+
+def _image_format_and_size_cases(photo: Image.Image) -> list[Case]:
+    """Large, deep, tiny and unsupported images, and a body over the request limit."""
+    deep_png = _encode(Image.new("I;16", (6300, 6300), 40_000), "PNG")  # ~80 KB, 80 MB decoded
+    return [
         Case("16-bit 6300x6300 PNG", 200, None, {"image": _b64(deep_png), "text": "a"}),
         Case(
             "4000x3000 JPEG (decoded at a reduced DCT scale)",
@@ -257,6 +294,12 @@ def build_cases() -> list[Case]:
             "request_too_large",
             {"image": "A" * (9 * 1024 * 1024), "text": "a"},
         ),
+    ]
+
+
+def _url_cases() -> list[Case]:
+    """Image URLs the service must refuse to fetch."""
+    return [
         Case(
             "URL to loopback",
             422,
@@ -292,6 +335,13 @@ def build_cases() -> list[Case]:
             Case(f"{url.split(':')[0]} URL", 422, "url_not_allowed", {"image": url, "text": "a"})
             for url in ("file:///etc/passwd", "gopher://127.0.0.1:70/_x", "ftp://example.com/a")
         ),
+    ]
+
+
+def _work_limit_cases(good: str) -> list[Case]:
+    """Inputs cheap to send and costly to process, refused by a named CLIP_MAX_* limit."""
+    ten_k = {"items": [{"image": "AAAA", "text": "x"}] * 10_000}
+    return [
         Case("10k-item batch", 413, "too_many_items", ten_k, path=BATCH),
         Case(
             "a 4x50000 PNG (would resize to 224x2800000)",
@@ -321,6 +371,12 @@ def build_cases() -> list[Case]:
             {"image": _b64(many_scan_jpeg(1000, 1000, 2000)), "text": "a"},
             message=("CLIP_MAX_JPEG_SCANS",),
         ),
+    ]
+
+
+def _batch_item_cases(good: str, bomb: bytes) -> list[Case]:
+    """Batches whose bad items are per-item errors, not a failed request."""
+    return [
         Case(
             "batch items with URLs that do not parse",
             200,
@@ -350,6 +406,14 @@ def build_cases() -> list[Case]:
             },
             item_codes=[None, "image_dimensions_too_large", "invalid_text", "invalid_image"],
         ),
+    ]
+
+
+def _multipart_shape_cases(jpeg: bytes) -> list[Case]:
+    """Uploads (and a JSON request) whose multipart form is malformed or incomplete."""
+    no_boundary = {"content-type": "multipart/form-data"}
+    form_body = b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\na\r\n--b--\r\n'
+    return [
         Case(
             "upload of a non-image file",
             422,
@@ -394,6 +458,12 @@ def build_cases() -> list[Case]:
             path=UPLOAD,
             files={"image": ("x.jpg", jpeg, "image/jpeg")},
         ),
+    ]
+
+
+def _upload_field_cases(jpeg: bytes) -> list[Case]:
+    """Upload fields under the wrong name, too long, or not what they seem; and a good upload."""
+    return [
         Case(
             "upload with the image under another name (BentoML ran json.loads on it: a 500)",
             400,

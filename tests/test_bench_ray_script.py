@@ -3,27 +3,14 @@ appends (the runs themselves are `make bench-ray`; their figures are printed, ne
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pandas as pd
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_ray.py"
-
-
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("clip_bench_ray", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+from scripts import bench_ray as bench
 
 
 def test_pairs_are_jpeg_files_with_captions(tmp_path: Path) -> None:
-    bench = load_script()
     table = pd.read_csv(bench.make_pairs(tmp_path, 3))
     assert list(table["image"]) == ["img/0.jpg", "img/1.jpg", "img/2.jpg"]
     assert all((tmp_path / name).read_bytes()[:2] == b"\xff\xd8" for name in table["image"])
@@ -31,7 +18,6 @@ def test_pairs_are_jpeg_files_with_captions(tmp_path: Path) -> None:
 
 
 def test_table_compares_every_run_with_the_local_engine() -> None:
-    bench = load_script()
     runs = [
         bench.Run("local", [], wall_s=20.0, scoring_s=16.0, matches_local="-"),
         bench.Run(

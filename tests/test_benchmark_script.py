@@ -5,13 +5,10 @@ report renders."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import threading
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import ModuleType
 from typing import ClassVar
 
 import pytest
@@ -19,21 +16,10 @@ import torch
 
 from clip_runtime import ClipEngine, ClipSettings
 from clip_testkit.sample_images import jpeg_bytes
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
-
-
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("clip_benchmark", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+from scripts import benchmark as bench
 
 
 def test_benchmark_pieces_run_and_render(tiny_model_dir: Path) -> None:
-    bench = load_script()
     config = bench.Config(True, 4, 1, 4, 2, 1.0, 1.0)
     engine = ClipEngine(
         ClipSettings(models=["ViT-B-32"], max_batch_size=2), {"ViT-B-32": tiny_model_dir}
@@ -50,7 +36,7 @@ def test_benchmark_pieces_run_and_render(tiny_model_dir: Path) -> None:
     assert set(agreement) == {"max_abs_uint8_levels", "max_abs_cosine"}
     result = {
         "started": "now",
-        "command": "python scripts/benchmark.py --quick",
+        "command": "python -m scripts.benchmark --quick",
         "machine": bench.machine(torch.device("cpu")),
         "weights": "random-init",
         "images": "test",
@@ -64,7 +50,6 @@ def test_benchmark_pieces_run_and_render(tiny_model_dir: Path) -> None:
 
 def test_runtime_comparison_runs_in_process(tiny_model_dir: Path) -> None:
     pytest.importorskip("openvino", reason="openvino is not installed")
-    bench = load_script()
     config = bench.Config(True, 4, 1, 4, 2, 1.0, 1.0)
     args = argparse.Namespace(
         runtimes=["torch-fp32", "openvino-fp32"], batch_scan=[2], no_service=True
@@ -103,7 +88,6 @@ class _Answers(BaseHTTPRequestHandler):
 
 
 def test_load_generator_counts_failures_in_percentiles_and_numbers_unique_bodies() -> None:
-    bench = load_script()
     from clip_testkit.loadgen import UNIQUE_MARKER, run_load
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)

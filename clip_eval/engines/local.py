@@ -43,7 +43,7 @@ def resolve_model_dirs(models: Sequence[str], model_dir: Path | None) -> dict[st
         except bentoml.exceptions.NotFound as exc:
             raise UsageError(
                 f"model {name} ({tag}) is not in the BentoML model store ({exc}); save it with "
-                "`python scripts/save_models.py --models NAME` (add --random-init offline), "
+                "`python -m scripts.save_models --models NAME` (add --random-init offline), "
                 "set BENTOML_HOME, or pass --model-dir"
             ) from exc
     return folders

@@ -15,18 +15,24 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 from clip_service.bento_image import CUDA_BASE_IMAGE
-from clip_testkit.server import ROOT, model_folder
+from clip_testkit.sample_images import b64, jpeg_bytes
+from clip_testkit.server import ROOT, ServerProcess, model_folder
+from tests.local_http import local_server
 
 pytestmark = pytest.mark.integration
 
@@ -239,6 +245,61 @@ def bento_venv(requirements: Path) -> Path:
     return venv
 
 
+@dataclass(frozen=True)
+class DrainOutcome:
+    returncode: int
+    exited_s: float  # from the SIGTERM
+    answers: list[str]  # the requests that can finish: status codes, or the error's name
+    stuck_answer: str  # the request held by an image URL that never finishes
+
+
+def serve_bento_from_store(
+    bento: Path, bentoml_home: Path, folder: Path, python: Path, env: dict[str, str]
+) -> ServerProcess:
+    """``bentoml serve`` of the Bento by its tag, run by ``python`` in ``folder`` (outside the
+    source tree), on a home of its own that sees the store's models and Bentos."""
+    server = ServerProcess(
+        bentoml_home,
+        folder / "serve.log",
+        {"CLIP_MODELS": "ViT-B-32", **env},
+        target=f"{bento.parent.name}:{bento.name}",
+        python=python,
+        cwd=folder,
+    )
+    (server.home / "bentos").symlink_to(bentoml_home / "bentos", target_is_directory=True)
+    return server
+
+
+def post_single(url: str, body: dict[str, str]) -> str:
+    """The status code, or the transport error's name when the connection is cut."""
+    try:
+        response = httpx.post(f"{url}{SINGLE}", json=body, timeout=120)
+    except httpx.TransportError as exc:  # cut at the bound: the connection closes
+        return type(exc).__name__
+    return str(response.status_code)
+
+
+def sigterm_under_load(
+    server: ServerProcess, stuck_body: dict[str, str], bound_s: float
+) -> DrainOutcome:
+    """SIGTERM while four scoring requests and ``stuck_body`` are in flight, and what each got."""
+    image = b64(jpeg_bytes(3, 160, 120))
+    with ThreadPoolExecutor(5) as pool:
+        stuck = pool.submit(post_single, server.url, stuck_body)
+        scored = [
+            pool.submit(post_single, server.url, {"image": image, "text": f"cat {i}"})
+            for i in range(4)
+        ]
+        time.sleep(1.0)  # all accepted
+        assert server.process is not None
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        returncode = server.process.wait(bound_s + 60)
+        exited_s = time.monotonic() - signalled
+        answers = [future.result() for future in scored]
+        return DrainOutcome(returncode, exited_s, answers, stuck.result())
+
+
 def test_bento_from_the_store_drains_within_its_own_bound(
     b32_bento: Path, bentoml_home: Path, tmp_path: Path
 ) -> None:
@@ -250,19 +311,7 @@ def test_bento_from_the_store_drains_within_its_own_bound(
     Costly the first time (on the shared 2-core box: pip install of the requirements 105-134 s,
     5.4 GB with CUDA torch; serve start about 60 s; exit 22 s after SIGTERM with a 15 s
     bound; about 6 minutes in all). The venv is kept per requirements hash after that."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-    from http.server import BaseHTTPRequestHandler
-
-    import httpx
-
-    from clip_testkit.sample_images import b64, jpeg_bytes
-    from clip_testkit.server import ServerProcess
-    from tests.local_http import local_server
-
-    bento = b32_bento
-    venv = bento_venv(bento / "env" / "python" / "requirements.txt")
-
+    venv = bento_venv(b32_bento / "env" / "python" / "requirements.txt")
     release = threading.Event()
 
     def stalled(handler: BaseHTTPRequestHandler) -> None:  # headers, then nothing for minutes
@@ -272,58 +321,33 @@ def test_bento_from_the_store_drains_within_its_own_bound(
         release.wait(300)
 
     bound_s = 8  # four requests finish well within it (3.5 s each on this box under load 12)
-    tag = f"{bento.parent.name}:{bento.name}"
     with local_server() as images_host:
         images_host.routes["/stalled.jpg"] = stalled
-        server = ServerProcess(
-            bentoml_home,
-            tmp_path / "serve.log",
-            {
-                "CLIP_MODELS": "ViT-B-32",
-                "CLIP_SHUTDOWN_TIMEOUT_S": str(bound_s),
-                "CLIP_URL_ALLOWED_HOSTS": f"127.0.0.1:{images_host.port}",
-                "CLIP_URL_READ_TIMEOUT_S": "600",
-                "CLIP_URL_TOTAL_TIMEOUT_S": "600",
-            },
-            target=tag,
-            python=venv / "bin" / "python",
-            cwd=tmp_path,
+        env = {
+            "CLIP_SHUTDOWN_TIMEOUT_S": str(bound_s),
+            "CLIP_URL_ALLOWED_HOSTS": f"127.0.0.1:{images_host.port}",
+            "CLIP_URL_READ_TIMEOUT_S": "600",
+            "CLIP_URL_TOTAL_TIMEOUT_S": "600",
+        }
+        server = serve_bento_from_store(
+            b32_bento, bentoml_home, tmp_path, venv / "bin" / "python", env
         )
-        (server.home / "bentos").symlink_to(bentoml_home / "bentos", target_is_directory=True)
         server.start()
         try:
-            image = b64(jpeg_bytes(3, 160, 120))
             stuck_body = {"image": images_host.url("/stalled.jpg"), "text": "a cat"}
-
-            def post(body: dict[str, str]) -> str:
-                try:
-                    response = httpx.post(f"{server.url}{SINGLE}", json=body, timeout=120)
-                except httpx.TransportError as exc:  # cut at the bound: the connection closes
-                    return type(exc).__name__
-                return str(response.status_code)
-
-            with ThreadPoolExecutor(5) as pool:
-                stuck = pool.submit(post, stuck_body)
-                scored = [pool.submit(post, {"image": image, "text": f"cat {i}"}) for i in range(4)]
-                time.sleep(1.0)  # all accepted
-                assert server.process is not None
-                signalled = time.monotonic()
-                server.process.send_signal(signal.SIGTERM)
-                returncode = server.process.wait(bound_s + 60)
-                exited_s = time.monotonic() - signalled
-                answers = [future.result() for future in scored]
-                stuck_answer = stuck.result()
+            outcome = sigterm_under_load(server, stuck_body, bound_s)
         finally:
             release.set()
             server.stop()
     log = server.log_path.read_text(errors="replace")
     print(
-        f"exit {returncode} {exited_s:.1f} s after SIGTERM; answers {answers}, stuck {stuck_answer}"
+        f"exit {outcome.returncode} {outcome.exited_s:.1f} s after SIGTERM; "
+        f"answers {outcome.answers}, stuck {outcome.stuck_answer}"
     )
     cut = log.index("timeout graceful shutdown exceeded")  # uvicorn's own line: the bound held
-    assert exited_s < bound_s + 20  # the stuck fetch alone would hold it 600 s
-    assert answers == ["200"] * 4, log[-3000:]
+    assert outcome.exited_s < bound_s + 20  # the stuck fetch alone would hold it 600 s
+    assert outcome.answers == ["200"] * 4, log[-3000:]
     # Cut at the bound: BentoML's TimeoutMiddleware runs the app in a future of its own, so the
     # cancellation reaches uvicorn, not our middleware, and uvicorn answers a plain 500.
-    assert stuck_answer in ("500", "RemoteProtocolError", "ReadError"), stuck_answer
+    assert outcome.stuck_answer in ("500", "RemoteProtocolError", "ReadError"), outcome.stuck_answer
     assert "Traceback" not in log[:cut], log[:cut][-3000:]
