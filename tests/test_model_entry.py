@@ -85,6 +85,22 @@ def test_missing_or_malformed_entries(tiny_model_dir: Path, tmp_path: Path) -> N
         read_entry(copy)
 
 
+def test_entries_saved_before_the_weights_rename_still_read(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Format version 1 called ``weights`` ``weights_source``: such stores keep serving."""
+    copy = tmp_path / "entry"
+    shutil.copytree(tiny_model_dir, copy)
+    current = json.loads((copy / METADATA_FILE).read_text())
+    version_1 = {**current, "weights_source": current["weights"], "format_version": 1}
+    del version_1["weights"]
+    (copy / METADATA_FILE).write_text(json.dumps(version_1))
+    assert read_entry(copy) == read_entry(tiny_model_dir)
+    (copy / METADATA_FILE).write_text(json.dumps({**current, "format_version": 3}))
+    with pytest.raises(ModelStoreError, match="format version 3"):
+        read_entry(copy)
+
+
 def test_pretrained_offline_fails_fast_and_names_the_options(tmp_path: Path) -> None:
     env = {
         "BENTOML_HOME": str(tmp_path / "home"),
