@@ -16,11 +16,11 @@ from clip_service.bentoml_adapter import document_openapi, forbid_unknown_fields
 from clip_service.front_end import FrontEnd, settings
 from clip_service.middleware import middleware_stack
 from clip_service.middleware.error_envelope import input_fields_by_route
-from clip_service.model_worker import Scorer
 from clip_service.multipart_guard import file_fields_by_route
 from clip_service.openai_api import mount_openai_routes, openai_route_paths
 from clip_service.openapi import service_document
 from clip_service.routes import EVALUATOR_PATH, HEALTH_ROUTE, evaluator_routes
+from clip_service.scorer import Scorer
 from clip_service.store import add_store_references, stored_folders
 
 add_store_references(FrontEnd, settings)

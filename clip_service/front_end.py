@@ -25,7 +25,6 @@ from clip_service.bentoml_adapter import bound_graceful_shutdown, call_with_reco
 from clip_service.health import WorkerModels
 from clip_service.http_errors import ClientGoneError, api_errors
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
-from clip_service.model_worker import Scorer
 from clip_service.observability import (
     configure_logging,
     current_traceparent,
@@ -46,6 +45,7 @@ from clip_service.schemas import (
     SingleResult,
     served_model_field,
 )
+from clip_service.scorer import Scorer
 from clip_service.store import batch_api_name, model_folders
 
 logger = logging.getLogger("clip_service.front_end")
