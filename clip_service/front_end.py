@@ -51,7 +51,13 @@ from clip_service.store import batch_api_name, model_folders
 logger = logging.getLogger("clip_service.front_end")
 settings = get_settings()
 
-ServedModel = Annotated[str | None, served_model_field(settings.models, settings.default_model)]
+ServedModel = Annotated[
+    str | None,
+    served_model_field(
+        "One of the served models: {names} (default `{default}`). /evaluator/health gives each "
+        "one's family (clip or siglip) and tag."
+    ),
+]
 
 
 # + POST /v1/embeddings (clip_service.openai_api), /readyz and health (clip_service.probes)

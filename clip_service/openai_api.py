@@ -48,6 +48,7 @@ from clip_service.openai_schemas import (
     TextItem,
     Usage,
 )
+from clip_service.schemas import served_model_field
 from clip_service.store import store_attribute
 
 logger = logging.getLogger("clip_service.openai_api")
@@ -72,13 +73,7 @@ _ERROR_TYPES: dict[int, str] = {
 _AS_BAD_REQUEST = frozenset({HTTPStatus.UNPROCESSABLE_ENTITY, HTTPStatus.UNSUPPORTED_MEDIA_TYPE})
 
 ServedModelName = Annotated[
-    str,
-    Field(
-        description="One of the served models: "
-        + ", ".join(f"`{name}`" for name in settings.models)
-        + " (GET /v1/models lists them).",
-        examples=list(settings.models),
-    ),
+    str, served_model_field("One of the served models: {names} (GET /v1/models lists them).")
 ]
 Dimensions = Annotated[
     int | None,
