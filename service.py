@@ -1,7 +1,8 @@
 """`bentoml serve service:Evaluator` (and the bentofile's entry point).
 
-The services live in the ``clip_service`` package: ``Evaluator`` is the public HTTP front end,
-``Scorer`` the model worker it depends on. Tracing, BentoML's bounded request metrics and the
+The services are put together in the ``clip_service`` package: ``Evaluator``
+(``clip_service.evaluator``) is the public HTTP front end, ``Scorer`` (``clip_service.scorer``)
+the model worker it depends on. Tracing, BentoML's bounded request metrics and the
 request-header deadline are installed here, at import, before BentoML builds any app.
 """
 
@@ -13,7 +14,7 @@ from clip_service.bentoml_adapter import (
     setup_tracing,
 )
 from clip_service.evaluator import ROUTES, Evaluator
-from clip_service.model_worker import Scorer
+from clip_service.scorer import Scorer
 
 install_bentoml_fixes()  # before the arbiter starts and any Scorer client exists
 setup_tracing()

@@ -1,7 +1,14 @@
-"""The front end's BentoML service (`clip-evaluator`), put together: the handlers
-(``clip_service.front_end``) with the plain routes mounted beside them, the OpenAI routes, the
-OpenAPI document, the middleware stack and the model store references. ``service.py`` imports
-``Evaluator`` from here, so ``bentoml serve service:Evaluator`` serves it."""
+"""The front end's BentoML service (`clip-evaluator`), put together from the settings and the
+model store: the handlers (``clip_service.front_end``) with their model worker dependency
+(``clip_service.scorer``), the plain routes mounted beside them, the OpenAI routes, the OpenAPI
+document, the middleware stack and the model store references. Importing this module reads the
+settings and checks the store; the modules it puts together do neither. ``service.py`` imports
+``Evaluator`` from here, so ``bentoml serve service:Evaluator`` serves it.
+
+``bentoml.service`` is called at module level on purpose: BentoML 1.4.40 finds a service again
+(``Service.import_string``, used to start its worker processes) among the module-level variables
+of the module that created it. Class attributes (the dependency, the store references) are set
+before it, since it collects them from the class when it is called."""
 
 from __future__ import annotations
 
@@ -10,19 +17,23 @@ import functools
 import bentoml
 from starlette.routing import Route
 
+from clip_runtime import get_settings
 from clip_runtime.model_entry import embed_dim
 from clip_service.bento_image import BENTO_IMAGE
 from clip_service.bentoml_adapter import document_openapi, forbid_unknown_fields
-from clip_service.front_end import FrontEnd, settings
+from clip_service.front_end import FrontEnd
 from clip_service.middleware import middleware_stack
 from clip_service.middleware.error_envelope import input_fields_by_route
-from clip_service.model_worker import Scorer
 from clip_service.multipart_guard import file_fields_by_route
 from clip_service.openai_api import mount_openai_routes, openai_route_paths
 from clip_service.openapi import service_document
 from clip_service.routes import EVALUATOR_PATH, HEALTH_ROUTE, evaluator_routes
+from clip_service.scorer import Scorer
 from clip_service.store import add_store_references, stored_folders
 
+settings = get_settings()
+
+FrontEnd.model_worker = bentoml.depends(Scorer)
 add_store_references(FrontEnd, settings)
 # Traffic limits: BentoML's own `traffic.max_concurrency` answers 429 without Retry-After and
 # sheds /evaluator/health and /evaluator/metrics too, so the in-flight limit is

@@ -2,7 +2,8 @@
 validate, turn inputs into jobs, hand them to the model worker and have the answer assembled
 (``clip_service.answers``). Errors are raised and become answers in one place
 (``clip_service.http_errors.api_errors``). The probes are in ``clip_service.probes``, the plain
-routes in ``clip_service.routes``, the service's construction in ``clip_service.evaluator``."""
+routes in ``clip_service.routes``, the service's construction in ``clip_service.evaluator``.
+Importing this module reads no settings: the service reads them when a worker starts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import bentoml
 import numpy as np
@@ -25,7 +26,6 @@ from clip_service.bentoml_adapter import bound_graceful_shutdown, call_with_reco
 from clip_service.health import WorkerModels
 from clip_service.http_errors import ClientGoneError, api_errors
 from clip_service.inputs import JobBuilder, PreparedPair, at_index
-from clip_service.model_worker import Scorer
 from clip_service.observability import (
     configure_logging,
     current_traceparent,
@@ -49,18 +49,24 @@ from clip_service.schemas import (
 from clip_service.store import batch_api_name, model_folders
 
 logger = logging.getLogger("clip_service.front_end")
-settings = get_settings()
 
-ServedModel = Annotated[str | None, served_model_field(settings.models, settings.default_model)]
+ServedModel = Annotated[
+    str | None,
+    served_model_field(
+        "One of the served models: {names} (default `{default}`). /evaluator/health gives each "
+        "one's family (clip or siglip) and tag."
+    ),
+]
 
 
 # + POST /v1/embeddings (clip_service.openai_api), /readyz and health (clip_service.probes)
 class FrontEnd(OpenAIEmbeddings, FrontEndProbes):
-    model_worker = bentoml.depends(Scorer)
+    model_worker: Any  # bentoml.depends(Scorer), set by clip_service.evaluator
 
     def __init__(self) -> None:
         # Cheap by design: this runs in uvicorn's lifespan, before the worker accepts a
         # connection. The crops are built in the background (see `ready`); no torch here.
+        settings = self.settings = get_settings()  # read once per process, cached
         configure_logging(settings.log_format)
         bound_graceful_shutdown(settings.shutdown_timeout_s)  # in uvicorn's lifespan: see there
         self.preprocessing = Preprocessing(settings, model_folders(self, settings))
@@ -147,7 +153,7 @@ class FrontEnd(OpenAIEmbeddings, FrontEndProbes):
         references: list[str] | None = None,
         scale: Scale = "torchmetrics",
     ) -> SingleResult:
-        name = resolve_model_name(settings, model)
+        name = resolve_model_name(self.settings, model)
         pair = await self.jobs.pair(name, image, text, references)
         if await ctx.request.is_disconnected():
             raise ClientGoneError  # do not queue model work nobody will read
@@ -191,7 +197,7 @@ class FrontEnd(OpenAIEmbeddings, FrontEndProbes):
         scale: Scale = "torchmetrics",
     ) -> BatchResult:
         """CLIP scores of many pairs, in request order; a bad item fails alone."""
-        name = resolve_model_name(settings, model)
+        name = resolve_model_name(self.settings, model)
         self.jobs.check_count(len(items), "items")
         gathered = await asyncio.gather(
             *(self.jobs.pair(name, item.image, item.text, item.references) for item in items),
@@ -238,7 +244,7 @@ class FrontEnd(OpenAIEmbeddings, FrontEndProbes):
         """Rank captions for one image (`image` + `texts`; zero-shot classification with label
         prompts) or images for one caption (`images` + `text`), with probabilities the way the
         model's family was trained (CLIP: softmax; SigLIP: sigmoid with its logit_bias)."""
-        name = resolve_model_name(settings, model)
+        name = resolve_model_name(self.settings, model)
         by_texts = image is not None and texts is not None and images is None and text is None
         by_images = images is not None and text is not None and image is None and texts is None
         if not (by_texts or by_images):
@@ -246,8 +252,8 @@ class FrontEnd(OpenAIEmbeddings, FrontEndProbes):
         candidates = (texts if by_texts else images) or []
         if not candidates:
             raise E.InvalidRequestError("no candidates to rank")
-        if len(candidates) > settings.max_candidates:
-            raise E.TooManyItemsError(f"at most {settings.max_candidates} candidates")
+        if len(candidates) > self.settings.max_candidates:
+            raise E.TooManyItemsError(f"at most {self.settings.max_candidates} candidates")
         if by_texts:
             query = [await self.jobs.image_job(name, image)]
             others = await self.jobs.text_jobs(name, candidates, "texts")
@@ -265,7 +271,7 @@ class FrontEnd(OpenAIEmbeddings, FrontEndProbes):
         self, images: list[str], ctx: bentoml.Context, model: ServedModel = None
     ) -> EmbeddingsResult:
         """L2-normalized image embeddings (float32), batched with everything else."""
-        name = resolve_model_name(settings, model)
+        name = resolve_model_name(self.settings, model)
         jobs = await self.jobs.image_jobs(name, images, "images")
         vectors, _ = await self._embed(name, jobs, "images")
         return answers.embeddings_result(name, self._entry(name), vectors)
@@ -276,7 +282,7 @@ class FrontEnd(OpenAIEmbeddings, FrontEndProbes):
         self, texts: list[str], ctx: bentoml.Context, model: ServedModel = None
     ) -> EmbeddingsResult:
         """L2-normalized text embeddings (float32); `text_truncated` per text."""
-        name = resolve_model_name(settings, model)
+        name = resolve_model_name(self.settings, model)
         jobs = await self.jobs.text_jobs(name, texts, "texts")
         vectors, outcomes = await self._embed(name, jobs, "texts")
         truncated = [outcome.text_truncated for outcome in outcomes]

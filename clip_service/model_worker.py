@@ -1,43 +1,44 @@
-"""The model worker (`clip-scorer`): holds the weights and exposes one batchable API per served
-model, so BentoML's adaptive batching merges concurrent requests and the items of batch requests
-into shared forward passes. (A batchable API called from inside its own service skips the
-batcher, hence a service apart from the HTTP front end.)"""
+"""The model worker's class (``ModelWorker``): holds the weights and runs one model batch at a
+time through the engine. ``clip_service.scorer`` serves it as `clip-scorer`, with one batchable
+API per served model, so BentoML's adaptive batching merges concurrent requests and the items of
+batch requests into shared forward passes. (A batchable API called from inside its own service
+skips the batcher, hence a service apart from the HTTP front end.) Importing this module reads no
+settings and touches no model store: the class reads them when a worker starts."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import bentoml
 
 from clip_runtime import Job, JobOutcome, get_settings
-from clip_service.bentoml_adapter import accelerator_resources, bound_graceful_shutdown, gpu_count
+from clip_service.bentoml_adapter import bound_graceful_shutdown
 from clip_service.observability import BatchObservation, configure_logging, record_model_info
 from clip_service.schemas import ModelStatus
 from clip_service.shutdown import stop_after_siblings_on_sigterm
-from clip_service.store import add_store_references, batch_api_name, model_folders
+from clip_service.store import model_folders
 
 logger = logging.getLogger("clip_service.model_worker")
-settings = get_settings()
 
-# Above the HTTP workers' bounded drain, so that the model worker outlives the requests that
-# were accepted before a SIGTERM.
-DRAIN_CAP_S = settings.shutdown_timeout_s + 30
+# How much longer than the HTTP workers' bounded drain the model worker waits on a SIGTERM, so
+# that it outlives the requests that were accepted before it.
+DRAIN_MARGIN_S = 30
 
 
 class ModelWorker:
     def __init__(self) -> None:
-        # Imported here, not at module level: the HTTP front end imports this module (for
-        # `bentoml.depends`) and never loads torch (docs/architecture-data-path.md).
+        # Imported here, not at module level: the HTTP front end's wiring imports this module
+        # (for `bentoml.depends(Scorer)`) and never loads torch (docs/architecture-data-path.md).
         from clip_runtime.engine import ClipEngine
 
+        settings = get_settings()
         configure_logging(settings.log_format)
         self.engine = ClipEngine(settings, model_folders(self, settings))
         self.engine.warm_up()
         # Runs inside uvicorn's lifespan, after it installed its SIGTERM handler: bound its drain,
         # then wrap it so this worker outlives the HTTP workers' drain.
         bound_graceful_shutdown(settings.shutdown_timeout_s)
-        stop_after_siblings_on_sigterm(cap_s=DRAIN_CAP_S)
+        stop_after_siblings_on_sigterm(cap_s=settings.shutdown_timeout_s + DRAIN_MARGIN_S)
         record_model_info(self.engine.models.values())
         logger.info("model worker ready: %s", ", ".join(self.engine.models))
 
@@ -74,32 +75,3 @@ class ModelWorker:
             )
             for model in self.engine.models.values()
         ]
-
-
-def _batch_api(model: str) -> Callable[[ModelWorker, list[Job]], list[JobOutcome]]:
-    def score(self: ModelWorker, jobs: list[Job]) -> list[JobOutcome]:
-        """Jobs of one model (internal, batched)."""
-        return self.run_batch(model, jobs)
-
-    score.__name__ = score.__qualname__ = batch_api_name(model)  # BentoML names APIs by this
-    return score
-
-
-add_store_references(ModelWorker, settings)
-for _model in settings.models:
-    setattr(
-        ModelWorker,
-        batch_api_name(_model),
-        bentoml.api(
-            batchable=True,
-            max_batch_size=settings.batch_size_for(_model),
-            max_latency_ms=settings.latency_ms_for(_model),
-        )(_batch_api(_model)),
-    )
-
-Scorer = bentoml.service(
-    name="clip-scorer",
-    workers=1,  # one process owns the accelerator; batches are what use it well
-    resources=accelerator_resources(settings.device, gpu_count()),
-    traffic={"timeout": 600},
-)(ModelWorker)

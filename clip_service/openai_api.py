@@ -29,9 +29,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clip_runtime import Job, JobOutcome, Preprocessing, get_settings, resolve_model_name
+from clip_runtime import Job, JobOutcome, Preprocessing, resolve_model_name
 from clip_runtime import errors as E
 from clip_runtime.errors import ClipError
+from clip_runtime.settings import ClipSettings
 from clip_service.bentoml_adapter import OPENAPI_REF_TEMPLATE, document_plain_routes
 from clip_service.http_errors import CURRENT_REQUEST_ID, http_status
 from clip_service.inputs import JobBuilder, gathered_jobs
@@ -48,10 +49,10 @@ from clip_service.openai_schemas import (
     TextItem,
     Usage,
 )
+from clip_service.schemas import served_model_field
 from clip_service.store import store_attribute
 
 logger = logging.getLogger("clip_service.openai_api")
-settings = get_settings()
 
 OPENAI_PATH = "/v1"  # OpenAI clients' base URL is the service's URL plus this
 EMBEDDINGS_ROUTE = OPENAI_PATH + "/embeddings"
@@ -72,13 +73,7 @@ _ERROR_TYPES: dict[int, str] = {
 _AS_BAD_REQUEST = frozenset({HTTPStatus.UNPROCESSABLE_ENTITY, HTTPStatus.UNSUPPORTED_MEDIA_TYPE})
 
 ServedModelName = Annotated[
-    str,
-    Field(
-        description="One of the served models: "
-        + ", ".join(f"`{name}`" for name in settings.models)
-        + " (GET /v1/models lists them).",
-        examples=list(settings.models),
-    ),
+    str, served_model_field("One of the served models: {names} (GET /v1/models lists them).")
 ]
 Dimensions = Annotated[
     int | None,
@@ -294,6 +289,7 @@ class OpenAIEmbeddings:
     (``_embed``), so both doors make the same model calls."""
 
     if TYPE_CHECKING:
+        settings: ClipSettings
         preprocessing: Preprocessing
 
         @property
@@ -330,7 +326,7 @@ class OpenAIEmbeddings:
         vectors as /evaluator/v1/embeddings/*), in input order; `usage` counts the texts' tokens
         as the model's own tokenizer makes them (images count 0)."""
         with about("model"):
-            name = resolve_model_name(settings, model)
+            name = resolve_model_name(self.settings, model)
         with about(INPUT_FIELD):
             items = input_items(input)
             jobs = await self._openai_jobs(name, items)
@@ -363,20 +359,21 @@ def _card(service: Any, name: str) -> ModelCard:
 
 async def list_models(request: Request) -> Response:
     service = bentoml.get_current_service()
-    listed = ModelList(data=[_card(service, name) for name in settings.models])
+    listed = ModelList(data=[_card(service, name) for name in service.settings.models])
     return JSONResponse(listed.model_dump(mode="json"))
 
 
 async def retrieve_model(request: Request) -> Response:
+    service = bentoml.get_current_service()
     try:
-        name = resolve_model_name(settings, request.path_params["model"])
+        name = resolve_model_name(service.settings, request.path_params["model"])
     except E.UnknownModelError as error:
         status = openai_status(http_status(error), error.code)
         body = openai_error_body(
             status, error.code, error.message, "model", CURRENT_REQUEST_ID.get()
         )
         return JSONResponse(body, status_code=status)
-    return JSONResponse(_card(bentoml.get_current_service(), name).model_dump(mode="json"))
+    return JSONResponse(_card(service, name).model_dump(mode="json"))
 
 
 openai_routes = Starlette(

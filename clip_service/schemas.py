@@ -4,26 +4,32 @@ them). Optional scores appear only when asked for, so plain answers keep the pla
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import JsonDict
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from clip_runtime.settings import get_settings
 
 Scale = Literal["torchmetrics", "paper"]
 
 
-def served_model_field(served: Sequence[str], default: str) -> FieldInfo:
-    """The endpoints' optional ``model`` field (``Annotated[str | None, served_model_field(...)]``),
-    documented with the served names (the API docs are generated at import, once the served
-    models are known)."""
-    names = ", ".join(f"`{name}`" for name in served)
-    return Field(
-        description=f"One of the served models: {names} (default `{default}`). "
-        "/evaluator/health gives each one's family (clip or siglip) and tag.",
-        examples=list(served),
-    )
+def served_model_field(description: str) -> FieldInfo:
+    """An endpoint's ``model`` field (``Annotated[str | None, served_model_field(...)]``),
+    documented with the served models: ``description`` names them as ``{names}`` and the default
+    as ``{default}``. The served models are settings, so they are filled in (with the names as
+    examples) whenever a schema is generated (/docs.json, /schema.json, `bentoml build`), never
+    when the field is declared: importing the handlers reads no settings."""
+
+    def name_served_models(schema: JsonDict) -> None:
+        settings = get_settings()
+        names = ", ".join(f"`{name}`" for name in settings.models)
+        schema["description"] = description.format(names=names, default=settings.default_model)
+        schema["examples"] = list(settings.models)
+
+    return Field(json_schema_extra=name_served_models)
 
 
 # How many unknown fields an error names (the rest are counted): an answer to a body of a

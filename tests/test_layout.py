@@ -1,9 +1,13 @@
-"""Product code never imports the tests or the test support package."""
+"""Product code never imports the tests or the test support package; the packages' imports form
+no cycle; importing a module of the service does no I/O (only the wiring modules do)."""
 
 from __future__ import annotations
 
 import ast
 import graphlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,3 +146,97 @@ def test_the_packages_import_graph_has_no_cycle() -> None:
         tuple(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as error:
         raise AssertionError(f"import cycle: {' -> '.join(error.args[1])}") from None
+
+
+# The modules that build the services from the settings and the model store (BentoML wants each
+# service created at module level): importing any other module reads neither.
+WIRING_MODULES = {"clip_service.evaluator", "clip_service.scorer"}
+# What reads the settings or the model store.
+SETTINGS_OR_STORE = {
+    "get_settings",
+    "ClipSettings",
+    "add_store_references",
+    "stored_folders",
+    "model_folders",
+}
+
+
+def import_time_calls(tree: ast.Module) -> set[str]:
+    """The names of the functions a module calls when it is imported: at module level, in class
+    bodies, decorators and default values; not inside function bodies."""
+    called: set[str] = set()
+    pending: list[ast.AST] = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            pending += [*node.decorator_list, *node.args.defaults]
+            pending += [default for default in node.args.kw_defaults if default is not None]
+            continue
+        if isinstance(node, ast.Lambda):
+            continue
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name | ast.Attribute):
+            called.add(node.func.id if isinstance(node.func, ast.Name) else node.func.attr)
+        pending.extend(ast.iter_child_nodes(node))
+    return called
+
+
+def test_only_the_wiring_modules_read_settings_or_the_store_at_import() -> None:
+    """Static, so it sees the modules that load torch too (too slow to import in a test)."""
+    offenders = {}
+    for package in ("clip_runtime", "clip_service"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            calls = import_time_calls(ast.parse(path.read_text(), str(path)))
+            if _module_name(path) not in WIRING_MODULES and calls & SETTINGS_OR_STORE:
+                offenders[_module_name(path)] = sorted(calls & SETTINGS_OR_STORE)
+    assert offenders == {}
+
+
+def test_the_import_time_check_sees_the_wiring_read_the_settings_and_the_store() -> None:
+    tree = ast.parse((ROOT / "clip_service" / "evaluator.py").read_text())
+    assert import_time_calls(tree) >= {"get_settings", "add_store_references"}
+    assert "get_settings" not in import_time_calls(ast.parse("def f():\n    get_settings()\n"))
+
+
+# Imports every module named on the command line, then the model worker's wiring, which must fail
+# on the environment's invalid setting: proof that the environment was invalid all along.
+IMPORT_EVERY_MODULE = """
+import importlib, sys
+from pydantic import ValidationError
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+try:
+    importlib.import_module("clip_service.scorer")
+except ValidationError as error:
+    print("wiring refused:", error.errors()[0]["loc"])
+"""
+
+
+def test_importing_the_service_modules_reads_no_settings_and_no_model_store(
+    tmp_path: Path,
+) -> None:
+    """Every module of clip_service but the wiring modules (and so every module of clip_runtime
+    that they import) imports with a setting that cannot be parsed and a served model missing
+    from an empty store: nothing read the settings or the store at import."""
+    modules = [
+        _module_name(path)
+        for path in sorted((ROOT / "clip_service").rglob("*.py"))
+        if _module_name(path) not in WIRING_MODULES
+    ]
+    assert "clip_service.front_end" in modules and "clip_service.model_worker" in modules
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "BENTOML_HOME": str(tmp_path),  # an empty model store
+        "CLIP_MODELS": "ViT-B-32",
+        "CLIP_MAX_BATCH_SIZE": "not-a-number",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_EVERY_MODULE, *modules],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "wiring refused: ('max_batch_size',)"

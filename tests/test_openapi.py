@@ -5,10 +5,11 @@ tests/integration/test_inputs.py)."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import bentoml
 import pytest
+from pydantic import BaseModel
 
 from clip_runtime.settings import ClipSettings
 from clip_service.bentoml_adapter import document_openapi
@@ -23,6 +24,7 @@ from clip_service.openapi import (
     service_document,
     text_schema,
 )
+from clip_service.schemas import served_model_field
 
 SIZES = {"ViT-B-32": 512}
 
@@ -150,3 +152,23 @@ def test_openai_embeddings_document_one_shape_per_model_in_openai_error_shape() 
         "input",
         "model",
     ]
+
+
+def test_a_model_field_names_the_served_models_when_documented_not_when_declared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read: list[ClipSettings] = []
+
+    def settings() -> ClipSettings:
+        read.append(ClipSettings(models=["ViT-B-32", "ViT-L-14"], default_model="ViT-L-14"))
+        return read[-1]
+
+    monkeypatch.setattr("clip_service.schemas.get_settings", settings)
+
+    class Request(BaseModel):
+        model: Annotated[str | None, served_model_field("{names} (default `{default}`)")] = None
+
+    assert read == []  # declared (as at import) without reading the settings
+    field = Request.model_json_schema()["properties"]["model"]
+    assert field["description"] == "`ViT-B-32`, `ViT-L-14` (default `ViT-L-14`)"
+    assert field["examples"] == ["ViT-B-32", "ViT-L-14"]
