@@ -26,7 +26,7 @@ def batch_api_name(model: str) -> str:
 def _not_saved(name: str, reference: bentoml.models.BentoModel) -> E.ModelStoreError:
     return E.ModelStoreError(
         f"model {name} ({reference.tag}) is not in the BentoML model store (BENTOML_HOME). "
-        f"Save it with `python scripts/save_models.py --models {name}` (or add --random-init "
+        f"Save it with `python -m scripts.save_models --models {name}` (or add --random-init "
         "for an offline demo), or serve fewer models with CLIP_MODELS."
     )
 

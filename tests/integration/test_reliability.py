@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 
 
 B32_ONLY = {"CLIP_MODELS": "ViT-B-32"}
-MISSING_ENTRY = "Save it with `python scripts/save_models.py --models ViT-B-32`"
+MISSING_ENTRY = "Save it with `python -m scripts.save_models --models ViT-B-32`"
 CORRUPT_WEIGHTS = "does not match the recorded"
 
 
