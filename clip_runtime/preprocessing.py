@@ -3,7 +3,7 @@ policy, and ``Preprocessing`` (encoded image -> model-sized uint8 crop, in a thr
 
 Nothing here imports torch or open_clip, at import or later: the crop is Pillow's
 (``clip_runtime.image_inputs.ImagePreprocessor``), and the model worker tokenizes captions and
-normalizes crops (docs/architecture-data-path.md). A front-end worker so stays small, and
+normalizes crops (docs/architecture-data-path.md). An HTTP worker so stays small, and
 accepts connections (and answers probes) as soon as it is up.
 """
 

@@ -115,7 +115,7 @@ class ClipSettings(BaseSettings):
     http_workers: int = Field(
         default_factory=_cores,
         ge=1,
-        description="HTTP front-end (Evaluator) processes (default: CPU count). Limits and "
+        description="The front end's HTTP worker processes (default: CPU count). Limits and "
         "queues marked 'per HTTP worker' multiply by this.",
     )
     max_request_bytes: int = Field(

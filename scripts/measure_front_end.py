@@ -12,7 +12,7 @@ Two parts, both printed as JSON:
   per request (user + system, from psutil), RSS and USS after the load, and whether torch's
   library is mapped into it.
 
-Usage: ``BENTOML_HOME=... python -m scripts.measure_frontend [--skip-served]`` (the home needs
+Usage: ``BENTOML_HOME=... python -m scripts.measure_front_end [--skip-served]`` (the home needs
 ViT-B-32 saved, e.g. ``python -m scripts.save_models --models ViT-B-32 --random-init``).
 """
 
