@@ -91,6 +91,7 @@ class EmbeddingsFile:
             frame = table.to_pandas()
             if self.format == "npz":
                 # numpy's stub checks `**` keys against `allow_pickle` too; ours are "model/field".
+                # numpy's stub types **kwds against its own `allow_pickle: bool` keyword.
                 np.savez(temporary, **_arrays_by_model(frame))  # type: ignore[arg-type]
             else:
                 np.save(temporary, _structured(frame))

@@ -244,6 +244,7 @@ def document_openapi(
     base = type(service)
     generated = base.openapi_spec.fget
 
+    # A class made from a runtime value, which mypy cannot check as a base.
     class DocumentedService(base):  # type: ignore[valid-type,misc]
         __slots__ = ()
 
@@ -433,6 +434,7 @@ def bound_request_metric_paths(known_paths: set[str]) -> None:
                 scope = {**scope, "path": scope["clip.path"]}
             await self.app(scope, receive, send)
 
+    # A subclass of whatever class BentoML holds there (a runtime value, unchecked as a base).
     class BoundedTrafficMetricsMiddleware(base):  # type: ignore[misc, valid-type]
         bounded_paths = True
 
