@@ -74,6 +74,12 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def package_modules(*packages: str) -> dict[str, Path]:
+    """Every module of ``packages`` by its dotted name, in path order."""
+    files = [path for package in packages for path in sorted((ROOT / package).rglob("*.py"))]
+    return {_module_name(path): path for path in files}
+
+
 def _is_type_checking_block(node: ast.AST) -> bool:
     test = node.test if isinstance(node, ast.If) else None
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
@@ -122,12 +128,11 @@ def _imported_modules(
 
 
 def package_import_graph() -> dict[str, set[str]]:
-    files = [path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))]
-    known = {_module_name(path) for path in files}
-    packages = {_module_name(path) for path in files if path.name == "__init__.py"}
+    modules = package_modules(*PACKAGES)
+    known = set(modules)
+    packages = {module for module, path in modules.items() if path.name == "__init__.py"}
     graph: dict[str, set[str]] = {}
-    for path in files:
-        module = _module_name(path)
+    for module, path in modules.items():
         imports = _runtime_imports(ast.parse(path.read_text(), str(path)))
         graph[module] = {
             target
@@ -183,11 +188,10 @@ def import_time_calls(tree: ast.Module) -> set[str]:
 def test_only_the_wiring_modules_read_settings_or_the_store_at_import() -> None:
     """Static, so it sees the modules that load torch too (too slow to import in a test)."""
     offenders = {}
-    for package in ("clip_runtime", "clip_service"):
-        for path in sorted((ROOT / package).rglob("*.py")):
-            calls = import_time_calls(ast.parse(path.read_text(), str(path)))
-            if _module_name(path) not in WIRING_MODULES and calls & SETTINGS_OR_STORE:
-                offenders[_module_name(path)] = sorted(calls & SETTINGS_OR_STORE)
+    for module, path in package_modules("clip_runtime", "clip_service").items():
+        calls = import_time_calls(ast.parse(path.read_text(), str(path)))
+        if module not in WIRING_MODULES and calls & SETTINGS_OR_STORE:
+            offenders[module] = sorted(calls & SETTINGS_OR_STORE)
     assert offenders == {}
 
 
@@ -217,11 +221,7 @@ def test_importing_the_service_modules_reads_no_settings_and_no_model_store(
     """Every module of clip_service but the wiring modules (and so every module of clip_runtime
     that they import) imports with a setting that cannot be parsed and a served model missing
     from an empty store: nothing read the settings or the store at import."""
-    modules = [
-        _module_name(path)
-        for path in sorted((ROOT / "clip_service").rglob("*.py"))
-        if _module_name(path) not in WIRING_MODULES
-    ]
+    modules = [module for module in package_modules("clip_service") if module not in WIRING_MODULES]
     assert "clip_service.front_end" in modules and "clip_service.model_worker" in modules
     env = {
         **os.environ,
